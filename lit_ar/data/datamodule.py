@@ -1,0 +1,194 @@
+"""ImageDataModule: the one DataModule of every lit_ar family."""
+
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lit_ar.data.sources import SourceSplits, load_source
+from lit_ar.data.transforms import ImageTransform
+
+
+class TransformedDataset(Dataset):
+    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`."""
+
+    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool):
+        self.source, self.transform, self.unconditional = source, transform, unconditional
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, label = self.source[index]
+        label = 0 if self.unconditional else label
+        return {"image": self.transform(image), "label": torch.tensor(label, dtype=torch.long)}
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str = "shapes",
+        data_dir: str | None = None,
+        data_files: str | list[str] | None = None,
+        hub_config: str | None = None,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        unconditional: bool = False,
+        image_size: int = 64,
+        channels: Literal[1, 3] = 3,
+        resize_scale: float = 1.0,
+        crop: Literal["center", "random"] = "center",
+        hflip: bool = False,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        num_train: int = 10000,
+        num_val: int = 1000,
+        check_images: bool = True,
+        skip_corrupt: bool = False,
+        batch_size: int = 64,
+        global_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        order_seed: int = 0,
+        drop_last: bool = True,
+    ):
+        """
+        Args:
+            dataset: A built-in offline dataset (`shapes`, `digits`), `imagefolder` (with `data_dir`, one
+                sub-folder per class), `parquet` (with `data_files`), `disk` (a `datasets.save_to_disk` folder
+                in `data_dir`), or a Hugging Face hub name such as `cifar10` (needs the network or a local cache).
+            data_dir: Folder for `imagefolder` and `disk`; passed on to `load_dataset` for hub names.
+            data_files: Parquet file(s) for `parquet`: a path, a glob or a list.
+            hub_config: The configuration name of a hub dataset, if it has several.
+            image_column: Column holding the images (hub, folder and parquet sources).
+            label_column: Column holding integer class labels; null for unlabelled data.
+            unconditional: Ignore labels: every image gets class 0 and `num_classes` is 1.
+            image_size: Side of the square images the model sees, after resize and crop.
+            channels: 1 (grey) or 3 (RGB); images are converted to it.
+            resize_scale: Resize the short side to `image_size * resize_scale` before cropping (1.1 with a
+                random crop is LlamaGen's augmentation).
+            crop: `center` or `random` crop to `image_size` (validation always crops at the centre).
+            hflip: Random horizontal flips in training.
+            train_split: The source split used for training.
+            val_split: The source split used for validation; null picks `validation`/`valid`/`val`/`test` when
+                present, else `val_fraction` of the training split is held out with `split_seed`.
+            val_fraction: Fraction of the training split held out when the source has no validation split.
+            split_seed: Seed of the held-out split and of the `shapes` images.
+            num_train: Number of training images of the procedural `shapes` dataset.
+            num_val: Number of validation images of `shapes`.
+            check_images: Decode every local image once at setup so that a corrupt file fails before training.
+            skip_corrupt: Skip (and count) corrupt images instead of failing on them.
+            batch_size: Batch size per device (per process).
+            global_batch_size: If set, the batch size summed over all devices; it must divide by the number of
+                devices and overrides `batch_size`.
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training set each epoch.
+            order_seed: Seed of the training order (epoch e is shuffled with order_seed + e), shared by all ranks.
+            drop_last: Drop the last incomplete training batch.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels} is not supported; use 1 (grey) or 3 (RGB)")
+        if image_size < 1:
+            raise ValueError(f"data.image_size={image_size} must be a positive integer")
+        if crop not in ("center", "random"):
+            raise ValueError(f"data.crop={crop!r} is not supported; use 'center' or 'random'")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be at least 1")
+        self._splits: SourceSplits | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # Resolved lazily, so that `num_classes` can be linked into the model at instantiation.
+    @property
+    def splits(self) -> SourceSplits:
+        if self._splits is None:
+            h = self.hparams
+            self._splits = load_source(
+                h.dataset,
+                data_dir=h.data_dir,
+                data_files=h.data_files,
+                hub_config=h.hub_config,
+                image_column=h.image_column,
+                label_column=None if h.unconditional else h.label_column,
+                train_split=h.train_split,
+                val_split=h.val_split,
+                val_fraction=h.val_fraction,
+                split_seed=h.split_seed,
+                image_size=h.image_size,
+                num_train=h.num_train,
+                num_val=h.num_val,
+                check_images=h.check_images,
+                skip_corrupt=h.skip_corrupt,
+            )
+            if self._splits.skipped_corrupt:
+                rank_zero_info(f"ImageDataModule: skipped {self._splits.skipped_corrupt} corrupt images")
+        return self._splits
+
+    @property
+    def num_classes(self) -> int:
+        return 1 if self.hparams.unconditional else self.splits.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.hparams.channels
+
+    def per_device_batch_size(self) -> int:
+        h = self.hparams
+        if h.global_batch_size is None:
+            return h.batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if h.global_batch_size % world:
+            raise ValueError(
+                f"data.global_batch_size={h.global_batch_size} does not divide across {world} devices; "
+                f"use a multiple of {world} or set `data.batch_size` per device instead"
+            )
+        return h.global_batch_size // world
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        self.per_device_batch_size()  # fail now, not at the first batch, on a bad global batch size
+        train_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, h.crop, h.hflip)
+        val_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
+        self.train_set = TransformedDataset(self.splits.train, train_tf, h.unconditional)
+        self.val_set = TransformedDataset(self.splits.val, val_tf, h.unconditional)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        h = self.hparams
+        # Our own sharded sampler on 1 or N devices: Lightning's automatic one always shuffles the training set,
+        # and one sampler everywhere makes N processes see exactly the samples one process sees.
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=train and h.shuffle, seed=h.order_seed,
+            drop_last=train and h.drop_last,
+        )  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(),
+            sampler=sampler,
+            drop_last=train and h.drop_last,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Two cores on CI: keep each test process to its share and tell tutorials to run small.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("LIT_AR_SMALL", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_dir_args(run_dir: Path) -> list[str]:
+    """CLI arguments that move a shipped config's run folder (logs, checkpoints) under `run_dir`."""
+    return ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
+
+
+def run_lit_ar(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `lit_ar` command in a subprocess (needed for DDP, which re-launches the command)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_ar", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"lit_ar {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def small_images(tmp_path: Path) -> Path:
+    """An image folder with 3 classes x 4 PNGs made here (nothing is downloaded)."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["cat", "dog", "fox"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            pixels[..., c] = 255  # a colour per class
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

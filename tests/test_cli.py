@@ -1,0 +1,127 @@
+"""The real CLI: every shipped config, --help, --print_config, fit, resume, and DDP against one process."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, REPO, run_dir_args, run_lit_ar
+
+from lit_ar.cli import cli_main
+
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
+DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
+
+
+def config_overrides(path: Path, run_dir: Path) -> list[str]:
+    """Settings a config needs to instantiate in a test: its run folder, and any checkpoint it depends on."""
+    return run_dir_args(run_dir)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw["seed_everything"], int), "every shipped config pins an integer seed"
+    logger = raw["trainer"]["logger"]["init_args"]
+    assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
+    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path)], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_print_config_parses_back(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", DEBUG_CLASSIFIER, "--model.init_args.width", "24", "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    with pytest.raises(SystemExit):  # the printed config parses back to itself
+        cli_main(["fit", "--config", str(printed), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed.read_text())
+    fit_config = yaml.safe_load(printed.read_text())
+    for fit_option in ("ckpt_path", "weights_only"):  # `fit` options, not model or data settings
+        fit_config.pop(fit_option, None)
+    (tmp_path / "instantiate.yaml").write_text(yaml.safe_dump(fit_config))
+    cli = cli_main(["--config", str(tmp_path / "instantiate.yaml"), *run_dir_args(tmp_path)], run=False)
+    assert cli.model.hparams.width == 24 and cli.model.hparams.num_classes == 10
+
+
+def test_help_shows_argument_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo the help formatter's line wrapping
+    assert "A built-in offline dataset" in out and "Batch size per device" in out
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "lit_ar.systems.ClassifierSystem"])
+    assert "Width of the penultimate features" in " ".join(capsys.readouterr().out.split())
+
+
+def test_links_carry_data_settings_into_the_model(tmp_path):
+    cli = cli_main(
+        ["--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--data.dataset", "digits", "--data.channels", "1"],
+        run=False,
+    )
+    assert cli.model.hparams.channels == 1 and cli.model.hparams.num_classes == 10
+    assert cli.model.hparams.image_size == cli.datamodule.hparams.image_size == 16
+
+
+def test_fast_dev_run(tmp_path):
+    cli = cli_main(["fit", "--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "2"])
+    assert cli.trainer.global_step == 2
+
+
+def test_fit_logs_to_tensorboard(tmp_path):
+    cli_main(
+        ["fit", "--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--trainer.max_steps", "2",
+         "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2"]
+    )  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert "data/real_images" in events.Tags()["images"] and "val/acc" in events.Tags()["scalars"]
+
+
+def test_image_size_below_the_model_minimum_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"model.image_size=2 is below .* at least 4 pixels"):
+        cli_main(["--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--data.image_size", "2"], run=False)
+
+
+def test_resume_from_last_continues_the_same_run(tmp_path):
+    args = ["fit", "--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path)]
+    cli_main([*args, "--trainer.max_steps", "6"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6
+    cli_main([*args, "--trainer.max_steps", "10", "--ckpt_path", "last"])
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 10
+    assert list(tmp_path.glob("version_*")) == [], "resume writes into the pinned run folder"
+
+
+def logged_scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_one(tmp_path):
+    """Two gloo processes at batch 4 each see the same samples as one process at batch 8: same loss curve."""
+    common = [
+        "fit", "--config", DEBUG_CLASSIFIER, "--trainer.max_steps", "8", "--data.shuffle", "false",
+        "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "8", "--trainer.devices", "1"])
+    run_lit_ar(
+        [*common, *run_dir_args(two), "--data.batch_size", "4", "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    )  # fmt: skip
+    loss1, loss2 = logged_scalars(one, "train/loss"), logged_scalars(two, "train/loss")
+    assert len(loss1) == len(loss2) == 8
+    assert sum(loss1[-3:]) < sum(loss1[:3]), f"the loss falls: {loss1}"
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
+
+
+def test_readme_commands_name_real_configs():
+    readme = (REPO / "README.md").read_text()
+    for token in readme.split():
+        if token.startswith("configs/") and token.endswith(".yaml"):
+            assert (REPO / token).is_file(), f"README names a config that does not exist: {token}"
