@@ -1,10 +1,14 @@
 """Callbacks that put pictures in TensorBoard: real-image grids, reconstructions, samples."""
 
 import math
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -43,3 +47,52 @@ class RealImageGrid(L.Callback):
             n = min(self.num_images, len(dataset))
             images = torch.stack([dataset[i]["image"] for i in range(n)])
             log_image_grid(trainer, "data/real_images", images)
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` training steps, samples `per_class` images of the first `num_classes_shown` classes
+    from fixed labels and a fixed seed, and logs the grid as `samples/grid` (the same noise every time, so the
+    grids show the model improving, not the noise changing)."""
+
+    def __init__(self, every_n_steps: int = 500, num_classes_shown: int = 10, per_class: int = 4, seed: int = 0,
+                 sample_kwargs: dict | None = None):  # fmt: skip
+        self.every_n_steps, self.num_classes_shown, self.per_class = every_n_steps, num_classes_shown, per_class
+        self.seed, self.sample_kwargs = seed, sample_kwargs or {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        n = min(self.num_classes_shown, pl_module.hparams.num_classes)
+        labels = torch.arange(n, device=pl_module.device).repeat_interleave(self.per_class)  # (n * per_class,)
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.sample(labels, generator=g, **self.sample_kwargs)
+        pl_module.train(was_training)
+        log_image_grid(trainer, "samples/grid", images, nrow=self.per_class * 2)
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes `lit_ar predict` samples: `samples.npz` (images (N, H, W, C) uint8, labels (N,), in global index
+    order, the format evaluators read) and `grid.png`, in `output_dir` (default: the run folder)."""
+
+    def __init__(self, output_dir: str | None = None, grid_images: int = 64):
+        super().__init__(write_interval="epoch")
+        self.output_dir, self.grid_images = output_dir, grid_images
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        parts = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        local = {k: torch.cat([p[k] for p in parts]) for k in ("images", "labels", "index")}
+        gathered = trainer.strategy.all_gather(local) if trainer.world_size > 1 else local
+        if not trainer.is_global_zero:
+            return
+        flat = {k: v.reshape(-1, *v.shape[2:]) if trainer.world_size > 1 else v for k, v in gathered.items()}
+        order = torch.argsort(flat["index"])
+        images, labels = flat["images"][order], flat["labels"][order]  # (N, C, H, W) uint8, (N,)
+        out = Path(self.output_dir or trainer.log_dir or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "samples.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        grid = make_grid(images[: self.grid_images].float() / 127.5 - 1)
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")

@@ -161,3 +161,19 @@ def test_corrupt_bytes_in_memory_are_reported():
 
     with pytest.raises(ValueError, match="corrupt or unreadable image"):
         decode_image({"bytes": io.BytesIO(b"garbage").getvalue(), "path": "x.jpg"}, "test")
+
+
+def test_predict_labels_are_class_balanced_and_sharded_without_duplicates():
+    class FakeTrainer:
+        world_size, global_rank = 1, 0
+
+    dm = ImageDataModule(num_train=20, num_val=10, predict_per_class=3, batch_size=4)
+    one = [b for b in dm.predict_dataloader()]
+    labels = torch.cat([b["label"] for b in one])
+    assert torch.bincount(labels).tolist() == [3] * 10
+    shards = []
+    for rank in (0, 1):
+        FakeTrainer.world_size, FakeTrainer.global_rank = 2, rank
+        dm.trainer = FakeTrainer()
+        shards.append(torch.cat([b["index"] for b in dm.predict_dataloader()]))
+    assert sorted(torch.cat(shards).tolist()) == list(range(30))

@@ -5,7 +5,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lit_ar.data.sources import SourceSplits, load_source
 from lit_ar.data.transforms import ImageTransform
@@ -24,6 +24,19 @@ class TransformedDataset(Dataset):
         image, label = self.source[index]
         label = 0 if self.unconditional else label
         return {"image": self.transform(image), "label": torch.tensor(label, dtype=torch.long)}
+
+
+class ClassBalancedLabels(Dataset):
+    """`per_class` labels of each class in class-major order, each with its global index (for `predict`)."""
+
+    def __init__(self, num_classes: int, per_class: int):
+        self.num_classes, self.per_class = num_classes, per_class
+
+    def __len__(self) -> int:
+        return self.num_classes * self.per_class
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"label": torch.tensor(index // self.per_class), "index": torch.tensor(index)}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -55,6 +68,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: bool = True,
         order_seed: int = 0,
         drop_last: bool = True,
+        predict_per_class: int = 10,
     ):
         """
         Args:
@@ -89,6 +103,7 @@ class ImageDataModule(L.LightningDataModule):
             shuffle: Shuffle the training set each epoch.
             order_seed: Seed of the training order (epoch e is shuffled with order_seed + e), shared by all ranks.
             drop_last: Drop the last incomplete training batch.
+            predict_per_class: `lit_ar predict` on a generator samples this many images of every class.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -191,4 +206,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        """Class-balanced labels for generators, sharded across ranks without padding (no duplicates)."""
+        labels = ClassBalancedLabels(self.num_classes, self.hparams.predict_per_class)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        shard = Subset(labels, range(rank, len(labels), world))
+        return DataLoader(shard, batch_size=self.per_device_batch_size(), shuffle=False)

@@ -1,0 +1,303 @@
+"""Transformer layers shared by every lit_ar generator: norms, MLPs, RoPE, attention with a static KV cache, AdaLN.
+
+Read top to bottom: norms, MLPs, rotary embeddings, the KV cache, attention, conditioning, the block.
+Variants (norm, MLP, qk-norm, AdaLN, cosine attention) are constructor fields, not subclasses.
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32: the mean of squares overflows/underflows in half precision
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.type_as(x)
+        return y * self.weight if self.weight is not None else y
+
+
+def make_norm(kind: Literal["rms", "layer"], dim: int, eps: float, affine: bool = True) -> nn.Module:
+    if kind == "rms":
+        return RMSNorm(dim, eps, elementwise_affine=affine)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+    raise ValueError(f"norm={kind!r} is not supported; use 'rms' or 'layer'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLPs
+
+
+def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """LlamaGen's SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=bias)  # value
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class GELUMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings. Tables are (T, head_dim / 2) cos and sin; pairs (x[2i], x[2i+1]) rotate together,
+# as in LlamaGen's complex formulation. Prefix tokens (class, start) get the identity rotation (cos 1, sin 0).
+
+
+def rope_1d(seq_len: int, head_dim: int, base: float = 10000.0, num_prefix: int = 0) -> torch.Tensor:
+    """(num_prefix + seq_len, head_dim // 2, 2) table of (cos, sin) for positions 0..seq_len-1."""
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)  # (T, hd/2)
+    return _with_prefix(torch.stack([angles.cos(), angles.sin()], -1).float(), num_prefix)
+
+
+def rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 0) -> torch.Tensor:
+    """(num_prefix + grid**2, head_dim // 2, 2) table: the first half of each head rotates with the row, the
+    second half with the column, raster order (LlamaGen's 2D RoPE)."""
+    half = head_dim // 2
+    freqs = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half)  # (hd/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows = torch.outer(pos, freqs)[:, None, :].expand(grid_size, grid_size, -1)  # (G, G, hd/4)
+    cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, hd/4)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, half)  # (G*G, hd/2)
+    return _with_prefix(torch.stack([angles.cos(), angles.sin()], -1).float(), num_prefix)
+
+
+def _with_prefix(table: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    identity = torch.zeros(num_prefix, table.shape[1], 2)
+    identity[..., 0] = 1.0
+    return torch.cat([identity, table], dim=0)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x (B, T, nh, hd), table (T, hd/2, 2) or (B, T, hd/2, 2) -> x rotated, same dtype."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, nh, hd/2, 2)
+    t = table.unsqueeze(-3) if table.ndim == 4 else table[None, :, None]  # broadcast over heads (and batch)
+    cos, sin = t[..., 0], t[..., 1]
+    out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 1] * cos + xf[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static KV cache: preallocated, written in place at `input_pos`, so a decode step has fixed shapes and compiles
+# once (torch.compile replays it at every position).
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | None = None):  # fmt: skip
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hd) at positions `input_pos` (T,); return the whole cache (B, nkv, S, hd)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional qk-norm or cosine (l2-normalised) attention with a
+    learned per-head scale (VAR), RoPE, an arbitrary boolean mask (True = may attend), and an optional KV cache."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        cosine_attn: bool = False,
+        bias: bool = False,
+        attn_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: heads must divide evenly")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.wo = nn.Linear(dim, dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        # VAR's cosine attention: logits = scale * cos(q, k), scale learned per head, clamped at 100
+        self.logit_scale = nn.Parameter(torch.full((n_heads, 1, 1), math.log(4.0))) if cosine_attn else None
+        self.attn_dropout, self.resid_dropout = attn_dropout, nn.Dropout(resid_dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        scale = None
+        if self.logit_scale is not None:
+            q = F.normalize(q.float(), dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
+            q, k, scale = q.type_as(v), F.normalize(k.float(), dim=-1).type_as(v), 1.0
+        if self.kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("a KV cache is set up: pass input_pos (the positions being written)")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None, scale=scale,
+        )  # fmt: skip  # (B, nh, T, hd)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning and the block
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN: x (B, T, C), shift/scale (B, 1, C) or (B, T, C)."""
+    return x * (1 + scale) + shift
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability p (scaled at train time)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With `cond_dim`, AdaLN: the condition (B, cond_dim) or (B, T, cond_dim) sets
+    shift, scale and gate of both branches (zero-initialised gates, so a new block starts as the identity)."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        mlp: Literal["swiglu", "gelu"] = "swiglu",
+        mlp_hidden: int | None = None,
+        norm: Literal["rms", "layer"] = "rms",
+        norm_eps: float = 1e-5,
+        qk_norm: bool = False,
+        cosine_attn: bool = False,
+        bias: bool = False,
+        cond_dim: int | None = None,
+        attn_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm, cosine_attn, bias, attn_dropout, resid_dropout,
+                              norm_eps)  # fmt: skip
+        hidden = mlp_hidden or (llama_hidden_dim(dim) if mlp == "swiglu" else 4 * dim)
+        if mlp == "swiglu":
+            self.mlp = SwiGLU(dim, hidden, resid_dropout, bias)
+        elif mlp == "gelu":
+            self.mlp = GELUMLP(dim, hidden, resid_dropout, bias=True)
+        else:
+            raise ValueError(f"mlp={mlp!r} is not supported; use 'swiglu' or 'gelu'")
+        affine = cond_dim is None  # under AdaLN the modulation replaces the norms' own affine parameters
+        self.norm1, self.norm2 = make_norm(norm, dim, norm_eps, affine), make_norm(norm, dim, norm_eps, affine)
+        self.drop_path = DropPath(drop_path)
+        self.ada = None
+        if cond_dim is not None:
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+            nn.init.zeros_(self.ada[1].weight)
+            nn.init.zeros_(self.ada[1].bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if self.ada is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        mod = self.ada(cond)  # (B, 6C) or (B, T, 6C)
+        if mod.ndim == 2:
+            mod = mod[:, None]  # (B, 1, 6C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + self.drop_path(gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, input_pos,
+                                                 is_causal))  # fmt: skip
+        return x + self.drop_path(gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+def setup_kv_caches(blocks: nn.ModuleList, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                    device: torch.device) -> None:  # fmt: skip
+    """Give every block's attention a fresh static cache (call before prefill)."""
+    for block in blocks:
+        a = block.attn
+        a.kv_cache = KVCache(batch_size, max_seq_len, a.n_kv_heads, a.head_dim, dtype, device)
+
+
+def clear_kv_caches(blocks: nn.ModuleList) -> None:
+    for block in blocks:
+        block.attn.kv_cache = None

@@ -1,0 +1,146 @@
+"""GeneratorSystem: what every generator family shares — the frozen tokenizer, the checks that it agrees with the
+generator, tokens from images or from a token cache, label checks, the optimizer and schedule, and `predict`.
+
+A family subclasses it and implements `training_step`/`validation_step` (tokens -> loss) and `sample(...)`.
+"""
+
+import lightning as L
+import torch
+from torch import nn
+
+from lit_ar.systems.lr_schedule import warmup_cosine
+
+
+class GeneratorSystem(L.LightningModule):
+    def __init__(
+        self,
+        tokenizer_ckpt: str | None = None,
+        num_classes: int = 10,
+        image_size: int = 64,
+        channels: int = 3,
+        class_dropout: float = 0.1,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+        predict_seed: int = 0,
+        predict_kwargs: dict | None = None,
+    ):
+        """
+        Args:
+            tokenizer_ckpt: Path of the TokenizerSystem checkpoint whose tokens this generator models. It is
+                loaded frozen (weights_only) and checked against the generator's vocabulary, grid and image size.
+            num_classes: Number of classes (linked from `data.num_classes`); class `num_classes` is the null
+                class used for classifier-free guidance.
+            image_size: Image side (linked from `data.image_size`); must equal the tokenizer's.
+            channels: Image channels (linked from `data.channels`); must equal the tokenizer's.
+            class_dropout: Probability of replacing the label by the null class in training (enables CFG).
+            lr: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases or embeddings' 1D
+                parameters).
+            betas: AdamW betas.
+            warmup_steps: Linear warm-up steps before cosine decay.
+            min_lr_ratio: Final learning rate as a fraction of `lr`.
+            compile: Compile each transformer block in place (and the sampling step) with torch.compile.
+            predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
+            predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
+        """
+        super().__init__()
+        # collects the init arguments of the family subclass too (Lightning walks the __init__ frames)
+        self.save_hyperparameters()
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"model.init_args.class_dropout={class_dropout} must be in [0, 1)")
+        self.tokenizer: nn.Module | None = None
+        if tokenizer_ckpt is not None:
+            from lit_ar.systems.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tokenizer_ckpt)
+            self.check_tokenizer_image(self.tokenizer, image_size, channels)
+
+    # -- checks ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_tokenizer_image(tokenizer: nn.Module, image_size: int, channels: int) -> None:
+        if tokenizer.image_size != image_size:
+            raise ValueError(
+                f"data.image_size={image_size} differs from the tokenizer's image size {tokenizer.image_size}; "
+                "train on images of the size the tokenizer was trained on"
+            )
+        if tokenizer.channels != channels:
+            raise ValueError(f"data.channels={channels} differs from the tokenizer's channels {tokenizer.channels}")
+
+    def check_labels(self, labels: torch.Tensor, allow_null: bool = False) -> None:
+        """Labels must lie in [0, num_classes) (or be the null class when allow_null)."""
+        top = self.hparams.num_classes + int(allow_null)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
+            raise ValueError(
+                f"labels must lie in [0, {top}) for num_classes={self.hparams.num_classes}; "
+                f"got values from {int(labels.min())} to {int(labels.max())}"
+            )
+
+    def check_cfg(self, cfg: float) -> None:
+        if cfg != 1.0 and self.hparams.class_dropout == 0.0:
+            raise ValueError(
+                f"cfg={cfg} asks for classifier-free guidance, but this model was trained with "
+                "model.init_args.class_dropout=0 and so never saw the null class; sample with cfg=1.0"
+            )
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null class with probability class_dropout (training only)."""
+        if not self.training or self.hparams.class_dropout == 0.0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.hparams.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor):
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer: set model.init_args.tokenizer_ckpt")
+        self.tokenizer.eval()
+        return self.tokenizer.encode(images)
+
+    @torch.no_grad()
+    def decode(self, tokens) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer: set model.init_args.tokenizer_ckpt")
+        self.tokenizer.eval()
+        return self.tokenizer.decode(tokens).clamp(-1, 1)
+
+    def tokens_from_batch(self, batch: dict):
+        """Tokens of a batch: read from a token cache when the datamodule serves one, else encoded now."""
+        return batch["tokens"] if "tokens" in batch else self.encode(batch["image"])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()  # frozen: its norms and quantizer statistics never switch to training
+        return self
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- sampling ----------------------------------------------------------------------------------------------
+    def sample(self, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """labels (B,) -> images (B, C, H, W) in [-1, 1]. Implemented by each family."""
+        raise NotImplementedError
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Batches of labels (see ImageDataModule.predict_per_class) -> uint8 samples with their indices."""
+        labels, index = batch["label"], batch["index"]
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.predict_seed + int(index[0]))
+        images = self.sample(labels, generator=g, **(self.hparams.predict_kwargs or {}))
+        uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+        return {"images": uint8.cpu(), "labels": labels.cpu(), "index": index.cpu()}

@@ -1,0 +1,110 @@
+"""Shared transformer layers: the static KV cache reproduces the full forward, RoPE, GQA, AdaLN, cosine attention."""
+
+import pytest
+import torch
+from torch import nn
+
+from lit_ar.models.layers import (
+    Attention,
+    Block,
+    apply_rope,
+    clear_kv_caches,
+    llama_hidden_dim,
+    rope_1d,
+    rope_2d,
+    setup_kv_caches,
+)
+
+
+def tiny_stack(**kw) -> nn.ModuleList:
+    torch.manual_seed(0)
+    return nn.ModuleList(Block(32, 4, **kw) for _ in range(2)).eval()
+
+
+def run(blocks, x, **kw):
+    for b in blocks:
+        x = b(x, **kw)
+    return x
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "qk_norm": True}, {"mlp": "gelu", "norm": "layer"},
+                                {"cosine_attn": True}])  # fmt: skip
+def test_kv_cache_decode_equals_full_causal_forward(kw):
+    blocks = tiny_stack(**kw)
+    T = 10
+    x = torch.randn(3, T, 32)
+    rope = rope_2d(3, 8, num_prefix=1)  # 1 prefix token + a 3x3 grid
+    full = run(blocks, x, rope=rope, is_causal=True)
+    setup_kv_caches(blocks, 3, 16, torch.float32, x.device)  # cache longer than the sequence: masks do the rest
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    # prefill 4 tokens, then one token at a time
+    pos = torch.arange(4)
+    outs = [run(blocks, x[:, :4], rope=rope[pos], mask=causal[pos], input_pos=pos)]
+    for t in range(4, T):
+        pos = torch.tensor([t])
+        outs.append(run(blocks, x[:, t : t + 1], rope=rope[pos], mask=causal[pos], input_pos=pos))
+    clear_kv_caches(blocks)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_and_rotation():
+    t1 = rope_1d(5, 8, num_prefix=2)
+    assert t1.shape == (7, 4, 2)
+    assert torch.equal(t1[:2, :, 0], torch.ones(2, 4)) and torch.equal(t1[:2, :, 1], torch.zeros(2, 4))
+    t2 = rope_2d(4, 16)
+    assert t2.shape == (16, 8, 2)
+    # the row half depends only on the row, the column half only on the column
+    assert torch.equal(t2[0, :4], t2[3, :4]) and not torch.equal(t2[0, 4:], t2[3, 4:])
+    assert torch.equal(t2[0, 4:], t2[4, 4:]) and not torch.equal(t2[0, :4], t2[4, :4])
+    x = torch.randn(2, 16, 3, 16)
+    y = apply_rope(x, t2)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps norms
+    # relative: <R(p)q, R(p')k> depends only on p - p' (1D)
+    t = rope_1d(8, 16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    d1 = (apply_rope(q, t[2:3]) * apply_rope(k, t[0:1])).sum()
+    d2 = (apply_rope(q, t[7:8]) * apply_rope(k, t[5:6])).sum()
+    torch.testing.assert_close(d1, d2)
+
+
+def test_gqa_matches_repeated_heads():
+    torch.manual_seed(0)
+    attn = Attention(32, 4, n_kv_heads=1)
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.wqkv(x).split([32, 8, 8], -1)
+    q = q.view(2, 5, 4, 8).transpose(1, 2)
+    k = k.view(2, 5, 1, 8).transpose(1, 2).expand(-1, 4, -1, -1)
+    v = v.view(2, 5, 1, 8).transpose(1, 2).expand(-1, 4, -1, -1)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+    torch.testing.assert_close(attn(x), attn.wo(ref.transpose(1, 2).reshape(2, 5, 32)))
+
+
+def test_arbitrary_mask_blocks_attention():
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+    mask = torch.eye(4, dtype=torch.bool)  # each token sees only itself
+    y = attn(x, mask=mask)
+    x2 = x.clone()
+    x2[:, 1:] = torch.randn(1, 3, 16)
+    torch.testing.assert_close(attn(x2, mask=mask)[:, 0], y[:, 0])
+
+
+def test_adaln_block_starts_as_identity_and_conditions():
+    torch.manual_seed(0)
+    block = Block(32, 4, cond_dim=16)
+    x, c = torch.randn(2, 6, 32), torch.randn(2, 16)
+    torch.testing.assert_close(block(x, cond=c), x)  # zero-initialised modulation
+    nn.init.normal_(block.ada[1].weight, std=0.1)
+    assert not torch.allclose(block(x, cond=c), block(x, cond=torch.randn(2, 16)))
+
+
+def test_llamagen_mlp_width():
+    assert llama_hidden_dim(768) == 2048 and llama_hidden_dim(1024) == 2816 and llama_hidden_dim(1280) == 3584
+
+
+def test_cache_requires_positions():
+    blocks = tiny_stack()
+    setup_kv_caches(blocks, 1, 4, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="pass input_pos"):
+        blocks[0](torch.randn(1, 1, 32))
