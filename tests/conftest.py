@@ -49,3 +49,43 @@ def small_images(tmp_path: Path) -> Path:
             pixels[..., c] = 255  # a colour per class
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+_CHECKPOINTS: dict[tuple[str, bool], Path] = {}
+
+
+def config_for_run_path(ckpt_path: str) -> Path:
+    """Shipped configs keep their runs in runs/<group>/<name>/: the checkpoint
+    runs/<group>/<name>/checkpoints/last.ckpt was made by configs/<group>/<name>.yaml."""
+    parts = Path(ckpt_path).parts
+    if len(parts) < 3 or parts[0] != "runs":
+        raise ValueError(f"{ckpt_path!r} is not a runs/<group>/<name>/... checkpoint path")
+    return CONFIGS / parts[1] / f"{parts[2]}.yaml"
+
+
+def checkpoint_for_config(config: Path, root: Path, train: bool = False, extra: list[str] | None = None) -> Path:
+    """A Lightning checkpoint of the system a config builds, made once per session: trained with `lit_ar fit`
+    when `train` (use debug configs), else freshly initialised (enough to instantiate configs that depend on it)."""
+    from lit_ar.cli import cli_main
+
+    key = (str(config), train)
+    if key not in _CHECKPOINTS:
+        run_dir = root / f"{config.parent.name}_{config.stem}_{'trained' if train else 'init'}"
+        args = ["--config", str(config), *run_dir_args(run_dir), *(extra or [])]
+        if train:
+            cli_main(["fit", *args])
+            _CHECKPOINTS[key] = run_dir / "checkpoints" / "last.ckpt"
+        else:
+            import lightning as L
+
+            cli = cli_main(args, run=False)
+            trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            trainer.strategy.connect(cli.model)
+            _CHECKPOINTS[key] = run_dir / "init.ckpt"
+            trainer.save_checkpoint(_CHECKPOINTS[key])
+    return _CHECKPOINTS[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoints_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, run_dir_args, run_lit_ar
+from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
 
@@ -13,18 +13,25 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer
 DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
 
 
-def config_overrides(path: Path, run_dir: Path) -> list[str]:
-    """Settings a config needs to instantiate in a test: its run folder, and any checkpoint it depends on."""
-    return run_dir_args(run_dir)
+def config_overrides(path: Path, run_dir: Path, checkpoints_root: Path) -> list[str]:
+    """Settings a config needs to instantiate in a test: its run folder, and any checkpoint it depends on
+    (a freshly initialised checkpoint of the config that would have made it)."""
+    init_args = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+    args = run_dir_args(run_dir)
+    for key, value in init_args.items():
+        if key.endswith("_ckpt") and isinstance(value, str):
+            ckpt = checkpoint_for_config(config_for_run_path(value), checkpoints_root)
+            args += [f"--model.init_args.{key}", str(ckpt)]
+    return args
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path):
+def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path, checkpoints_root):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw["seed_everything"], int), "every shipped config pins an integer seed"
     logger = raw["trainer"]["logger"]["init_args"]
     assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
-    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path)], run=False)
+    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path, checkpoints_root)], run=False)
     assert cli.model is not None and cli.datamodule is not None
 
 
@@ -125,3 +132,13 @@ def test_readme_commands_name_real_configs():
     for token in readme.split():
         if token.startswith("configs/") and token.endswith(".yaml"):
             assert (REPO / token).is_file(), f"README names a config that does not exist: {token}"
+
+
+def test_checkpoint_for_config_builds_loadable_checkpoints(checkpoints_root):
+    from lit_ar.systems import ClassifierSystem
+
+    config = config_for_run_path("runs/debug/classifier/checkpoints/last.ckpt")
+    assert config == CONFIGS / "debug" / "classifier.yaml"
+    ckpt = checkpoint_for_config(config, checkpoints_root)
+    model = ClassifierSystem.load_from_checkpoint(ckpt, weights_only=True)
+    assert model.hparams.image_size == 16 and model.hparams.num_classes == 10
