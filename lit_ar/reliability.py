@@ -79,7 +79,7 @@ class ExactResume(L.Callback):
         if self._to_restore is not None:
             set_rng_states(self._to_restore)
             self._to_restore = None
-        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", [])
+        loaders = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "flattened", [])
         if not all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in loaders):
             rank_zero_warn(
                 "ExactResume: the training dataloader cannot save its position, so a resume from a mid-epoch "
@@ -224,28 +224,28 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_bad, self._bad_params, self._bad_terms = False, [], {}
-        self._step = trainer.global_step  # the step as TensorBoard's axis shows it
+        # the step on TensorBoard's axis: one per batch, also in manual optimization (where global_step counts
+        # optimizer steps)
+        self._step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        checks = [] if self._loss is None else [self._loss.isfinite().all()]
+        loss_bad = self._loss is not None and not bool(self._loss.isfinite().all())
+        self._loss = None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grads = [p.grad for p in params if p.grad is not None]
-        if self.check_gradients and scaler is None and grads:
+        grads_bad = False
+        if self.check_gradients and scaler is None and grads and not loss_bad:
             # one fused norm per device list; inf or nan anywhere makes the total non-finite
-            checks.append(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
-        bad = not bool(torch.stack(checks).all()) if checks else False
-        bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
-        self._loss = None
-        if not bad:
+            grads_bad = not bool(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
+        # every rank takes the same decision (a rank stepping alone would desynchronise DDP)
+        if not trainer.strategy.reduce_boolean_decision(loss_bad or grads_bad, all=False):
             return
         self._batch_bad = True
-        logged = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        self._bad_terms.update(nonfinite_terms(logged))
-        if not self._bad_terms:  # a finite loss with bad gradients: say where (with a NaN loss, all of them are)
+        if grads_bad:  # a finite loss with bad gradients: say where (with a NaN loss, all of them are)
             names = {id(p): n for n, p in pl_module.named_parameters()}
             bad_grads = [p for p in params if p.grad is not None and not p.grad.isfinite().all()]
             self._bad_params += [names.get(id(p), "?") for p in bad_grads]
@@ -257,9 +257,12 @@ class NonFiniteGuard(L.Callback):
         bad_outputs = nonfinite_terms(terms)
         if bad_outputs:  # e.g. a manual-optimization system that skipped its steps after check_finite
             self._batch_bad = True
-            self._bad_terms.update({k: v for k, v in bad_outputs.items() if f"train/{k}" not in self._bad_terms})
         step = self._step
         if self._batch_bad:
+            # name the bad terms: what the system logged this step (train/...) and what it returned
+            logged = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            self._bad_terms.update(nonfinite_terms(logged))
+            self._bad_terms.update({k: v for k, v in bad_outputs.items() if f"train/{k}" not in self._bad_terms})
             self.total += 1
             self.consecutive += 1
             if self.consecutive == 1:

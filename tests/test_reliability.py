@@ -14,11 +14,11 @@ import yaml
 from conftest import CONFIGS, REPO, run_dir_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_ar.checkpoints import SafeCheckpointIO, atomic_save, load_checkpoint
+from lit_ar.checkpoints import SafeCheckpointIO, atomic_save, load_checkpoint, load_system
 from lit_ar.cli import cli_main
 from lit_ar.data import ImageDataModule
 from lit_ar.data.resumable import ResumableDataLoader, ResumableSampler
-from lit_ar.reliability import NonFiniteLossError, check_finite
+from lit_ar.reliability import NonFiniteGuard, NonFiniteLossError, check_finite
 from lit_ar.systems import ClassifierSystem
 
 DEBUG_CLASSIFIER = CONFIGS / "debug" / "classifier.yaml"
@@ -168,9 +168,16 @@ def _config_with(tmp_path: Path, guard_args: dict) -> Path:
 
 def test_nonfinite_steps_are_skipped_counted_and_leave_weights_untouched(tmp_path):
     config = _config_with(tmp_path, {"max_consecutive": 3})
-    cli = cli_main(["fit", "--config", str(config), *run_dir_args(tmp_path), "--trainer.max_steps", "8",
-                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
-                    callback("reliability_helpers.InjectNonFinite", nan_steps=[2, 3], inf_grad_steps=[5])])  # fmt: skip
+    inject = callback("reliability_helpers.InjectNonFinite", nan_steps=[2, 3], inf_grad_steps=[5])
+    with pytest.warns(UserWarning) as warned:
+        cli = cli_main(["fit", "--config", str(config), *run_dir_args(tmp_path), "--trainer.max_steps", "8",
+                        "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", inject])  # fmt: skip
+    skips = [str(w.message) for w in warned if str(w.message).startswith("NonFiniteGuard")]
+    assert skips == [
+        "NonFiniteGuard: skipped step 2: non-finite train/loss=nan",
+        "NonFiniteGuard: skipped step 3: non-finite train/loss=nan",
+        "NonFiniteGuard: skipped step 5: non-finite gradients in 1 parameters (model.stages.0.net.0.weight)",
+    ]
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InjectNonFinite")
     # (weights changed, optimizer state changed) per step: the bad steps 2, 3 (NaN loss) and 5 (inf grad) did nothing
     assert {s: probe.changed[s] for s in (2, 3, 5)} == {2: (False, False), 3: (False, False), 5: (False, False)}
@@ -264,3 +271,85 @@ def test_every_shipped_config_opts_into_safe_checkpoints_and_exact_resume(path):
         assert f"lit_ar.reliability.{name}" in callbacks, f"trainer.callbacks lacks lit_ar.reliability.{name}"
     checkpoints = [a for c, a in callbacks.items() if c.endswith("ModelCheckpoint")]
     assert any(a.get("save_last") for a in checkpoints), "a ModelCheckpoint with save_last: true"
+
+
+def test_grad_scaler_state_is_restored_and_its_overflow_skips_are_not_counted(tmp_path):
+    """16-mixed (fp16 autocast on CPU through a plugin instance): Lightning saves and restores the GradScaler; the
+    steps the scaler skips while it lowers an over-large initial scale are its business, not the guard's."""
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seen = {}
+
+    class ScaleAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["scale"] = trainer.precision_plugin.scaler.get_scale()
+
+    def fit(steps: int, ckpt_path=None) -> L.Trainer:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        trainer = L.Trainer(
+            max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler), SafeCheckpointIO()],
+            callbacks=[NonFiniteGuard(max_consecutive=2), ScaleAtStart()], default_root_dir=tmp_path, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        dm = ImageDataModule(image_size=8, num_train=64, batch_size=16)
+        trainer.fit(ClassifierSystem(image_size=8, width=8, num_stages=2, feature_dim=16), dm, ckpt_path=ckpt_path)
+        return trainer
+
+    first = fit(4)
+    scale = first.precision_plugin.scaler.get_scale()
+    assert scale < 2.0**24 and first.callbacks[0].total == 0, "the scaler skipped overflowing steps itself"
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    assert load_checkpoint(tmp_path / "a.ckpt")["MixedPrecision"]["scale"] == scale
+    fit(5, ckpt_path=tmp_path / "a.ckpt")
+    assert seen["scale"] == scale
+
+
+def test_load_system_returns_the_frozen_system(classifier_checkpoint):
+    system = load_system(classifier_checkpoint, ClassifierSystem, setting="model.init_args.classifier_ckpt")
+    saved = load_checkpoint(classifier_checkpoint)["state_dict"]
+    assert not system.training and not any(p.requires_grad for p in system.parameters())
+    assert all(torch.equal(v, saved[k]) for k, v in system.state_dict().items())
+
+
+def test_guard_in_manual_optimization_with_check_finite(tmp_path):
+    """A manual-optimization system (as the tokenizer's GAN training) that calls check_finite and returns its terms:
+    the batches it skips are counted and the stop names the bad term; a step it takes anyway on a NaN loss is
+    skipped by the guard itself."""
+    import lightning as L
+    from torch import nn
+
+    class Manual(L.LightningModule):
+        def __init__(self, nan_batches: set, use_check: bool):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net, self.nan_batches, self.use_check, self.weights = nn.Linear(4, 1), nan_batches, use_check, []
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0] * (float("nan") if batch_idx in self.nan_batches else 1.0)
+            terms = {"rec": self.net(x).pow(2).mean(), "gan": self.net(x).mean().abs()}
+            self.log("train/rec", terms["rec"])
+            if not (self.use_check and not check_finite(terms, self.trainer)):
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward(terms["rec"])
+                opt.step()
+            self.weights.append(self.net.weight.detach().clone())
+            return terms
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    def fit(module, guard):
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+        L.Trainer(max_steps=8, callbacks=[guard], default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False).fit(module, data)  # fmt: skip
+
+    for use_check in (True, False):
+        module, guard = Manual({2}, use_check), NonFiniteGuard(max_consecutive=2)
+        fit(module, guard)
+        assert guard.total == 1 and torch.equal(module.weights[2], module.weights[1]), use_check
+        assert not torch.equal(module.weights[3], module.weights[2])
+    message = r"2 non-finite steps in a row \(steps 3 to 4 .*At step 4: non-finite gan=nan, train/rec=nan\."
+    with pytest.raises(NonFiniteLossError, match=message):
+        fit(Manual({3, 4}, use_check=True), NonFiniteGuard(max_consecutive=2))
