@@ -36,7 +36,8 @@ def get_rng_states() -> dict[str, Any]:
         "python": random.getstate(),
     }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: touching every GPU would open a CUDA context on each from every DDP rank
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -48,12 +49,7 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
-        cuda = states["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            rank_zero_warn(f"ExactResume: the checkpoint has {len(cuda)} CUDA RNG states, this machine has "
-                           f"{torch.cuda.device_count()} GPUs; CUDA RNG states were not restored")  # fmt: skip
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 class ExactResume(L.Callback):
@@ -61,7 +57,8 @@ class ExactResume(L.Callback):
 
     They are restored at `on_train_start`, after the sanity check and anything else that runs between loading the
     checkpoint and the first batch, so the first resumed step draws exactly what it would have drawn. In DDP every
-    rank restores rank 0's states; `seed_everything` seeds all ranks alike, so their streams are the same anyway.
+    rank restores rank 0's states (CUDA: of its own current device); `seed_everything` seeds all ranks alike, so
+    their streams are the same anyway.
     The data order is not kept here: ImageDataModule's training loader is resumable itself (a warning says when the
     training loader of a run is not).
     """
@@ -143,6 +140,8 @@ class Preemption(L.Callback):
         saved = []
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath is not None:
+                # ModelCheckpoint's own last-checkpoint path (naming, `last_model_path` bookkeeping, symlink mode);
+                # private in Lightning 2.6, covered by tests/test_reliability.py
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
                 saved.append(cb.last_model_path)
         rank_zero_info(
@@ -196,8 +195,10 @@ class NonFiniteGuard(L.Callback):
     passes over every parameter); the LR schedule and `global_step` still advance, as with a grad-scaler skip.
     The count is logged as `train/nonfinite_steps` and kept in checkpoints. With a GradScaler (16-mixed), overflowing
     gradients are the scaler's business (it skips and lowers the scale); only a non-finite loss is handled here.
-    The stop raises NonFiniteLossError before ModelCheckpoint sees the batch, so no checkpoint of the bad streak
-    is written. Works for automatic optimization as is; manual-optimization systems see `check_finite`.
+    The stop raises NonFiniteLossError before ModelCheckpoint sees that batch, and nothing is saved on the way out;
+    a checkpoint written earlier in the streak holds the weights from before it (skipped steps change nothing).
+    Works for automatic optimization as is, and for manual optimization (`manual_backward` and `opt.step()` pass
+    through the same hooks); see `check_finite` for skipping a whole manual step.
 
     Args:
         max_consecutive: Stop the run after this many non-finite steps in a row.
@@ -217,10 +218,11 @@ class NonFiniteGuard(L.Callback):
         self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "consecutive": self.consecutive}
+        return {"total": self.total, "consecutive": self.consecutive, "first_bad_step": self._first_bad_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total, self.consecutive = state_dict["total"], state_dict["consecutive"]
+        self._first_bad_step = state_dict.get("first_bad_step")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_bad, self._bad_params, self._bad_terms = False, [], {}
@@ -239,8 +241,9 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for p in params if p.grad is not None]
         grads_bad = False
         if self.check_gradients and scaler is None and grads and not loss_bad:
-            # one fused norm per device list; inf or nan anywhere makes the total non-finite
-            grads_bad = not bool(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
+            # fused per-tensor norms (as clip_grad_norm_); inf or nan anywhere makes their sum non-finite
+            norms = torch._foreach_norm(grads)
+            grads_bad = not bool(torch.stack([n.to(norms[0].device) for n in norms]).sum().isfinite())
         # every rank takes the same decision (a rank stepping alone would desynchronise DDP)
         if not trainer.strategy.reduce_boolean_decision(loss_bad or grads_bad, all=False):
             return

@@ -42,9 +42,9 @@ RESUME_CASES = [
     pytest.param(
         DEBUG_CLASSIFIER, 5, 12,
         ["--data.num_train", "128", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
-         "--data.crop", "random", "--data.resize_scale", "1.25", "--data.hflip", "true",
+         "--data.crop", "random", "--data.resize_scale", "1.25", "--data.hflip", "true", "--data.num_workers", "1",
          callback("lightning.pytorch.callbacks.EMAWeightAveraging", decay=0.9)],
-        id="debug/classifier+augment+ema",
+        id="debug/classifier+augment+workers+ema",
     ),
 ]  # fmt: skip
 
@@ -223,10 +223,10 @@ def test_loader_position_survives_a_change_of_device_count():
     dm = ImageDataModule(image_size=8, num_train=64, batch_size=8, crop="random", resize_scale=1.5, hflip=True)
     dm.setup("fit")
 
-    def loader(world: int, rank: int, batch: int) -> ResumableDataLoader:
+    def loader(world: int, rank: int, batch: int, workers: int = 0) -> ResumableDataLoader:
         sampler = ResumableSampler(dm.train_set, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
         sampler.set_epoch(1)
-        return ResumableDataLoader(dm.train_set, batch_size=batch, sampler=sampler, drop_last=True)
+        return ResumableDataLoader(dm.train_set, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers)
 
     single = loader(1, 0, 8)
     it = iter(single)
@@ -234,7 +234,7 @@ def test_loader_position_survives_a_change_of_device_count():
     state = single.state_dict()
     assert state == {"epoch": 1, "batches": 3, "batches_per_epoch": 8, "samples_per_batch": 8, "dataset_size": 64}
     rest = [b["image"] for b in it]
-    ranks = [loader(2, r, 4) for r in (0, 1)]
+    ranks = [loader(2, 0, 4), loader(2, 1, 4, workers=1)]  # a worker process prefetches as soon as it starts
     for r in ranks:
         r.load_state_dict(state)
     resumed = [torch.cat([b0["image"], b1["image"]]) for b0, b1 in zip(*ranks)]

@@ -53,11 +53,11 @@ class ResumableDataLoader(DataLoader):
             start = self._pending["batches"]
         self._pending = None
         self._epoch, self._batches = epoch, start
-        batches = super().__iter__()
-        if isinstance(self.sampler, ResumableSampler):
+        if isinstance(self.sampler, ResumableSampler):  # before super().__iter__: worker iterators prefetch at once
             self.sampler.start = start * self.batch_size
+            batches = super().__iter__()
         else:  # e.g. Lightning swapped in its own sampler (overfit_batches): skip by drawing
-            batches = itertools.islice(batches, start, None)
+            batches = itertools.islice(super().__iter__(), start, None)
         for batch in batches:
             self._batches += 1
             yield batch
