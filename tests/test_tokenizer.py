@@ -78,8 +78,8 @@ def test_lpips_loss_trains_and_stays_out_of_the_checkpoint(tmp_path):
 def tiny_system(quantizer: str = "vq", seed: int = 0, **kwargs) -> TokenizerSystem:
     torch.manual_seed(seed)
     scales = (1, 2, 4) if quantizer == "msvq" else None
-    return TokenizerSystem(image_size=16, quantizer=quantizer, base_channels=8, z_channels=16, codebook_size=64,
-                           latent_dim=4, levels=(4, 4, 4), scales=scales, disc_width=8, disc_layers=2, **kwargs)  # fmt: skip
+    arch = dict(base_channels=8, z_channels=16, codebook_size=64, latent_dim=4, levels=(4, 4, 4), scales=scales)
+    return TokenizerSystem(image_size=16, quantizer=quantizer, disc_width=8, disc_layers=2, **arch, **kwargs)
 
 
 def test_adversarial_gradients_reach_only_their_own_network():

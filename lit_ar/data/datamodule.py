@@ -214,6 +214,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _setup_token_cache(self) -> None:
         h, meta = self.hparams, self.cache.meta
+        self.per_device_batch_size()
         if (h.image_size, h.channels) != (meta["image_size"], meta["channels"]):
             raise ValueError(
                 f"data.image_size={h.image_size}, data.channels={h.channels} differ from the token cache "
