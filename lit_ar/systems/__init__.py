@@ -3,3 +3,7 @@
 from lit_ar.systems.classifier import ClassifierSystem
 
 __all__ = ["ClassifierSystem"]
+
+from lit_ar.systems.masked_ar import MaskedARSystem  # noqa: E402
+
+__all__ += ["MaskedARSystem"]
