@@ -242,8 +242,9 @@ class MaskedARSystem(GeneratorSystem):
         order: Literal["confidence", "random"] = "confidence",
         return_trace: bool = False,
     ):
-        """labels (B,) -> tokens (B, L); with return_trace also masks (steps + 1, B, L) bool, masks[s] = the
-        positions still masked before step s (masks[-1] is all False). See `sample` for the settings."""
+        """labels (B,) -> tokens (B, L). See `sample` for the settings. With return_trace, also a dict of the grid
+        before each step and after the last: `masked` (steps + 1, B, L) bool (True = not yet revealed) and
+        `tokens` (steps + 1, B, L) long (mask_token where masked)."""
         counts = self.check_sample_args(labels, cfg, temperature, top_k, top_p, steps, mask_schedule, mask_power,
                                         choice_temperature, cfg_schedule, order)  # fmt: skip
         was_training = self.training
@@ -255,7 +256,7 @@ class MaskedARSystem(GeneratorSystem):
         if order == "random":  # MAR: a random generation order per sample, revealed chunk by chunk
             place = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)  # (B, L)
         null = torch.full_like(labels, self.hparams.num_classes)
-        trace, revealed = [masked.clone()], 0
+        trace, revealed = {"masked": [masked], "tokens": [tokens]}, 0
         for step, k in enumerate(counts):
             revealed += k
             progress = revealed / L  # fraction revealed once this step is done (MAR's CFG progress)
@@ -280,9 +281,10 @@ class MaskedARSystem(GeneratorSystem):
             reveal = torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, L)
             tokens = torch.where(reveal, sampled, tokens)
             masked = masked & ~reveal
-            trace.append(masked.clone())
+            trace["masked"].append(masked)
+            trace["tokens"].append(tokens)
         self.train(was_training)
-        return (tokens, torch.stack(trace)) if return_trace else tokens
+        return (tokens, {k: torch.stack(v) for k, v in trace.items()}) if return_trace else tokens
 
     def sample(
         self,
