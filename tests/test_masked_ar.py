@@ -224,15 +224,17 @@ def check_trace(trace: dict, counts: list[int], tokens: torch.Tensor) -> None:
 @pytest.mark.parametrize("schedule", MASK_SCHEDULES)
 def test_every_schedule_reveals_all_tokens_once(schedule, order):
     system = make_system()
+    system.train()
     labels = torch.tensor([0, 1, 2])
     for steps in (1, 5, L):
         g = torch.Generator().manual_seed(steps)
-        tokens, trace = system.sample_tokens(labels, steps=steps, mask_schedule=schedule, order=order, generator=g,
+        tokens, trace = system.generate(labels, steps=steps, mask_schedule=schedule, order=order, generator=g,
                                              cfg=2.0, return_trace=True)  # fmt: skip
         counts = tokens_to_reveal(schedule, L, steps)
         check_trace(trace, counts, tokens)
         if steps == L:
             assert counts == [1] * L and (trace["masked"][:-1].sum(-1) - trace["masked"][1:].sum(-1) == 1).all()
+    assert system.model.training, "sampling runs in eval mode and restores the training mode"
 
 
 def test_same_seed_same_samples_and_other_seed_other_samples():
@@ -255,12 +257,12 @@ def test_confidence_order_reveals_the_most_confident_and_noise_anneals():
     system = make_system()
     system.model = FakeCore(lambda tokens, labels: (height[:, None] * F.one_hot(torch.zeros(L).long(), V))
                             .expand(tokens.shape[0], L, V))  # fmt: skip
-    _, trace = system.sample_tokens(torch.tensor([0]), steps=4, choice_temperature=0.0,
+    _, trace = system.generate(torch.tensor([0]), steps=4, choice_temperature=0.0,
                                     generator=torch.Generator().manual_seed(0), return_trace=True)  # fmt: skip
     first = torch.nonzero(~trace["masked"][1, 0]).flatten().tolist()
     k = tokens_to_reveal("cosine", L, 4)[0]
     assert first == list(range(L - k, L))
-    _, noisy = system.sample_tokens(torch.tensor([0]), steps=4, choice_temperature=1000.0,
+    _, noisy = system.generate(torch.tensor([0]), steps=4, choice_temperature=1000.0,
                                     generator=torch.Generator().manual_seed(0), return_trace=True)  # fmt: skip
     assert torch.nonzero(~noisy["masked"][1, 0]).flatten().tolist() != first
 
@@ -271,25 +273,26 @@ def test_random_order_does_not_depend_on_the_model():
     torch.manual_seed(1)
     b.model.apply(b.model._init_weights)  # other weights
     kw = dict(steps=6, order="random", return_trace=True)
-    ta, tra = a.sample_tokens(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(5), **kw)
-    tb, trb = b.sample_tokens(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(5), **kw)
+    ta, tra = a.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(5), **kw)
+    tb, trb = b.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(tra["masked"], trb["masked"]) and not torch.equal(ta, tb)
 
 
 def test_top_k_one_with_no_choice_noise_is_deterministic():
     system = make_system()
     kw = dict(steps=4, choice_temperature=0.0)
-    runs = [system.sample_tokens(torch.tensor([0, 1]), top_k=1, generator=torch.Generator().manual_seed(s), **kw)
+    runs = [system.generate(torch.tensor([0, 1]), top_k=1, generator=torch.Generator().manual_seed(s), **kw)
             for s in range(3)]  # fmt: skip
     assert all(torch.equal(r, runs[0]) for r in runs)
-    top_p = system.sample_tokens(torch.tensor([0, 1]), top_p=1e-6, generator=torch.Generator().manual_seed(9), **kw)
+    top_p = system.generate(torch.tensor([0, 1]), top_p=1e-6, generator=torch.Generator().manual_seed(9), **kw)
     assert torch.equal(top_p, runs[0])
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear"])
+@pytest.mark.parametrize("schedule", ["constant", "linear", "interval"])
 def test_cfg_doubles_the_batch_and_follows_its_schedule_over_the_revealed_fraction(schedule):
     """Conditional logits favour code 1 a little, unconditional ones strongly; guided logit of code 1 at scale w is
-    3.5 - 2.5 w. Constant w=3 always picks code 0; linear w = 1 + 2p picks code 1 while p = revealed/L < 0.2."""
+    3.5 - 2.5 w. Constant w=3 always picks code 0; linear w = 1 + 2p picks code 1 while p = revealed/L < 0.2;
+    interval (0, 0.15) guides (code 0) while p <= 0.15 and then samples the conditional logits (code 1)."""
 
     def logits(tokens, labels):
         out = torch.zeros(*tokens.shape, V)
@@ -299,13 +302,17 @@ def test_cfg_doubles_the_batch_and_follows_its_schedule_over_the_revealed_fracti
 
     system = make_system()
     system.model = FakeCore(logits)
-    tokens, trace = system.sample_tokens(torch.tensor([0, 2]), cfg=3.0, cfg_schedule=schedule, steps=L,
-                                         temperature=1e-3, generator=torch.Generator().manual_seed(0),
-                                         return_trace=True)  # fmt: skip
+    tokens, trace = system.generate(torch.tensor([0, 2]), cfg=3.0, cfg_schedule=schedule, steps=L,
+                                    cfg_interval=(0.0, 0.15), temperature=1e-3,
+                                    generator=torch.Generator().manual_seed(0), return_trace=True)  # fmt: skip
     toks, labels = system.model.calls[0]
     assert toks.shape == (4, L) and labels.tolist() == [0, 2, 3, 3]
     order = (trace["masked"][:-1] & ~trace["masked"][1:]).float().argmax(0)  # (B, L) step revealing each token
-    expected = (order < 3).long() if schedule == "linear" else torch.zeros_like(tokens)  # p = (s+1)/16 < 0.2
+    expected = {  # the step s that revealed a token had p = (s + 1) / 16
+        "constant": torch.zeros_like(tokens),
+        "linear": (order < 3).long(),
+        "interval": (order >= 2).long(),
+    }[schedule]
     assert torch.equal(tokens, expected)
 
 
@@ -331,6 +338,10 @@ def test_sampling_bad_inputs_are_refused_before_any_work():
         system.sample(torch.tensor([0, 7]))
     with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
         system.sample(labels, top_p=1.5)
+    with pytest.raises(ValueError, match=r"labels must be a 1D tensor of class indices; got torch.Size\(\[2, 1\]\)"):
+        system.sample(labels[:, None])
+    with pytest.raises(ValueError, match=r"cfg_interval=\(0.8, 0.2\)"):
+        system.sample(labels, cfg=2.0, cfg_schedule="interval", cfg_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match=r"cfg=2.0 asks for classifier-free guidance, .*class_dropout=0"):
         make_system(class_dropout=0.0).sample(labels, cfg=2.0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):  # no null class without class dropout
@@ -387,6 +398,6 @@ def test_compiled_blocks_match_eager():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     kw = dict(steps=4, cfg=2.0, return_trace=True)
-    te, tre = eager.sample_tokens(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
-    tc, trc = compiled.sample_tokens(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
+    te, tre = eager.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
+    tc, trc = compiled.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(tc, te) and torch.equal(trc["masked"], tre["masked"])

@@ -8,6 +8,7 @@ over the steps), as many as the mask schedule says; revealed tokens are never ma
 `order="random"` the tokens revealed at a step are the next chunk of a random permutation instead (MAR's order).
 """
 
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -30,6 +31,16 @@ from lit_ar.systems.generator import GeneratorSystem
 
 ORDERS = ("confidence", "random")
 _VAL_SEED = 20240917  # validation masks are the same at every validation run, so val/loss curves are comparable
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _mix(*keys: int) -> int:
@@ -210,12 +221,14 @@ class MaskedARSystem(GeneratorSystem):
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def check_sample_args(self, labels, cfg, temperature, top_k, top_p, steps, mask_schedule, mask_power,
-                          choice_temperature, cfg_schedule, order) -> list[int]:  # fmt: skip
+                          choice_temperature, cfg_schedule, cfg_interval, order) -> list[int]:  # fmt: skip
         """Refuse bad settings before any work; returns the number of tokens each step reveals."""
         check_sampling_args(temperature, top_k, top_p, cfg)
         self.check_cfg(cfg)
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+            raise ValueError(f"labels must be a 1D tensor of class indices; got {getattr(labels, 'shape', labels)}")
         self.check_labels(labels, allow_null=self.hparams.class_dropout > 0)
-        check_cfg_schedule(cfg_schedule)
+        check_cfg_schedule(cfg_schedule, tuple(cfg_interval))
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not known; known orders: {ORDERS}")
         if not choice_temperature >= 0:
@@ -226,7 +239,7 @@ class MaskedARSystem(GeneratorSystem):
         return tokens_to_reveal(mask_schedule, self.model.num_tokens, steps, power=mask_power)
 
     @torch.no_grad()
-    def sample_tokens(
+    def generate(
         self,
         labels: torch.Tensor,
         cfg: float = 1.0,
@@ -239,6 +252,8 @@ class MaskedARSystem(GeneratorSystem):
         mask_power: float = 2.0,
         choice_temperature: float = 4.5,
         cfg_schedule: str = "constant",
+        cfg_interval: tuple[float, float] = (0.0, 1.0),
+        cfg_power: float = 1.0,
         order: Literal["confidence", "random"] = "confidence",
         return_trace: bool = False,
     ):
@@ -246,44 +261,42 @@ class MaskedARSystem(GeneratorSystem):
         before each step and after the last: `masked` (steps + 1, B, L) bool (True = not yet revealed) and
         `tokens` (steps + 1, B, L) long (mask_token where masked)."""
         counts = self.check_sample_args(labels, cfg, temperature, top_k, top_p, steps, mask_schedule, mask_power,
-                                        choice_temperature, cfg_schedule, order)  # fmt: skip
-        was_training = self.training
-        self.eval()
-        labels = labels.to(self.device)
-        B, L = labels.shape[0], self.model.num_tokens
-        tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
-        masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed
-        if order == "random":  # MAR: a random generation order per sample, revealed chunk by chunk
-            place = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)  # (B, L)
-        null = torch.full_like(labels, self.hparams.num_classes)
-        trace, revealed = {"masked": [masked], "tokens": [tokens]}, 0
-        for step, k in enumerate(counts):
-            revealed += k
-            progress = revealed / L  # fraction revealed once this step is done (MAR's CFG progress)
-            if cfg != 1.0:  # one batch of 2B: conditional and unconditional
-                cond, uncond = self.model(tokens.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
-                logits = guide(cond, uncond, cfg_scale(cfg_schedule, cfg, progress))  # (B, L, V)
-            else:
-                logits = self.model(tokens, labels).float()  # (B, L, V)
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            sampled = sample_logits(logits, generator=generator)  # (B, L)
-            if order == "confidence":
-                logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, L)
-                # MaskGIT: Gumbel noise on the confidence, annealed to 0 at the last step
-                noise_temp = choice_temperature * (1.0 - (step + 1) / len(counts))
-                u = torch.rand(B, L, generator=generator, device=self.device)
-                gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-                score = logp + noise_temp * gumbel
-            else:
-                score = -place.float()  # earlier in the order = revealed first
-            score = score.masked_fill(~masked, float("-inf"))  # revealed tokens are never chosen again
-            chosen = score.topk(k, dim=-1).indices  # (B, k): k <= masked count, so only masked positions
-            reveal = torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, L)
-            tokens = torch.where(reveal, sampled, tokens)
-            masked = masked & ~reveal
-            trace["masked"].append(masked)
-            trace["tokens"].append(tokens)
-        self.train(was_training)
+                                        choice_temperature, cfg_schedule, cfg_interval, order)  # fmt: skip
+        with eval_mode(self.model):  # dropout off; the previous mode comes back even on error
+            labels = labels.to(self.device)
+            B, L = labels.shape[0], self.model.num_tokens
+            tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
+            masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed
+            if order == "random":  # MAR: a random generation order per sample, revealed chunk by chunk
+                place = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)  # (B, L)
+            null = torch.full_like(labels, self.hparams.num_classes)
+            trace, revealed = {"masked": [masked], "tokens": [tokens]}, 0
+            for step, k in enumerate(counts):
+                revealed += k
+                progress = revealed / L  # fraction revealed once this step is done (MAR's CFG progress)
+                if cfg != 1.0:  # one batch of 2B: conditional and unconditional
+                    cond, uncond = self.model(tokens.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
+                    logits = guide(cond, uncond, cfg_scale(cfg_schedule, cfg, progress, tuple(cfg_interval), cfg_power))
+                else:
+                    logits = self.model(tokens, labels).float()  # (B, L, V)
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                sampled = sample_logits(logits, generator=generator)  # (B, L)
+                if order == "confidence":
+                    logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, L)
+                    # MaskGIT: Gumbel noise on the confidence, annealed to 0 at the last step
+                    noise_temp = choice_temperature * (1.0 - (step + 1) / len(counts))
+                    u = torch.rand(B, L, generator=generator, device=self.device)
+                    gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+                    score = logp + noise_temp * gumbel
+                else:
+                    score = -place.float()  # earlier in the order = revealed first
+                score = score.masked_fill(~masked, float("-inf"))  # revealed tokens are never chosen again
+                chosen = score.topk(k, dim=-1).indices  # (B, k): k <= masked count, so only masked positions
+                reveal = torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, L)
+                tokens = torch.where(reveal, sampled, tokens)
+                masked = masked & ~reveal
+                trace["masked"].append(masked)
+                trace["tokens"].append(tokens)
         return (tokens, {k: torch.stack(v) for k, v in trace.items()}) if return_trace else tokens
 
     def sample(
@@ -299,6 +312,8 @@ class MaskedARSystem(GeneratorSystem):
         mask_power: float = 2.0,
         choice_temperature: float = 4.5,
         cfg_schedule: str = "constant",
+        cfg_interval: tuple[float, float] = (0.0, 1.0),
+        cfg_power: float = 1.0,
         order: Literal["confidence", "random"] = "confidence",
     ) -> torch.Tensor:
         """labels (B,) -> images (B, C, H, W) in [-1, 1] by MaskGIT parallel decoding.
@@ -316,13 +331,16 @@ class MaskedARSystem(GeneratorSystem):
             mask_power: Exponent of the `power` schedule.
             choice_temperature: Gumbel-noise temperature on the confidence at step 0, annealed linearly to 0
                 (MaskGIT: 4.5).
-            cfg_schedule: Guidance over the revealed fraction p: constant (cfg), linear (1 + (cfg - 1) * p, MAR),
-                interval, power_cosine.
+            cfg_schedule: Guidance over the revealed fraction p (counted after the step, as MAR does): constant
+                (cfg), linear (1 + (cfg - 1) * p, MAR), interval (cfg inside cfg_interval, 1 outside), power_cosine
+                (1 + (cfg - 1) * (1 - cos(pi * p**cfg_power)) / 2, MUSE).
+            cfg_interval: (low, high) revealed fractions where the `interval` schedule guides.
+            cfg_power: Exponent of the `power_cosine` schedule.
             order: Which masked tokens a step reveals: confidence (MaskGIT) or random (a random permutation's next
                 chunk, MAR).
         """
         if self.tokenizer is None:
             raise ValueError("sample() decodes with the tokenizer: set model.init_args.tokenizer_ckpt")
-        tokens = self.sample_tokens(labels, cfg, temperature, top_k, top_p, generator, steps, mask_schedule,
-                                    mask_power, choice_temperature, cfg_schedule, order)  # fmt: skip
+        tokens = self.generate(labels, cfg, temperature, top_k, top_p, generator, steps, mask_schedule, mask_power,
+                               choice_temperature, cfg_schedule, cfg_interval, cfg_power, order)  # fmt: skip
         return self.decode(tokens)
