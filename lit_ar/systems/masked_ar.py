@@ -268,33 +268,35 @@ class MaskedARSystem(GeneratorSystem):
             tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
             masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed
             if order == "random":  # MAR: a random generation order per sample, revealed chunk by chunk
-                place = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)  # (B, L)
+                perm = torch.rand(B, L, generator=generator, device=self.device).argsort(-1)  # (B, L) positions
             null = torch.full_like(labels, self.hparams.num_classes)
-            trace, revealed = {"masked": [masked], "tokens": [tokens]}, 0
+            trace, done = {"masked": [masked], "tokens": [tokens]}, 0
             for step, k in enumerate(counts):
-                revealed += k
-                progress = revealed / L  # fraction revealed once this step is done (MAR's CFG progress)
+                progress = (done + k) / L  # fraction revealed once this step is done (MAR's CFG progress)
                 if cfg != 1.0:  # one batch of 2B: conditional and unconditional
                     cond, uncond = self.model(tokens.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
                     logits = guide(cond, uncond, cfg_scale(cfg_schedule, cfg, progress, tuple(cfg_interval), cfg_power))
                 else:
                     logits = self.model(tokens, labels).float()  # (B, L, V)
-                logits = filter_logits(logits / temperature, top_k, top_p)
-                sampled = sample_logits(logits, generator=generator)  # (B, L)
-                if order == "confidence":
+                if order == "random":  # the positions are known before sampling: sample only those k
+                    chosen = perm[:, done : done + k]  # (B, k) the next chunk of the permutation
+                    logits = logits.gather(1, chosen[..., None].expand(-1, -1, logits.shape[-1]))  # (B, k, V)
+                    picked = sample_logits(filter_logits(logits / temperature, top_k, top_p), generator=generator)
+                    sampled = tokens.scatter(1, chosen, picked)  # (B, L)
+                else:
+                    logits = filter_logits(logits / temperature, top_k, top_p)
+                    sampled = sample_logits(logits, generator=generator)  # (B, L) a token at every position
                     logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, L)
-                    # MaskGIT: Gumbel noise on the confidence, annealed to 0 at the last step
+                    # MaskGIT: Gumbel noise on the confidence, its temperature annealed to 0 at the last step
                     noise_temp = choice_temperature * (1.0 - (step + 1) / len(counts))
                     u = torch.rand(B, L, generator=generator, device=self.device)
                     gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-                    score = logp + noise_temp * gumbel
-                else:
-                    score = -place.float()  # earlier in the order = revealed first
-                score = score.masked_fill(~masked, float("-inf"))  # revealed tokens are never chosen again
-                chosen = score.topk(k, dim=-1).indices  # (B, k): k <= masked count, so only masked positions
+                    score = (logp + noise_temp * gumbel).masked_fill(~masked, float("-inf"))  # never re-pick
+                    chosen = score.topk(k, dim=-1).indices  # (B, k): k <= masked count, so only masked positions
                 reveal = torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, L)
                 tokens = torch.where(reveal, sampled, tokens)
                 masked = masked & ~reveal
+                done += k
                 trace["masked"].append(masked)
                 trace["tokens"].append(tokens)
         return (tokens, {k: torch.stack(v) for k, v in trace.items()}) if return_trace else tokens
