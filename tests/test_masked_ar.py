@@ -1,15 +1,21 @@
 """Masked AR (MaskGIT): the bidirectional core, the training masks and loss, the parallel decoder, bad inputs,
 compiled vs eager, and the CLI (fit, golden curve, predict, DDP vs one process)."""
 
+import json
 import math
+import os
 import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
 from torch import nn
 
+from lit_ar.cli import cli_main
 from lit_ar.models.masked_ar import MaskedTransformer
 from lit_ar.sampling import MASK_SCHEDULES, tokens_to_reveal
 from lit_ar.systems.masked_ar import MaskedARSystem
@@ -401,3 +407,88 @@ def test_compiled_blocks_match_eager():
     te, tre = eager.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
     tc, trc = compiled.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(tc, te) and torch.equal(trc["masked"], tre["masked"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI, on the debug vq tokenizer
+
+DEBUG = CONFIGS / "debug" / "masked.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "masked.json"
+
+
+@pytest.fixture(scope="session")
+def debug_tokenizer(checkpoints_root) -> Path:
+    """The debug VQ tokenizer, trained once per session (the debug config points at its run folder)."""
+    return checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root,
+                                 train=True)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_debug(checkpoints_root, debug_tokenizer) -> Path:
+    """configs/debug/masked.yaml trained through `lit_ar fit` once per session; its run folder holds the logs."""
+    return checkpoint_for_config(DEBUG, checkpoints_root, train=True,
+                                 extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
+
+
+def logged(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def test_debug_config_trains_its_loss_falls_and_follows_the_golden_curve(trained_debug):
+    """The first 10 logged train/loss values of configs/debug/masked.yaml. After an intended change, regenerate with
+    `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_masked_ar.py -k golden` and say why in the commit."""
+    run_dir = trained_debug.parent.parent
+    loss = logged(run_dir, "train/loss")
+    assert len(loss) >= 10 and sum(loss[-3:]) < sum(loss[:3]) - 0.3, f"the loss falls: {loss}"
+    acc = logged(run_dir, "val/token_acc")
+    assert logged(run_dir, "val/loss") and acc and 0.0 < acc[-1] <= 1.0
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"config": "configs/debug/masked.yaml", "train/loss": loss[:10]}, indent=1))
+    golden = json.loads(GOLDEN.read_text())["train/loss"]
+    torch.testing.assert_close(torch.tensor(loss[:10]), torch.tensor(golden), rtol=1e-4, atol=1e-4)
+
+
+def test_predict_writes_samples_and_a_grid(trained_debug, debug_tokenizer, tmp_path):
+    cli_main(["predict", "--config", str(DEBUG), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt",
+              str(debug_tokenizer), "--ckpt_path", str(trained_debug)])  # fmt: skip
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_debug):
+    system = MaskedARSystem.load_from_checkpoint(trained_debug, weights_only=True)
+    labels = torch.arange(4)
+    kw = dict(cfg=2.0, top_k=16, steps=4, cfg_schedule="linear")
+    a = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    b = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    c = system.sample(labels, generator=torch.Generator().manual_seed(8), **kw)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_help_lists_the_family_and_the_base_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "lit_ar.systems.MaskedARSystem"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MaskGIT: 24 layers" in out and "mask_schedule" in out and "tokenizer_ckpt" in out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_one(tmp_path, debug_tokenizer):
+    """Class dropout and the masks are drawn per global sample (MaskedARSystem._noise), and the loss is normalised by
+    the global masked-token count, so 2 gloo processes at batch 8 train exactly like 1 process at batch 16 (the
+    debug config turns nn.Dropout off: its masks come from each process's own generator)."""
+    common = ["fit", "--config", str(DEBUG), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
+              "--trainer.max_steps", "8", "--data.shuffle", "false", "--trainer.log_every_n_steps", "1",
+              "--trainer.limit_val_batches", "0"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
+    run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
+                "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
+    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3])
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
