@@ -36,7 +36,8 @@ def causal_system(size: dict, args, device: str):
     except ImportError:
         return None
     system = CausalARSystem(vocab_size=args.vocab, grid_size=args.grid, dim=size["dim"], n_layer=size["n_layers"],
-                            n_head=size["n_heads"], num_classes=args.num_classes, compile=args.compile)  # fmt: skip
+                            n_head=size["n_heads"], num_classes=args.num_classes, token_dropout=0.0, resid_dropout=0.0,
+                            compile=args.compile)  # fmt: skip
     return system.to(device)
 
 

@@ -383,6 +383,11 @@ def test_system_settings_are_checked(stub_tokenizer_ckpt):
     stub_tokenizer_ckpt["kl.ckpt"] = continuous
     with pytest.raises(ValueError, match=r"tokenizer_ckpt='kl.ckpt' is a continuous tokenizer; the masked family"):
         make_system(tokenizer=True, tokenizer_ckpt="kl.ckpt")
+    multiscale = StubTokenizer()
+    multiscale.scales = (1, 2, 4)
+    stub_tokenizer_ckpt["msvq.ckpt"] = multiscale
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt='msvq.ckpt' is a multi-scale tokenizer"):
+        make_system(tokenizer=True, tokenizer_ckpt="msvq.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
