@@ -278,24 +278,25 @@ class MaskedARSystem(GeneratorSystem):
                     logits = guide(cond, uncond, cfg_scale(cfg_schedule, cfg, progress, tuple(cfg_interval), cfg_power))
                 else:
                     logits = self.model(tokens, labels).float()  # (B, L, V)
-                if order == "random":  # the positions are known before sampling: sample only those k
-                    chosen = perm[:, done : done + k]  # (B, k) the next chunk of the permutation
-                    logits = logits.gather(1, chosen[..., None].expand(-1, -1, logits.shape[-1]))  # (B, k, V)
-                    picked = sample_logits(filter_logits(logits / temperature, top_k, top_p), generator=generator)
-                    sampled = tokens.scatter(1, chosen, picked)  # (B, L)
+                # Sample only where it can matter (every sample has the same count M of masked tokens, so the
+                # shapes stay static): the next chunk of the permutation (random order) or every masked position.
+                M = k if order == "random" else L - done
+                where = perm[:, done : done + k] if order == "random" else masked.float().topk(M, dim=-1).indices
+                logits = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1]))  # (B, M, V)
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                sampled = sample_logits(logits, generator=generator)  # (B, M)
+                if order == "random":
+                    chosen, picked = where, sampled  # (B, k)
                 else:
-                    logits = filter_logits(logits / temperature, top_k, top_p)
-                    sampled = sample_logits(logits, generator=generator)  # (B, L) a token at every position
-                    logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, L)
+                    logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, M)
                     # MaskGIT: Gumbel noise on the confidence, its temperature annealed to 0 at the last step
                     noise_temp = choice_temperature * (1.0 - (step + 1) / len(counts))
-                    u = torch.rand(B, L, generator=generator, device=self.device)
+                    u = torch.rand(B, M, generator=generator, device=self.device)
                     gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-                    score = (logp + noise_temp * gumbel).masked_fill(~masked, float("-inf"))  # never re-pick
-                    chosen = score.topk(k, dim=-1).indices  # (B, k): k <= masked count, so only masked positions
-                reveal = torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, L)
-                tokens = torch.where(reveal, sampled, tokens)
-                masked = masked & ~reveal
+                    top = (logp + noise_temp * gumbel).topk(k, dim=-1).indices  # (B, k) the most confident
+                    chosen, picked = where.gather(1, top), sampled.gather(1, top)  # positions, tokens (B, k)
+                tokens = tokens.scatter(1, chosen, picked)  # chosen positions are masked: nothing is overwritten
+                masked = masked.scatter(1, chosen, False)
                 done += k
                 trace["masked"].append(masked)
                 trace["tokens"].append(tokens)
