@@ -165,8 +165,8 @@ class TokenCacheDataset(Dataset):
 
     def __init__(self, cache: TokenCache, split: str, random_variant: bool, sample: bool, unconditional: bool,
                  seed: int = 0):  # fmt: skip
-        self.meta, self.random_variant, self.sample, self.unconditional = cache.meta, random_variant, sample, unconditional
-        self.seed = seed
+        self.meta, self.random_variant, self.sample = cache.meta, random_variant, sample
+        self.unconditional, self.seed = unconditional, seed
         names = ("mean", "std") if cache.meta["is_continuous"] else ("tokens",)
         self.arrays = {k: np.load(cache.folder / f"{split}_{k}.npy", mmap_mode="r") for k in names}
         self.labels = np.load(cache.folder / f"{split}_labels.npy", mmap_mode="r")
