@@ -227,21 +227,20 @@ class CausalARSystem(GeneratorSystem):
             elif not 1 <= n <= L:
                 raise ValueError(f"num_tokens={n}: a {m.grid_size}x{m.grid_size} grid holds between 1 and {L} tokens")
             step = self._decode_step()
-            tokens = labels.new_empty(labels.shape[0], 0)  # (B, i)
+            tokens = labels.new_zeros(labels.shape[0], n)  # (B, n), filled left to right
+            slots = torch.arange(m.cls_token_num, m.cls_token_num + n, device=self.device)  # token i sits at P + i
             for i in range(n):
                 if not use_cache:  # the whole prefix again, as a model without a cache must
-                    logits = m(tokens.repeat(2, 1) if guided else tokens, cond)[:, -1]  # (B', V)
+                    logits = m(tokens[:, :i].repeat(2, 1) if guided else tokens[:, :i], cond)[:, -1]  # (B', V)
                 elif i == 0:
                     logits = m.prefill(cond)
                 else:
-                    fed = tokens[:, -1:].repeat(2, 1) if guided else tokens[:, -1:]  # (B', 1)
-                    input_pos = torch.tensor([m.cls_token_num + i - 1], device=self.device)
-                    logits = step(fed, input_pos)
+                    fed = tokens[:, i - 1 : i].repeat(2 if guided else 1, 1)  # (B', 1), a fresh contiguous tensor
+                    logits = step(fed, slots[i - 1 : i].clone())  # (B', V); no host-to-device copy per step
                 if guided:
                     c, u = logits.chunk(2)
                     logits = guide(c, u, cfg_scale(cfg_schedule, cfg, i / L, tuple(cfg_interval), cfg_power))
-                nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                tokens[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         finally:
             m.train(was_training)
             m.clear_caches()
