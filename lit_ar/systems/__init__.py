@@ -2,5 +2,8 @@
 
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
+from lit_ar.systems.tokenizer import TokenizerSystem
 
-__all__ = ["ClassifierSystem", "CausalARSystem"]
+__all__ = ["ClassifierSystem"]
+__all__ += ["TokenizerSystem"]
+__all__ += ["CausalARSystem"]
