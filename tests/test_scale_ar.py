@@ -109,3 +109,238 @@ def test_compiled_blocks_equal_eager():
         block.compile()
     torch.testing.assert_close(model(labels, x), eager, rtol=1e-4, atol=1e-5)
     assert all(not n.startswith("_orig_mod") and "._orig_mod" not in n for n in model.state_dict())
+
+
+def test_layers_extras_used_by_var():
+    """q/v-only biases (no k bias), shared AdaLN offsets, and RoPE positions stretched onto the finest grid."""
+    from lit_ar.models.layers import Attention, Block, rope_2d
+
+    attn = Attention(16, 2, bias=True, qv_bias=True)
+    assert attn.wqkv.bias is None and attn.q_bias.shape == attn.v_bias.shape == (16,)
+    x = torch.randn(2, 5, 16)
+    before = attn(x)
+    with torch.no_grad():
+        attn.v_bias.fill_(1.0)
+    assert not torch.allclose(attn(x), before)
+    block = Block(16, 2, mlp="gelu", norm="layer", shared_ada=True, cond_dim=16)
+    assert block.ada is None and block.ada_offset.shape == (96,)
+    assert not block.norm1.elementwise_affine
+    with torch.no_grad():
+        block.ada_offset.normal_()
+    torch.testing.assert_close(block(x, cond=torch.zeros(2, 96)), block(x, cond=block.ada_offset.expand(2, 96) * 0))
+    fine, coarse = rope_2d(16, 8), rope_2d(2, 8, pos_scale=8.0)  # the 2x2 map's tokens sit at rows/cols 0 and 8
+    torch.testing.assert_close(coarse, fine[[0, 8, 8 * 16, 8 * 16 + 8]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The system over a real (debug) multi-scale VQ tokenizer
+
+from pathlib import Path  # noqa: E402
+
+from conftest import CONFIGS, checkpoint_for_config, run_dir_args, run_lit_ar  # noqa: E402
+
+from lit_ar.cli import cli_main  # noqa: E402
+
+DEBUG_SCALE = CONFIGS / "debug" / "scale.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "scale.json"
+
+
+@pytest.fixture(scope="session")
+def msvq_ckpt(checkpoints_root) -> Path:
+    """The debug multi-scale VQ tokenizer, trained once per session (configs/debug/tokenizer_msvq.yaml)."""
+    return checkpoint_for_config(CONFIGS / "debug" / "tokenizer_msvq.yaml", checkpoints_root, train=True)
+
+
+@pytest.fixture(scope="session")
+def scale_ckpt(msvq_ckpt, checkpoints_root) -> Path:
+    """configs/debug/scale.yaml trained through the CLI on that tokenizer (its run folder holds the logs)."""
+    return checkpoint_for_config(DEBUG_SCALE, checkpoints_root, train=True,
+                                 extra=["--model.init_args.tokenizer_ckpt", str(msvq_ckpt)])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def system(scale_ckpt):
+    from lit_ar.systems import ScaleARSystem
+
+    return ScaleARSystem.load_from_checkpoint(scale_ckpt, weights_only=True).eval()
+
+
+def logged_scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def debug_args(tmp_path: Path, msvq_ckpt: Path) -> list[str]:
+    return ["--config", str(DEBUG_SCALE), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt", str(msvq_ckpt)]
+
+
+def test_debug_config_trains_through_the_cli_and_its_loss_falls(scale_ckpt):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = scale_ckpt.parent.parent
+    loss = logged_scalars(run_dir, "train/loss")
+    assert len(loss) == 10 and sum(loss[-3:]) < 0.85 * sum(loss[:3]), f"the loss falls: {loss}"
+    tags = EventAccumulator(str(run_dir)).Reload().Tags()
+    for tag in ("val/loss", "val/token_acc", "val/token_acc_1x1", "val/token_acc_4x4"):
+        assert tag in tags["scalars"]
+    assert "samples/grid" in tags["images"]
+
+
+def test_golden_loss_curve(scale_ckpt):
+    """The debug run's first 10 logged train/loss values. Regenerate (after an intended change) with
+    `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_scale_ar.py -k golden`."""
+    import json
+    import os
+
+    loss = logged_scalars(scale_ckpt.parent.parent, "train/loss")[:10]
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"config": "configs/debug/scale.yaml", "train/loss": loss}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["train/loss"]
+    torch.testing.assert_close(torch.tensor(loss), torch.tensor(golden), rtol=1e-4, atol=1e-5)
+
+
+def test_predict_writes_samples_and_grid(scale_ckpt, msvq_ckpt, tmp_path):
+    import numpy as np
+
+    cli_main(["predict", *debug_args(tmp_path, msvq_ckpt), "--ckpt_path", str(scale_ckpt)])
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / "grid.png").is_file()
+
+
+def record(monkeypatch, obj, name: str) -> list:
+    """Wrap obj.name so that every call's (args, result) is kept."""
+    calls, fn = [], getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append((args, out))
+        return out
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def test_cached_sampling_logits_match_the_teacher_forced_forward(system, monkeypatch):
+    labels = torch.tensor([0, 3, 7])
+    steps = record(monkeypatch, system.model, "forward_scale")
+    indices, _ = system.sample_tokens(labels, generator=torch.Generator().manual_seed(0))
+    sampled = torch.cat([out for _, out in steps], dim=1)  # (B, L, V)
+    x_BLCv = system.tokenizer.quantizer.teacher_forcing_inputs(indices)
+    torch.testing.assert_close(sampled, system.model(labels, x_BLCv), rtol=1e-4, atol=1e-5)
+
+
+def test_input_built_while_sampling_equals_the_training_input(system, monkeypatch):
+    embedded = record(monkeypatch, system.model, "embed_scale")
+    indices, f_hats = system.sample_tokens(torch.tensor([1, 2]), cfg=2.0, generator=torch.Generator().manual_seed(1))
+    assert [args[0] for args, _ in embedded] == list(range(1, len(system.scales)))
+    sampled_inputs = torch.cat([args[1] for args, _ in embedded], dim=1)  # (B, L - 1, Cv)
+    torch.testing.assert_close(sampled_inputs, system.tokenizer.quantizer.teacher_forcing_inputs(indices))
+    torch.testing.assert_close(f_hats[-1], system.tokenizer.quantizer.indices_to_latent(indices))
+
+
+def test_same_seed_same_samples_and_return_scales(system):
+    labels = torch.arange(4)
+    kw = dict(cfg=1.5, temperature=0.9, top_k=20, top_p=0.9)
+    a = system.sample(labels, generator=torch.Generator().manual_seed(5), **kw)
+    b, per_scale = system.sample(labels, generator=torch.Generator().manual_seed(5), return_scales=True, **kw)
+    c = system.sample(labels, generator=torch.Generator().manual_seed(6), **kw)
+    assert a.shape == (4, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert len(per_scale) == len(system.scales) and torch.equal(per_scale[-1], a)
+    assert not torch.equal(per_scale[0], a)  # the coarsest scale alone is a blurrier image
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_cfg_over_scales(system, monkeypatch, schedule):
+    """One batch of conditional and null-class rows; the logits sampled at scale k are
+    uncond + g_k (cond - uncond), with g_k ramped 1 -> cfg over the scales (VAR) or constant."""
+    import lit_ar.systems.scale_ar as scale_ar
+
+    labels, cfg, K = torch.arange(3), 4.0, len(system.scales)
+    steps = record(monkeypatch, system.model, "forward_scale")
+    sampled = record(monkeypatch, scale_ar, "sample_logits")
+    system.sample_tokens(labels, cfg=cfg, cfg_schedule=schedule, generator=torch.Generator().manual_seed(0))
+    for k in range(K):
+        both, used = steps[k][1], sampled[k][0][0]  # (6, s^2, V), (3, s^2, V)
+        assert both.shape[0] == 6
+        g = 1 + (cfg - 1) * k / (K - 1) if schedule == "linear" else cfg
+        torch.testing.assert_close(used, both[3:] + g * (both[:3] - both[3:]))
+
+
+def test_scale_loss_weights_select_scales(msvq_ckpt):
+    from lit_ar.systems import ScaleARSystem
+
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])}
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2, class_dropout=0.0)
+    only_last = ScaleARSystem(scale_loss_weights=[0, 0, 0, 1], **kw).eval()
+    uniform = ScaleARSystem(**kw).eval()
+    uniform.load_state_dict(only_last.state_dict())
+    loss, logits, target = only_last.shared_step(batch)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L)
+    torch.testing.assert_close(loss, ce[:, -16:].mean())
+    torch.testing.assert_close(uniform.shared_step(batch)[0], ce.mean())
+    # a token cache serving the pyramid concatenated (B, L) gives the same loss
+    cached = {"tokens": torch.cat(uniform.encode(batch["image"]), dim=1), "label": batch["label"]}
+    torch.testing.assert_close(uniform.shared_step(cached)[0], ce.mean())
+
+
+def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):
+    from lit_ar.systems import ScaleARSystem
+
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2)
+    with pytest.raises(ValueError, match=r"model.init_args.scales=\[1, 2, 4\] differ from the tokenizer's scales "
+                                         r"\[1, 2, 3, 4\]"):  # fmt: skip
+        ScaleARSystem(scales=[1, 2, 4], **kw)
+    with pytest.raises(ValueError, match=r"scale_loss_weights=\[1.0, 2.0\] must be 4 non-negative numbers"):
+        ScaleARSystem(scale_loss_weights=[1.0, 2.0], **kw)
+    with pytest.raises(ValueError, match=r"model.init_args.tokenizer_ckpt is required"):
+        ScaleARSystem(image_size=16)
+    vq = checkpoint_for_config(CONFIGS / "debug" / "tokenizer_vq.yaml", checkpoints_root)
+    with pytest.raises(ValueError, match=r"is a 'vq' tokenizer without scales; ScaleARSystem needs a multi-scale"):
+        ScaleARSystem(**{**kw, "tokenizer_ckpt": str(vq)})
+    with pytest.raises(ValueError, match=r"data.image_size=32 differs from the tokenizer's image size 16"):
+        ScaleARSystem(**{**kw, "image_size": 32})
+    labels = torch.tensor([0, 1])
+    bad = [
+        (dict(labels=torch.tensor([0, 10])), r"labels must lie in \[0, 10\)"),
+        (dict(labels=torch.tensor([0.0, 1.0])), r"labels must be a 1D long tensor"),
+        (dict(temperature=0.0), r"temperature=0.0 must be > 0"),
+        (dict(top_k=0), r"top_k=0 must be >= 1"),
+        (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(cfg=-1.0), r"cfg=-1.0 must be >= 0"),
+        (dict(cfg_schedule="cosine"), r"cfg_schedule='cosine' is not known"),
+        (dict(cfg_interval=(0.5, 0.2)), r"cfg_interval=\(0.5, 0.2\) must satisfy"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            system.sample(**{"labels": labels, **kwargs})
+    no_cfg = ScaleARSystem(**{**kw, "class_dropout": 0.0})
+    with pytest.raises(ValueError, match=r"cfg=2.0 asks for classifier-free guidance, but .*class_dropout=0"):
+        no_cfg.sample(labels, cfg=2.0)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_one(msvq_ckpt, tmp_path):
+    """2 gloo processes at batch 4 each = 1 process at batch 8: the same train/loss curve. Class dropout is off
+    here: it draws from the global RNG, which differs between the two layouts."""
+    common = [
+        "fit", "--config", str(DEBUG_SCALE), "--model.init_args.tokenizer_ckpt", str(msvq_ckpt),
+        "--model.init_args.class_dropout", "0", "--trainer.max_steps", "6", "--data.shuffle", "false",
+        "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "8", "--trainer.devices", "1"])
+    run_lit_ar(
+        [*common, *run_dir_args(two), "--data.batch_size", "4", "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    )  # fmt: skip
+    loss1, loss2 = logged_scalars(one, "train/loss"), logged_scalars(two, "train/loss")
+    assert len(loss1) == len(loss2) == 6
+    assert sum(loss1[-2:]) < sum(loss1[:2]), f"the loss falls: {loss1}"
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)

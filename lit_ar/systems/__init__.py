@@ -3,3 +3,7 @@
 from lit_ar.systems.classifier import ClassifierSystem
 
 __all__ = ["ClassifierSystem"]
+
+from lit_ar.systems.scale_ar import ScaleARSystem  # noqa: E402
+
+__all__ += ["ScaleARSystem"]
