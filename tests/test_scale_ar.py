@@ -1,9 +1,13 @@
 """Scale-wise AR (VAR): the ScaleTransformer core, its block-causal mask and KV-cached scale steps, and the
 ScaleARSystem over a real multi-scale VQ tokenizer (training, sampling, CLI, DDP)."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import CONFIGS, checkpoint_for_config, run_dir_args, run_lit_ar
 
+from lit_ar.cli import cli_main
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer, block_causal_mask, scale_levels
 
@@ -30,9 +34,9 @@ def cached_logits(model: ScaleTransformer, labels: torch.Tensor, x_BLCv: torch.T
     """Scale by scale with the static KV caches, as sampling runs -> (B, L, V)."""
     setup_kv_caches(model.blocks, len(labels), model.seq_len, torch.float32, labels.device)
     cond, block_cond = model.condition(labels)
-    x, out = model.start_tokens(cond), []
+    x, out, mods = model.start_tokens(cond), [], model.modulations(block_cond)
     for k, (begin, end) in enumerate(model.bounds):
-        out.append(model.forward_scale(k, x, cond, block_cond))
+        out.append(model.forward_scale(k, x, cond, mods))
         if k + 1 < len(model.scales):
             b, e = model.bounds[k + 1]
             x = model.embed_scale(k + 1, x_BLCv[:, b - 1 : e - 1])
@@ -134,12 +138,6 @@ def test_layers_extras_used_by_var():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The system over a real (debug) multi-scale VQ tokenizer
-
-from pathlib import Path  # noqa: E402
-
-from conftest import CONFIGS, checkpoint_for_config, run_dir_args, run_lit_ar  # noqa: E402
-
-from lit_ar.cli import cli_main  # noqa: E402
 
 DEBUG_SCALE = CONFIGS / "debug" / "scale.yaml"
 GOLDEN = Path(__file__).parent / "golden" / "scale.json"
@@ -253,6 +251,15 @@ def test_same_seed_same_samples_and_return_scales(system):
     assert not torch.equal(a, c)
     assert len(per_scale) == len(system.scales) and torch.equal(per_scale[-1], a)
     assert not torch.equal(per_scale[0], a)  # the coarsest scale alone is a blurrier image
+
+
+def test_sampling_under_bf16_autocast(system):
+    """The KV caches take autocast's dtype, so cached bf16 keys meet bf16 queries (as under bf16-mixed predict)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        indices, f_hats = system.sample_tokens(torch.arange(3), cfg=1.5, generator=torch.Generator().manual_seed(0))
+    assert [i.shape for i in indices] == [(3, s * s) for s in system.scales]
+    assert all(0 <= int(i.min()) and int(i.max()) < system.model.vocab_size for i in indices)
+    assert f_hats[-1].dtype == torch.float32 and torch.isfinite(f_hats[-1]).all()  # the quantizer stays fp32
 
 
 @pytest.mark.parametrize("schedule", ["linear", "constant"])

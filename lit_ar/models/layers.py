@@ -284,6 +284,10 @@ class Block(nn.Module):
             nn.init.zeros_(self.ada[1].weight)
             nn.init.zeros_(self.ada[1].bias)
 
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """AdaLN: condition (B, cond_dim) or (B, T, cond_dim) -> shift, scale, gate of both branches (..., 6C)."""
+        return self.ada(cond) if self.ada is not None else cond + self.ada_offset
+
     def forward(
         self,
         x: torch.Tensor,
@@ -292,11 +296,14 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         is_causal: bool = False,
+        mod: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mod`: this block's AdaLN modulation `self.modulation(cond)` computed beforehand (a sampler whose
+        condition is fixed over many steps computes it once)."""
         if self.ada is None and self.ada_offset is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        mod = self.ada(cond) if self.ada is not None else cond + self.ada_offset  # (B, 6C) or (B, T, 6C)
+        mod = self.modulation(cond) if mod is None else mod  # (B, 6C) or (B, T, 6C)
         if mod.ndim == 2:
             mod = mod[:, None]  # (B, 1, 6C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)

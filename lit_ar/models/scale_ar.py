@@ -185,14 +185,20 @@ class ScaleTransformer(nn.Module):
             x = block(x, self.rope, self.attn_mask, cond=block_cond)
         return self.logits(x, cond)
 
-    def forward_scale(self, k: int, x: torch.Tensor, cond: torch.Tensor, block_cond: torch.Tensor) -> torch.Tensor:
+    def modulations(self, block_cond: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's AdaLN modulation (B, 6C): the class is fixed over a sample's scales, so sampling computes
+        them once instead of once per scale."""
+        return [block.modulation(block_cond) for block in self.blocks]
+
+    def forward_scale(self, k: int, x: torch.Tensor, cond: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """One sampling step with the blocks' KV caches (set up for `seq_len` positions): scale k's embedded input
         (B, s_k^2, C) is written to the caches at its positions and attends to them through scale k's rows of the
-        block-causal mask, which also hide the cache slots of later scales -> logits (B, s_k^2, V)."""
+        block-causal mask, which also hide the cache slots of later scales -> logits (B, s_k^2, V).
+        cond: the class embedding (B, C) (for the head); mods: `modulations(block_cond)`."""
         begin, end = self.bounds[k]
         input_pos = torch.arange(begin, end, device=x.device)  # (T,)
         mask = self.attn_mask[begin:end]  # (T, L)
         rope = self.rope[begin:end] if self.rope is not None else None
-        for block in self.blocks:
-            x = block(x, rope, mask, input_pos, cond=block_cond)
+        for block, mod in zip(self.blocks, mods):
+            x = block(x, rope, mask, input_pos, mod=mod)
         return self.logits(x, cond)

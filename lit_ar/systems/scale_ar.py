@@ -167,10 +167,11 @@ class ScaleARSystem(GeneratorSystem):
         setup_kv_caches(model.blocks, len(labels), model.seq_len, dtype, self.device)
         try:
             cond, block_cond = model.condition(labels)  # (2B, C), (2B, C | 6C)
+            mods = model.modulations(block_cond)  # per block (2B, 6C), fixed over the scales
             x = model.start_tokens(cond)  # (2B, s_1^2, C)
             f_hat, indices, f_hats = None, [], []
             for k in range(K):
-                logits = model.forward_scale(k, x, cond, block_cond)  # (2B, s_k^2, V)
+                logits = model.forward_scale(k, x, cond, mods)  # (2B, s_k^2, V)
                 if guided:
                     scale = cfg_scale(cfg_schedule, cfg, k / max(1, K - 1), cfg_interval, cfg_power)
                     logits = guide(logits[:B].float(), logits[B:].float(), scale)  # (B, s_k^2, V)
