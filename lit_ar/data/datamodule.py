@@ -7,23 +7,33 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from lit_ar.data.builtin import _mix_seed
+from lit_ar.data.resumable import ResumableDataLoader, ResumableSampler
 from lit_ar.data.sources import SourceSplits, load_source
 from lit_ar.data.transforms import ImageTransform
 
 
 class TransformedDataset(Dataset):
-    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`."""
+    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`.
 
-    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool):
-        self.source, self.transform, self.unconditional = source, transform, unconditional
+    Indexed by `(index, epoch)` (what ResumableSampler yields), a sample's random crop and flip come from a
+    generator seeded with (seed, epoch, index), not from the process's global RNG: the same augmentation on 1 or N
+    devices, with any number of workers, and after a mid-epoch resume. A plain int index uses the global RNG."""
+
+    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool, seed: int = 0):
+        self.source, self.transform, self.unconditional, self.seed = source, transform, unconditional, seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        generator = None
+        if isinstance(index, tuple):
+            index, epoch = index
+            generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
         image, label = self.source[index]
         label = 0 if self.unconditional else label
-        return {"image": self.transform(image), "label": torch.tensor(label, dtype=torch.long)}
+        return {"image": self.transform(image, generator), "label": torch.tensor(label, dtype=torch.long)}
 
 
 class ClassBalancedLabels(Dataset):
@@ -69,6 +79,7 @@ class ImageDataModule(L.LightningDataModule):
         order_seed: int = 0,
         drop_last: bool = True,
         predict_per_class: int = 10,
+        token_cache: str | None = None,
     ):
         """
         Args:
@@ -104,6 +115,9 @@ class ImageDataModule(L.LightningDataModule):
             order_seed: Seed of the training order (epoch e is shuffled with order_seed + e), shared by all ranks.
             drop_last: Drop the last incomplete training batch.
             predict_per_class: `lit_ar predict` on a generator samples this many images of every class.
+            token_cache: A token cache folder (written by `python -m lit_ar.data.token_cache`): batches then carry
+                `tokens` (and `label`) instead of `image`, `hflip` picks the mirrored encoding at random, and the
+                model's `tokenizer_ckpt` must be the tokenizer that wrote the cache.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +132,7 @@ class ImageDataModule(L.LightningDataModule):
         self._splits: SourceSplits | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._cache = None
 
     # Resolved lazily, so that `num_classes` can be linked into the model at instantiation.
     @property
@@ -147,6 +162,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        if self.cache is not None and not self.hparams.unconditional:
+            return self.cache.meta["num_classes"]
         return 1 if self.hparams.unconditional else self.splits.num_classes
 
     @property
@@ -170,11 +187,13 @@ class ImageDataModule(L.LightningDataModule):
         return h.global_batch_size // world
 
     def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return self._setup_token_cache()
         h = self.hparams
         self.per_device_batch_size()  # fail now, not at the first batch, on a bad global batch size
         train_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, h.crop, h.hflip)
         val_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
-        self.train_set = TransformedDataset(self.splits.train, train_tf, h.unconditional)
+        self.train_set = TransformedDataset(self.splits.train, train_tf, h.unconditional, seed=h.order_seed)
         self.val_set = TransformedDataset(self.splits.val, val_tf, h.unconditional)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -183,17 +202,21 @@ class ImageDataModule(L.LightningDataModule):
         # and one sampler everywhere makes N processes see exactly the samples one process sees.
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(
+        # Training uses the resumable pair: same order, plus a position Lightning checkpoints (mid-epoch resume),
+        # and its own generator so that starting an epoch draws nothing from the global RNG.
+        sampler_cls, loader_cls = (ResumableSampler, ResumableDataLoader) if train else (DistributedSampler, DataLoader)
+        sampler = sampler_cls(
             dataset, num_replicas=world, rank=rank, shuffle=train and h.shuffle, seed=h.order_seed,
             drop_last=train and h.drop_last,
         )  # fmt: skip
-        return DataLoader(
+        return loader_cls(
             dataset,
             batch_size=self.per_device_batch_size(),
             sampler=sampler,
             drop_last=train and h.drop_last,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
+            generator=torch.Generator().manual_seed(h.order_seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -212,3 +235,30 @@ class ImageDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         shard = Subset(labels, range(rank, len(labels), world))
         return DataLoader(shard, batch_size=self.per_device_batch_size(), shuffle=False)
+
+    # ---- token caches (lit_ar.data.token_cache) -------------------------------------------------------------
+    @property
+    def cache(self):
+        """The TokenCache of `token_cache`, or None."""
+        if self._cache is None and self.hparams.token_cache:
+            from lit_ar.data.token_cache import TokenCache
+
+            self._cache = TokenCache(self.hparams.token_cache)
+        return self._cache
+
+    def _setup_token_cache(self) -> None:
+        h, meta = self.hparams, self.cache.meta
+        self.per_device_batch_size()
+        if (h.image_size, h.channels) != (meta["image_size"], meta["channels"]):
+            raise ValueError(
+                f"data.image_size={h.image_size}, data.channels={h.channels} differ from the token cache "
+                f"data.token_cache={h.token_cache!r}, written at {meta['image_size']}x{meta['image_size']}x"
+                f"{meta['channels']}; set data.image_size={meta['image_size']} and data.channels={meta['channels']}"
+            )
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer_ckpt = getattr(model, "hparams", {}).get("tokenizer_ckpt") if model is not None else None
+        if tokenizer_ckpt:
+            self.cache.check_tokenizer(tokenizer_ckpt)
+        self.train_set = self.cache.dataset("train", train=True, hflip=h.hflip, unconditional=h.unconditional,
+                                            seed=h.order_seed)  # fmt: skip
+        self.val_set = self.cache.dataset("val", train=False, hflip=False, unconditional=h.unconditional)

@@ -6,6 +6,10 @@ from lit_ar.systems.tokenizer import TokenizerSystem
 __all__ = ["ClassifierSystem"]
 __all__ += ["TokenizerSystem"]
 
+from lit_ar.systems.masked_ar import MaskedARSystem  # noqa: E402
+
+__all__ += ["MaskedARSystem"]
+
 from lit_ar.systems.scale_ar import ScaleARSystem  # noqa: E402
 
 __all__ += ["ScaleARSystem"]
