@@ -3,6 +3,7 @@
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
 from lit_ar.systems.masked_ar import MaskedARSystem
+from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
 
-__all__ = ["CausalARSystem", "ClassifierSystem", "MaskedARSystem", "TokenizerSystem"]
+__all__ = ["CausalARSystem", "ClassifierSystem", "MaskedARSystem", "ScaleARSystem", "TokenizerSystem"]
