@@ -3,3 +3,7 @@
 from lit_ar.systems.classifier import ClassifierSystem
 
 __all__ = ["ClassifierSystem"]
+
+from lit_ar.systems.flow_ar import FlowARSystem  # noqa: E402
+
+__all__ += ["FlowARSystem"]
