@@ -108,3 +108,19 @@ def test_cache_requires_positions():
     setup_kv_caches(blocks, 1, 4, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="pass input_pos"):
         blocks[0](torch.randn(1, 1, 32))
+
+
+def test_activation_checkpointing_keeps_gradients_and_names():
+    from lit_ar.systems.generator import enable_activation_checkpointing
+
+    blocks = tiny_stack().train()
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    run(blocks, x, is_causal=True).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in blocks.named_parameters()}
+    names = list(dict(blocks.state_dict()))
+    blocks.zero_grad()
+    assert enable_activation_checkpointing(blocks) == 2 and enable_activation_checkpointing(blocks) == 0
+    run(blocks, x, is_causal=True).square().sum().backward()
+    for n, p in blocks.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+    assert list(dict(blocks.state_dict())) == names

@@ -4,11 +4,34 @@ generator, tokens from images or from a token cache, label checks, the optimizer
 A family subclasses it and implements `training_step`/`validation_step` (tokens -> loss) and `sample(...)`.
 """
 
+import functools
+
 import lightning as L
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
+from lit_ar.models.layers import Block
 from lit_ar.systems.lr_schedule import warmup_cosine
+
+
+def enable_activation_checkpointing(root: nn.Module) -> int:
+    """Recompute each transformer block's activations in the backward pass instead of storing them (memory for
+    compute). Patches the blocks' forward in place, so parameter names and checkpoints are unchanged.
+    Returns the number of blocks patched."""
+    count = 0
+    for module in root.modules():
+        if isinstance(module, Block) and not getattr(module, "_activation_checkpointing", False):
+            module.forward = functools.partial(_checkpointed_forward, module.forward)
+            module._activation_checkpointing = True
+            count += 1
+    return count
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 class GeneratorSystem(L.LightningModule):
@@ -29,6 +52,7 @@ class GeneratorSystem(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         predict_seed: int = 0,
         predict_kwargs: dict | None = None,
     ):
@@ -48,6 +72,9 @@ class GeneratorSystem(L.LightningModule):
             warmup_steps: Linear warm-up steps before cosine decay.
             min_lr_ratio: Final learning rate as a fraction of `lr`.
             compile: Compile each transformer block in place (and the sampling step) with torch.compile.
+            activation_checkpointing: Recompute each transformer block's activations in the backward pass
+                (less memory, about a third more compute). Under FSDP prefer the strategy's own
+                `activation_checkpointing_policy`.
             predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
             predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
         """
@@ -135,6 +162,10 @@ class GeneratorSystem(L.LightningModule):
         return self
 
     # -- optimisation ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.activation_checkpointing:
+            enable_activation_checkpointing(self)
+
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
         decay = [p for p in params if p.ndim >= 2]
