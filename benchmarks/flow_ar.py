@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--fraction-ar-steps", type=int, default=16, help="MAR AR steps of the head-fraction runs")
     p.add_argument("--mar-b", action="store_true", help="also time the MAR-B-size preset at batch 2")
     p.add_argument("--mar-b-flow-steps", type=int, nargs="+", default=[25])
+    p.add_argument("--skip-small", action="store_true", help="skip the small-preset tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sample_kw = dict(cfg=args.cfg, cfg_schedule="linear", flow_steps=args.flow_steps, sampler="euler")
     rows = []
 
-    for backbone in ("mar", "flowar", "causal"):
+    for backbone in () if args.skip_small else ("mar", "flowar", "causal"):
         system = build(backbone, "small", args.device)
         steps = args.ar_steps if backbone == "mar" else None
         ips = images_per_s(system, args.batch, steps=steps, **sample_kw)
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          images_per_s=ips))  # fmt: skip
     print_table([r for r in rows if r["table"] == "generators"], "images/s per generator (fp32, CFG, small preset)")
 
-    system = build("mar", "small", args.device)
-    for batch in args.fraction_batches:
+    system = build("mar", "small", args.device) if not args.skip_small else None
+    for batch in [] if args.skip_small else args.fraction_batches:
         seconds, frac = head_fraction(system, batch, steps=args.fraction_ar_steps, **sample_kw)
         rows.append(dict(table="head_fraction", preset="small", backbone="mar", batch=batch,
                          ar_steps=args.fraction_ar_steps, flow_steps=args.flow_steps, seconds=seconds,

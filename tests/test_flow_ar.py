@@ -1,10 +1,18 @@
 """The AR + flow family: MAR and FlowAR/raster cores, FlowARSystem training randomness and sampling, bad inputs."""
 
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
 
+from lit_ar.cli import cli_main
 from lit_ar.models.flowar import FlowARTransformer, doubling_scales
 from lit_ar.models.mar import MARTransformer
 from lit_ar.systems.flow_ar import FlowARSystem, truncated_normal
@@ -15,13 +23,22 @@ TINY = dict(token_dim=4, grid_size=4, dim=32, depth=2, n_heads=2, head_width=32,
 BACKBONES = ("mar", "flowar", "causal")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops gain nothing from threads; on a shared 2-core machine two OpenMP threads mostly wait on each other."""
+@contextmanager
+def single_thread():
+    """Tiny ops gain nothing from threads, and on a shared 2-core machine two OpenMP threads mostly wait on each
+    other (the debug MAR fit took 40 s with 2 threads, 3.4 s with 1, under load)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
 
 
 def tiny_system(backbone: str, **kwargs) -> FlowARSystem:
@@ -249,3 +266,155 @@ def test_tokenizer_of_the_wrong_kind_is_refused_both_ways():
         GeneratorSystem.check_tokenizer_kind(kl, GeneratorSystem.continuous_tokens, "MaskedARSystem")
     GeneratorSystem.check_tokenizer_kind(kl, True)
     GeneratorSystem.check_tokenizer_kind(vq, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_compiled_blocks_equal_eager(backbone):
+    eager = tiny_system(backbone).eval()
+    compiled = tiny_system(backbone, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
+    batch = token_batch()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(compiled.loss(batch, g()), eager.loss(batch, g()), rtol=1e-4, atol=1e-5)
+    kw = dict(cfg=2.0, flow_steps=2)
+    if backbone == "mar":
+        kw["steps"] = 3
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(compiled.sample_tokens(labels, generator=g(), **kw),
+                               eager.sample_tokens(labels, generator=g(), **kw), rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+# -- the CLI, on the debug KL tokenizer ------------------------------------------------------------------------------
+DEBUG = {b: CONFIGS / "debug" / f"flow_{b}.yaml" for b in ("mar", "flowar")}
+GOLDEN = Path(__file__).parent / "golden" / "flow.json"
+
+
+@pytest.fixture(scope="session")
+def kl_tokenizer(checkpoints_root) -> Path:
+    """The debug KL tokenizer, trained once per session (the debug configs point at its run folder)."""
+    # trained here, single-threaded, rather than taken from the shared cache: the golden curves below depend on its
+    # exact weights, and the thread count changes CPU float reductions
+    config = config_for_run_path("runs/debug/tokenizer_kl/checkpoints/last.ckpt")
+    run_dir = checkpoints_root / "flow_tokenizer_kl"
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        with single_thread():
+            cli_main(["fit", "--config", str(config), *run_dir_args(run_dir)])
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def trained_debug(checkpoints_root, kl_tokenizer) -> dict[str, Path]:
+    """configs/debug/flow_{mar,flowar}.yaml trained through `lit_ar fit` once per session."""
+    with single_thread():
+        return {b: checkpoint_for_config(path, checkpoints_root, train=True,
+                                         extra=["--model.init_args.tokenizer_ckpt", str(kl_tokenizer)])
+                for b, path in DEBUG.items()}  # fmt: skip
+
+
+def logged(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def test_debug_configs_train_their_loss_falls_and_follows_the_golden_curve(trained_debug):
+    """The first 10 logged train/loss values of each debug config. After an intended change, regenerate with
+    `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_flow_ar.py -k golden` and say why in the commit."""
+    curves = {}
+    for backbone, ckpt in trained_debug.items():
+        run_dir = ckpt.parent.parent
+        loss = logged(run_dir, "train/loss")
+        assert len(loss) == 20 and sum(loss[-5:]) < sum(loss[:5]) - 0.5, f"{backbone}: the loss falls: {loss}"
+        assert logged(run_dir, "val/loss"), backbone
+        curves[str(DEBUG[backbone].relative_to(CONFIGS.parent))] = loss[:10]
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"train/loss": curves}, indent=1))
+    golden = json.loads(GOLDEN.read_text())["train/loss"]
+    assert set(golden) == set(curves)
+    for config, loss in curves.items():
+        torch.testing.assert_close(torch.tensor(loss), torch.tensor(golden[config]), rtol=1e-4, atol=1e-4,
+                                   msg=config)  # fmt: skip
+
+
+def test_predict_writes_samples_and_a_grid(trained_debug, kl_tokenizer, tmp_path):
+    cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt",
+              str(kl_tokenizer), "--ckpt_path", str(trained_debug["mar"])])  # fmt: skip
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_debug, backbone):
+    system = FlowARSystem.load_from_checkpoint(trained_debug[backbone], weights_only=True)
+    labels = torch.arange(4)
+    kw = dict(cfg=2.0, flow_steps=4, sampler="heun", guidance_interval=(0.1, 0.9))
+    a = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    b = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    c = system.sample(labels, generator=torch.Generator().manual_seed(8), **kw)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+
+
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_bf16_mixed_debug_run_has_no_nan(backbone, kl_tokenizer, tmp_path):
+    cli = cli_main(["fit", "--config", str(DEBUG[backbone]), *run_dir_args(tmp_path),
+                    "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--trainer.precision", "bf16-mixed",
+                    "--trainer.max_steps", "12", "--trainer.limit_val_batches", "2",
+                    "--trainer.val_check_interval", "6"])  # fmt: skip
+    loss = logged(tmp_path, "train/loss")
+    assert len(loss) == 6 and all(math.isfinite(v) for v in loss), loss
+    assert all(math.isfinite(v) for v in logged(tmp_path, "val/loss"))
+    system = cli.model.eval()
+    assert all(torch.isfinite(p).all() for p in system.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = system.sample(torch.arange(4), cfg=3.0, flow_steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(images).all()
+
+
+def test_tokenizers_of_the_wrong_kind_or_width_are_refused(kl_tokenizer, checkpoints_root):
+    vq = checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root)
+    kw = dict(num_classes=10, image_size=16, dim=32, depth=1, n_heads=2, head_width=16, head_depth=1)
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt: FlowARSystem models continuous tokens .* the tokenizer "
+                                         r"is discrete \(vocab_size="):  # fmt: skip
+        FlowARSystem(tokenizer_ckpt=str(vq), **kw)
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt: GeneratorSystem models discrete token ids .* the "
+                                         r"tokenizer is continuous"):  # fmt: skip
+        GeneratorSystem(tokenizer_ckpt=str(kl_tokenizer), num_classes=10, image_size=16)
+    with pytest.raises(ValueError, match=r"model.init_args.token_dim=8 differs from the tokenizer's latent width "
+                                         r"latent_channels=4"):  # fmt: skip
+        FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), token_dim=8, **kw)
+    with pytest.raises(ValueError, match=r"model.init_args.grid_size=8 differs from the tokenizer's grid_size=4"):
+        FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), grid_size=8, **kw)
+    system = FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), backbone="flowar", **kw)
+    assert system.token_dim == 4 and system.grid_size == 4 and system.core.scales == (1, 2, 4)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_one(tmp_path, kl_tokenizer):
+    """Class dropout, MAR's orders and mask ratio, and the flow noise and times are drawn per global sample from a
+    generator seeded per step (FlowARSystem.draw), so 2 gloo processes at batch 8 train exactly like 1 process at
+    batch 16. Off here: the KL posterior sample (the tokenizer draws it from each process's own random state) and
+    nn.Dropout (off in the debug config), whose noise would match in law only."""
+    common = ["fit", "--config", str(DEBUG["mar"]), "--model.init_args.tokenizer_ckpt", str(kl_tokenizer),
+              "--model.init_args.class_dropout", "0.5", "--model.init_args.posterior_sample", "false",
+              "--trainer.max_steps", "8", "--data.shuffle", "false",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
+    run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
+                "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
+    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3]), loss1
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
+
+
+def test_help_lists_the_family_and_the_base_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "lit_ar.systems.FlowARSystem"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MAR's diffusion_batch_mul" in out and "tokenizer_ckpt" in out and "backbone" in out

@@ -74,6 +74,7 @@ class FlowARSystem(GeneratorSystem):
         head_depth: int = 6,
         head_batch_mul: int = 4,
         time_sampling: Literal["uniform", "logit_normal"] = "uniform",
+        posterior_sample: bool = True,
         **kwargs,
     ):
         """
@@ -100,6 +101,9 @@ class FlowARSystem(GeneratorSystem):
             head_batch_mul: Each token is trained with this many independent (noise, time) draws per step
                 (MAR's diffusion_batch_mul: the head is cheap, the backbone's pass is shared).
             time_sampling: Law of the flow time in training: `uniform` or `logit_normal` (SD3).
+            posterior_sample: Train on a sample of the KL tokenizer's posterior (MAR) rather than its mean. The
+                tokenizer draws that noise from each process's own random state, so with it on, N DDP processes
+                match one process in law but not bit for bit (every other random draw here is per global sample).
         """
         super().__init__(**kwargs)
         if backbone not in BACKBONES:
@@ -164,6 +168,16 @@ class FlowARSystem(GeneratorSystem):
         return out[rank::world]
 
     # -- training ------------------------------------------------------------------------------------------------
+    def tokens_from_batch(self, batch: dict) -> torch.Tensor:
+        """Continuous tokens (B, L, D): from a token cache, or encoded now (a posterior sample or the mean)."""
+        if "tokens" in batch:
+            return batch["tokens"]
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer: set model.init_args.tokenizer_ckpt")
+        self.tokenizer.eval()
+        with torch.no_grad():
+            return self.tokenizer.encode(batch["image"], sample=self.hparams.posterior_sample)
+
     def loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch).float()  # (B, L, D)
         self.head.check_tokens(tokens, "the tokenizer's tokens")
