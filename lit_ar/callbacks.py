@@ -96,3 +96,21 @@ class SampleWriter(BasePredictionWriter):
         np.savez(out / "samples.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         grid = make_grid(images[: self.grid_images].float() / 127.5 - 1)
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")
+
+
+class ReconstructionGrid(L.Callback):
+    """Logs originals next to their reconstructions (`val/reconstructions`: pairs of columns) after each validation
+    epoch, for a fixed set of validation images. The module must have `reconstruct(images) -> images`."""
+
+    def __init__(self, num_images: int = 16):
+        self.num_images = num_images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or trainer.datamodule is None:
+            return
+        dataset = trainer.datamodule.val_set
+        n = min(self.num_images, len(dataset))
+        images = torch.stack([dataset[i]["image"] for i in range(n)]).to(pl_module.device)  # (n, C, H, W)
+        recs = pl_module.reconstruct(images)
+        pairs = torch.stack([images, recs.to(images.dtype)], dim=1).flatten(0, 1)  # (2n, C, H, W): original, rec
+        log_image_grid(trainer, "val/reconstructions", pairs, nrow=2 * math.ceil(math.sqrt(n)))

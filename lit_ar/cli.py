@@ -3,6 +3,7 @@
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lit_ar.checkpoints import SafeCheckpointIO
 from lit_ar.data.datamodule import ImageDataModule
 
 
@@ -12,6 +13,23 @@ class LitARCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size")
         parser.link_arguments("data.channels", "model.init_args.channels")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def _check_checkpoints_against_model(self) -> None:
+        # `--ckpt_path` loads through the checkpoint plugin: let it refuse another family's or a misfitting checkpoint
+        checkpoint_io = self.trainer.strategy.checkpoint_io
+        if isinstance(checkpoint_io, SafeCheckpointIO):
+            checkpoint_io.expect(self.model)
+
+    before_fit = before_validate = before_test = before_predict = _check_checkpoints_against_model
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges the hyper-parameters saved in a `--ckpt_path` file over the config: it silently switches
+        the model to the checkpoint's class and undoes `--model.*` overrides. lit_ar keeps the config as written and
+        checks the checkpoint against it when loading (SafeCheckpointIO): another family's checkpoint, or one whose
+        weights do not fit, is refused by name. Only a config without a model takes the checkpoint's."""
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("model") is None:
+            super()._parse_ckpt_path()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitARCLI:

@@ -89,3 +89,14 @@ def checkpoint_for_config(config: Path, root: Path, train: bool = False, extra: 
 @pytest.fixture(scope="session")
 def checkpoints_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def classifier_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of the debug classifier after 3 steps (made once per session; treat it as read-only)."""
+    from lit_ar.cli import cli_main
+
+    run_dir = tmp_path_factory.mktemp("classifier_ckpt")
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "classifier.yaml"), *run_dir_args(run_dir),
+              "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    return run_dir / "checkpoints" / "last.ckpt"

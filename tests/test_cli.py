@@ -71,7 +71,9 @@ def test_links_carry_data_settings_into_the_model(tmp_path):
 
 
 def test_fast_dev_run(tmp_path):
-    cli = cli_main(["fit", "--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "2"])
+    # fast_dev_run replaces the logger, so its checkpoints go to the root dir: keep it out of the repository
+    cli = cli_main(["fit", "--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "2",
+                    "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     assert cli.trainer.global_step == 2
 
 

@@ -7,23 +7,33 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from lit_ar.data.builtin import _mix_seed
+from lit_ar.data.resumable import ResumableDataLoader, ResumableSampler
 from lit_ar.data.sources import SourceSplits, load_source
 from lit_ar.data.transforms import ImageTransform
 
 
 class TransformedDataset(Dataset):
-    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`."""
+    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`.
 
-    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool):
-        self.source, self.transform, self.unconditional = source, transform, unconditional
+    Indexed by `(index, epoch)` (what ResumableSampler yields), a sample's random crop and flip come from a
+    generator seeded with (seed, epoch, index), not from the process's global RNG: the same augmentation on 1 or N
+    devices, with any number of workers, and after a mid-epoch resume. A plain int index uses the global RNG."""
+
+    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool, seed: int = 0):
+        self.source, self.transform, self.unconditional, self.seed = source, transform, unconditional, seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        generator = None
+        if isinstance(index, tuple):
+            index, epoch = index
+            generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
         image, label = self.source[index]
         label = 0 if self.unconditional else label
-        return {"image": self.transform(image), "label": torch.tensor(label, dtype=torch.long)}
+        return {"image": self.transform(image, generator), "label": torch.tensor(label, dtype=torch.long)}
 
 
 class ClassBalancedLabels(Dataset):
@@ -174,7 +184,7 @@ class ImageDataModule(L.LightningDataModule):
         self.per_device_batch_size()  # fail now, not at the first batch, on a bad global batch size
         train_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, h.crop, h.hflip)
         val_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
-        self.train_set = TransformedDataset(self.splits.train, train_tf, h.unconditional)
+        self.train_set = TransformedDataset(self.splits.train, train_tf, h.unconditional, seed=h.order_seed)
         self.val_set = TransformedDataset(self.splits.val, val_tf, h.unconditional)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -183,17 +193,21 @@ class ImageDataModule(L.LightningDataModule):
         # and one sampler everywhere makes N processes see exactly the samples one process sees.
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(
+        # Training uses the resumable pair: same order, plus a position Lightning checkpoints (mid-epoch resume),
+        # and its own generator so that starting an epoch draws nothing from the global RNG.
+        sampler_cls, loader_cls = (ResumableSampler, ResumableDataLoader) if train else (DistributedSampler, DataLoader)
+        sampler = sampler_cls(
             dataset, num_replicas=world, rank=rank, shuffle=train and h.shuffle, seed=h.order_seed,
             drop_last=train and h.drop_last,
         )  # fmt: skip
-        return DataLoader(
+        return loader_cls(
             dataset,
             batch_size=self.per_device_batch_size(),
             sampler=sampler,
             drop_last=train and h.drop_last,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
+            generator=torch.Generator().manual_seed(h.order_seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
