@@ -2,8 +2,9 @@
 
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
+from lit_ar.systems.flow_ar import FlowARSystem
 from lit_ar.systems.masked_ar import MaskedARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
 
-__all__ = ["CausalARSystem", "ClassifierSystem", "MaskedARSystem", "ScaleARSystem", "TokenizerSystem"]
+__all__ = ["CausalARSystem", "ClassifierSystem", "FlowARSystem", "MaskedARSystem", "ScaleARSystem", "TokenizerSystem"]

@@ -35,6 +35,10 @@ def _checkpointed_forward(forward, *args, **kwargs):
 
 
 class GeneratorSystem(L.LightningModule):
+    # Whether the family models continuous tokens (B, L, D) (the flow family) or discrete ids: a tokenizer of the
+    # other kind is refused when it is loaded.
+    continuous_tokens: bool = False
+
     def __init__(
         self,
         tokenizer_ckpt: str | None = None,
@@ -85,6 +89,7 @@ class GeneratorSystem(L.LightningModule):
 
             self.tokenizer = load_tokenizer(tokenizer_ckpt)
             self.check_tokenizer_image(self.tokenizer, image_size, channels)
+            self.check_tokenizer_kind(self.tokenizer, self.continuous_tokens, type(self).__name__)
 
     # -- checks ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -96,6 +101,17 @@ class GeneratorSystem(L.LightningModule):
             )
         if tokenizer.channels != channels:
             raise ValueError(f"data.channels={channels} differs from the tokenizer's channels {tokenizer.channels}")
+
+    @staticmethod
+    def check_tokenizer_kind(tokenizer: nn.Module, continuous: bool, system: str = "this generator") -> None:
+        if bool(tokenizer.is_continuous) != continuous:
+            have = "continuous (a KL tokenizer)" if tokenizer.is_continuous else "discrete (vocab_size="
+            have += "" if tokenizer.is_continuous else f"{tokenizer.vocab_size})"
+            want = "continuous tokens (a KL tokenizer)" if continuous else "discrete token ids (a VQ/FSQ/LFQ tokenizer)"
+            raise ValueError(
+                f"model.init_args.tokenizer_ckpt: {system} models {want}, but the tokenizer is {have}; "
+                "pick a generator of the tokenizer's kind or a tokenizer of the generator's"
+            )
 
     def check_labels(self, labels: torch.Tensor, allow_null: bool = False) -> None:
         """Labels must lie in [0, num_classes) (or be the null class when allow_null)."""

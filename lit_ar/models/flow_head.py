@@ -1,0 +1,245 @@
+"""The flow-matching head of continuous-token AR (MAR, FlowAR, causal + flow): a small per-token MLP that turns
+Gaussian noise into one continuous token, conditioned on the backbone's output for that token.
+
+Read top to bottom: the time embedding, the AdaLN residual block and final layer (MAR's SimpleMLPAdaLN shape),
+the head, then the rectified-flow loss and the ODE/SDE samplers.
+
+The path is the linear interpolant (rectified flow) with t = 0 at the noise and t = 1 at the data:
+    x_t = t * x_1 + (1 - t) * x_0,   x_0 ~ N(0, I),   x_1 = the token,   velocity v = x_1 - x_0.
+The head regresses v; sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
+
+Numerics: the sinusoidal time embedding and its MLP, the loss and every sampler update run in fp32 with autocast
+disabled (bf16 t * 1000 has 3 significant digits, and the ODE/SDE updates accumulate), so bf16-mixed training and
+sampling do not produce NaNs; the residual MLP itself runs in whatever precision the Trainer chose.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+SAMPLERS = ("euler", "heun", "euler_maruyama")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def fp32(device: torch.device):
+    """A context that turns autocast off on `device`, so the arithmetic inside stays in the inputs' fp32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class TimeEmbedding(nn.Module):
+    """Flow time t in [0, 1] -> (N, width): sinusoids of 1000 * t (DiT's frequencies) and a 2-layer MLP, in fp32."""
+
+    def __init__(self, width: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        with fp32(t.device):
+            half = self.freq_dim // 2
+            freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # (half,)
+            args = 1000.0 * t.float()[:, None] * freqs[None]  # (N, half)
+            emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, freq_dim)
+            return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (N, width), fp32 unless the weights are not
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(AdaLN(x; y)): LayerNorm, shift/scale/gate from the condition y (zero-initialised gate)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)  # (N, W) each
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The head
+
+
+class FlowHead(nn.Module):
+    """MAR's SimpleMLPAdaLN predicting a velocity: x_t (N, token_dim), t (N,), cond (N, cond_dim) -> v (N, token_dim).
+
+    token_dim is the tokenizer's latent width; cond_dim the backbone's width; `width`, `depth` the MLP's size
+    (MAR-B: width 1024, depth 6)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6, freq_dim: int = 256):
+        super().__init__()
+        self.token_dim, self.cond_dim = token_dim, cond_dim
+        self.time_embed = TimeEmbedding(width, freq_dim)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final = FinalLayer(width, token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # MAR's initialisation: xavier linears, N(0, 0.02) time MLP, zero AdaLN and output (the head starts at v = 0)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for layer in [*(b.ada[-1] for b in self.blocks), self.final.ada[-1], self.final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def check_tokens(self, x: torch.Tensor, name: str = "tokens") -> None:
+        if x.shape[-1] != self.token_dim:
+            raise ValueError(
+                f"{name} have width {x.shape[-1]} but the flow head was built for token_dim={self.token_dim} "
+                "(the tokenizer's latent_channels); a tokenizer or token cache with another latent width needs a "
+                "new model"
+            )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        y = self.time_embed(t) + self.cond_embed(cond)  # (N, W)
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))  # (N, W); noise arrives in fp32
+        for block in self.blocks:
+            h = block(h, y)
+        return self.final(h, y)  # (N, token_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the rectified-flow velocity loss
+
+
+def sample_time(n: int, kind: str, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """n flow times in (0, 1): uniform, or logit-normal (SD3; more weight on the middle of the path)."""
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"time_sampling={kind!r} is not known; use one of {TIME_SAMPLINGS}")
+
+
+def flow_loss(
+    head: FlowHead,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared velocity error. target (N, D) tokens, cond (N, C), noise (N, D) and t (N,) drawn by the caller
+    (so that they can be drawn per global sample: identical on 1 or N devices), weight (N,) (e.g. MAR's mask) or
+    None. MAR's diffusion_batch_mul is the caller repeating target/cond with fresh noise and times."""
+    head.check_tokens(target)
+    with fp32(target.device):
+        x1, x0, t = target.float(), noise.float(), t.float()
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0  # (N, D)
+        v = head(xt, t, cond).float()  # the MLP may run in bf16 under autocast; the error is taken in fp32
+        err = (v - (x1 - x0)).pow(2).mean(-1)  # (N,)
+        if weight is None:
+            return err.mean()
+        weight = weight.float()
+        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: ODE (Euler, Heun) and SDE (Euler-Maruyama) from t = 0 (noise) to t = 1 (token), CFG in flow time
+
+
+def check_flow_sampling(steps: int, sampler: str, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"flow_steps={steps} must be an integer >= 1 (ODE/SDE steps of the flow head)")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not known; use one of {SAMPLERS}")
+    lo, hi = guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(
+            f"guidance_interval={tuple(guidance_interval)} must satisfy 0 <= low <= high <= 1 "
+            "(flow times, 0 = noise, 1 = data, where CFG is applied)"
+        )
+
+
+def guided_velocity(velocity_fn, x: torch.Tensor, t: float, cfg: float, guidance_interval: tuple[float, float]):
+    """v(x, t) in fp32, with classifier-free guidance when cfg != 1 and t lies in the guidance interval.
+    velocity_fn(x (N, D), t (N,), guided: bool) returns (N, D), or (2N, D) rows [cond; uncond] when guided."""
+    lo, hi = guidance_interval
+    guided = cfg != 1.0 and lo <= t <= hi
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (N,)
+    v = velocity_fn(x, tt, guided).float()
+    if not guided:
+        return v
+    v_cond, v_uncond = v.chunk(2, dim=0)  # (N, D) each
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_flow(
+    velocity_fn,
+    noise: torch.Tensor,
+    steps: int,
+    sampler: Literal["euler", "heun", "euler_maruyama"] = "euler",
+    cfg: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Integrate the head's velocity from noise (N, D) at t = 0 to tokens (N, D) at t = 1, in fp32.
+
+    Temperature is the caller scaling `noise` (MAR's temperature scales the sampling noise too).
+    euler: x += dt v. heun: Euler predictor, trapezoidal corrector (2 evaluations a step, 2nd order).
+    euler_maruyama: dx = [v + w/2 s] dt + sqrt(w) dW with the score s = (t v - x) / (1 - t) of the linear path
+    and w = 1 - t (the noise vanishes at the data end); the SDE has the ODE's marginals, its noise corrects errors.
+    The last SDE step is deterministic, so no fresh noise lands on the returned token."""
+    check_flow_sampling(steps, sampler, guidance_interval)
+    with fp32(noise.device):
+        x = noise.float()  # (N, D)
+        ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+        for i in range(steps):
+            t, t_next = ts[i], ts[i + 1]
+            dt = t_next - t
+            v = guided_velocity(velocity_fn, x, t, cfg, guidance_interval)
+            if sampler == "euler" or (sampler == "euler_maruyama" and i == steps - 1):
+                x = x + dt * v
+            elif sampler == "heun":
+                x_pred = x + dt * v
+                v_next = guided_velocity(velocity_fn, x_pred, t_next, cfg, guidance_interval)
+                x = x + dt * 0.5 * (v + v_next)
+            else:  # euler_maruyama
+                w = 1.0 - t
+                score = (t * v - x) / (1.0 - t)
+                dw = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                x = x + dt * (v + 0.5 * w * score) + math.sqrt(w * dt) * dw
+    return x
+
+
+def head_velocity_fn(head: FlowHead, cond: torch.Tensor, uncond: torch.Tensor | None = None):
+    """The velocity_fn of `sample_flow` for a head and its conditions (N, C) (and null-class conditions for CFG)."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+        if not guided:
+            return head(x, t, cond)
+        if uncond is None:
+            raise ValueError("cfg != 1 needs the unconditional (null-class) conditions")
+        return head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+
+    return velocity

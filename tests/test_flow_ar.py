@@ -1,0 +1,420 @@
+"""The AR + flow family: MAR and FlowAR/raster cores, FlowARSystem training randomness and sampling, bad inputs."""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
+
+from lit_ar.cli import cli_main
+from lit_ar.models.flowar import FlowARTransformer, doubling_scales
+from lit_ar.models.mar import MARTransformer
+from lit_ar.systems.flow_ar import FlowARSystem, truncated_normal
+from lit_ar.systems.generator import GeneratorSystem
+
+TINY = dict(token_dim=4, grid_size=4, dim=32, depth=2, n_heads=2, head_width=32, head_depth=2, num_classes=3,
+            image_size=16)  # fmt: skip
+BACKBONES = ("mar", "flowar", "causal")
+
+
+@contextmanager
+def single_thread():
+    """Tiny ops gain nothing from threads, and on a shared 2-core machine two OpenMP threads mostly wait on each
+    other (the debug MAR fit took 40 s with 2 threads, 3.4 s with 1, under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def tiny_system(backbone: str, **kwargs) -> FlowARSystem:
+    torch.manual_seed(0)
+    extra = {"buffer_size": 4} if backbone == "mar" else {}
+    return FlowARSystem(backbone=backbone, **{**TINY, **extra, **kwargs})
+
+
+def token_batch(n: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"tokens": torch.randn(n, 16, 4, generator=g), "label": torch.randint(0, 3, (n,), generator=g)}
+
+
+# -- cores ---------------------------------------------------------------------------------------------------------
+def test_mar_conditions_depend_on_known_tokens_only():
+    torch.manual_seed(0)
+    core = MARTransformer(token_dim=4, seq_len=16, num_classes=3, dim=32, depth=2, n_heads=2, buffer_size=4).eval()
+    tokens, labels = torch.randn(2, 16, 4), torch.tensor([0, 2])
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 5, 7]] = mask[1, [0, 2, 15]] = True
+    z = core(tokens, mask, labels)
+    assert z.shape == (2, 16, 32)
+    changed_hidden = torch.where(mask[..., None], torch.randn(2, 16, 4), tokens)
+    torch.testing.assert_close(core(changed_hidden, mask, labels), z)
+    changed_known = tokens.clone()
+    changed_known[0, 3] += 1.0  # position 3 of row 0 is known
+    assert not torch.allclose(core(changed_known, mask, labels)[0], z[0])
+    torch.testing.assert_close(core(changed_known, mask, labels)[1], z[1])  # rows do not mix
+    assert not torch.allclose(core(tokens, mask, torch.tensor([1, 2]))[0], z[0])  # the class conditions
+    mask[1, 3] = True
+    with pytest.raises(ValueError, match=r"every row must hide the same number of tokens; got \[3, 4\]"):
+        core(tokens, mask, labels)
+    with pytest.raises(ValueError, match=r"buffer_size=0 must be >= 1"):
+        MARTransformer(token_dim=4, seq_len=16, num_classes=3, dim=32, depth=1, n_heads=2, buffer_size=0)
+
+
+@pytest.mark.parametrize("order", ["scale", "raster"])
+def test_flowar_attention_is_block_causal_and_the_kv_cache_matches_the_full_pass(order):
+    torch.manual_seed(0)
+    core = FlowARTransformer(token_dim=4, grid_size=4, num_classes=3, order=order, dim=32, depth=2, n_heads=2).eval()
+    # give AdaLN a non-zero start, so that the class reaches every block
+    for block in core.blocks:
+        torch.nn.init.normal_(block.ada[1].weight, std=0.05)
+    tokens, labels = torch.randn(2, 16, 4), torch.tensor([0, 1])
+    targets = core.targets(tokens)
+    inputs = core.teacher_inputs(targets)
+    z = core(inputs, labels)
+    assert z.shape == (2, core.seq_len, 32) and inputs.shape == (2, core.seq_len - 1, 4)
+    # perturbing group k's inputs changes groups >= k only
+    k = 2
+    start, end = core.starts[k], core.starts[k + 1]
+    bumped = inputs.clone()
+    bumped[:, start - 1 : end - 1] += 1.0  # inputs[:, i - 1] is the input of position i
+    z2 = core(bumped, labels)
+    torch.testing.assert_close(z2[:, :start], z[:, :start])
+    assert not torch.allclose(z2[:, start:end], z[:, start:end])
+    # decoding group by group against the KV cache gives the full pass's conditions
+    core.setup_cache(2, torch.float32, torch.device("cpu"))
+    steps, group_inputs = [], None
+    for g in range(len(core.sizes)):
+        steps.append(core.step(g, group_inputs, labels))
+        if g + 1 < len(core.sizes):
+            group_inputs = core.next_input(g, targets[:, core.starts[g] : core.starts[g + 1]])
+    core.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), z, atol=1e-5, rtol=1e-5)
+
+
+def test_flowar_scales_targets_and_inputs():
+    assert doubling_scales(16) == (1, 2, 4, 8, 16)
+    core = FlowARTransformer(token_dim=4, grid_size=4, num_classes=3, dim=32, depth=1, n_heads=2)
+    assert core.scales == (1, 2, 4) and core.sizes == [1, 4, 16] and core.seq_len == 21
+    tokens = torch.randn(2, 16, 4)
+    targets = core.targets(tokens)
+    torch.testing.assert_close(targets[:, -16:], tokens)  # the last scale is the token grid itself
+    torch.testing.assert_close(targets[:, 0], tokens.mean(1))  # the 1x1 scale is the grid's mean (area)
+    grid = tokens.transpose(1, 2).reshape(2, 4, 4, 4)
+    torch.testing.assert_close(targets[:, 1], grid[:, :, :2, :2].mean((2, 3)))  # top-left cell of the 2x2 scale
+    up = core.next_input(0, targets[:, :1])  # a 1x1 scale upsampled is constant
+    torch.testing.assert_close(up, targets[:, :1].expand(-1, 4, -1))
+    with pytest.raises(ValueError, match=r"scales=\[1, 2\] must increase strictly from >= 1 to the token grid side 4"):
+        FlowARTransformer(token_dim=4, grid_size=4, num_classes=3, scales=(1, 2), dim=32, depth=1, n_heads=2)
+    with pytest.raises(ValueError, match=r"grid_size=6 is not a power of two"):
+        doubling_scales(6)
+
+
+def test_mar_mask_ratio_law():
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    r = truncated_normal(u, 0.7, 1.0, 1.0, 0.25)
+    assert float(r.min()) >= 0.7 and float(r.max()) <= 1.0
+    # the density of a normal centred at 1 rises towards 1: more mass in the upper half of [0.7, 1]
+    assert 0.55 < float((r > 0.85).float().mean()) < 0.7
+
+
+# -- the system ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_loss_trains_and_same_seed_gives_same_samples(backbone):
+    system = tiny_system(backbone, lr=3e-3)
+    opt = torch.optim.AdamW(system.parameters(), lr=3e-3)
+    batch = token_batch()
+    system.train()
+    losses = []
+    for step in range(6):
+        loss = system.loss(batch, torch.Generator().manual_seed(step % 2))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-2] + losses[-1] < losses[0] + losses[1], losses
+    system.eval()
+    labels = torch.tensor([0, 2, 1])
+    kw = dict(cfg=2.0, flow_steps=3, sampler="euler_maruyama")
+    a = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    b = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    c = system.sample_tokens(labels, generator=torch.Generator().manual_seed(6), **kw)
+    assert a.shape == (3, 16, 4) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mar_sampling_fills_every_token_in_any_number_of_steps():
+    system = tiny_system("mar").eval()
+    labels = torch.tensor([0, 1])
+    for steps in (1, 5, 16):
+        out = system.sample_tokens(labels, steps=steps, flow_steps=2, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 16, 4) and (out != 0).all(), f"steps={steps} left tokens unset"
+    # temperature scales the head's noise: at a tiny temperature two seeds nearly agree
+    cold = [system.sample_tokens(labels, steps=1, flow_steps=2, temperature=1e-4,
+                                 generator=torch.Generator().manual_seed(s)) for s in (0, 1)]  # fmt: skip
+    torch.testing.assert_close(cold[0], cold[1], atol=1e-3, rtol=0)
+
+
+class FakeTrainer(SimpleNamespace):
+    """What FlowARSystem.draw reads of a DDP trainer: world size, rank, step."""
+
+
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_draws_per_global_sample_make_two_ranks_equal_one_process(backbone):
+    """DDP: the DistributedSampler deals global sample r + i * world to rank r. Drawing the step's randomness for
+    the global batch and keeping the rank's rows makes the mean of the ranks' losses the one-process loss."""
+    system = tiny_system(backbone, class_dropout=0.5)
+    system.train()
+    batch = token_batch(8)
+    system._trainer = FakeTrainer(world_size=1, global_rank=0, global_step=3)
+    one = system.loss(batch, system.step_generator(0, "train"))
+    ranks = []
+    for rank in range(2):
+        system._trainer = FakeTrainer(world_size=2, global_rank=rank, global_step=3)
+        shard = {k: v[rank::2] for k, v in batch.items()}
+        ranks.append(system.loss(shard, system.step_generator(0, "train")))
+    system._trainer = None
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, one, rtol=1e-5, atol=1e-6)
+    system._trainer = FakeTrainer(world_size=1, global_rank=0, global_step=4)
+    assert not torch.equal(system.loss(batch, system.step_generator(0, "train")), one), "each step draws anew"
+    system._trainer = None
+
+
+def test_bf16_autocast_training_and_sampling_stay_finite():
+    for backbone in BACKBONES:
+        system = tiny_system(backbone)
+        opt = torch.optim.AdamW(system.parameters(), lr=1e-2)
+        system.train()
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = system.loss(token_batch(seed=step), torch.Generator().manual_seed(step))
+            assert loss.dtype == torch.float32 and torch.isfinite(loss), backbone
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        system.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = system.sample_tokens(torch.tensor([0, 1]), cfg=3.0, flow_steps=3,
+                                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), backbone
+
+
+# -- bad inputs ----------------------------------------------------------------------------------------------------
+def test_bad_sampling_inputs_are_refused():
+    mar, flowar = tiny_system("mar").eval(), tiny_system("flowar").eval()
+    labels = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"flow_steps=0 must be an integer >= 1"):
+        mar.sample_tokens(labels, flow_steps=0)
+    with pytest.raises(ValueError, match=r"guidance_interval=\(0.5, 1.2\) must satisfy 0 <= low <= high <= 1"):
+        mar.sample_tokens(labels, cfg=2.0, guidance_interval=(0.5, 1.2))
+    with pytest.raises(ValueError, match=r"guidance_interval=\(-0.1, 0.5\) must satisfy"):
+        flowar.sample_tokens(labels, cfg=2.0, guidance_interval=(-0.1, 0.5))
+    with pytest.raises(ValueError, match=r"top_k=5, top_p=None: filters of discrete logits"):
+        mar.sample_tokens(labels, top_k=5)
+    with pytest.raises(ValueError, match=r"steps=17 must be between 1 and the number of tokens \(16\)"):
+        mar.sample_tokens(labels, steps=17)
+    with pytest.raises(ValueError, match=r"steps=4: backbone='flowar' takes one step per scale \(3\)"):
+        flowar.sample_tokens(labels, steps=4)
+    with pytest.raises(ValueError, match=r"cfg_schedule='interval' is not supported here"):
+        mar.sample_tokens(labels, cfg=2.0, cfg_schedule="interval")
+    with pytest.raises(ValueError, match=r"sampler='dopri5' is not known"):
+        mar.sample_tokens(labels, sampler="dopri5")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        mar.sample_tokens(torch.tensor([3]))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match=r"model.init_args.backbone='var' is not known"):
+        FlowARSystem(backbone="var", **TINY)
+    with pytest.raises(ValueError, match=r"model.init_args.scales=\[1, 4\] applies to backbone='flowar' only"):
+        FlowARSystem(backbone="mar", scales=[1, 4], **TINY)
+    with pytest.raises(ValueError, match=r"model.init_args.head_batch_mul=0 must be >= 1"):
+        FlowARSystem(backbone="mar", head_batch_mul=0, **TINY)
+    with pytest.raises(ValueError, match=r"model.init_args.time_sampling='beta' is not known"):
+        FlowARSystem(backbone="mar", time_sampling="beta", **TINY)
+    with pytest.raises(ValueError, match=r"without model.init_args.tokenizer_ckpt, set model.init_args.token_dim"):
+        FlowARSystem(backbone="mar", **{**TINY, "token_dim": None})
+    system = tiny_system("flowar")
+    wide = {"tokens": torch.randn(2, 16, 8), "label": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match=r"the tokenizer's tokens have width 8 but the flow head was built for "
+                                         r"token_dim=4"):  # fmt: skip
+        system.loss(wide, torch.Generator())
+
+
+def test_tokenizer_of_the_wrong_kind_is_refused_both_ways():
+    kl = SimpleNamespace(is_continuous=True, vocab_size=None)
+    vq = SimpleNamespace(is_continuous=False, vocab_size=1024)
+    with pytest.raises(ValueError, match=r"FlowARSystem models continuous tokens .* but the tokenizer is discrete "
+                                         r"\(vocab_size=1024\)"):  # fmt: skip
+        GeneratorSystem.check_tokenizer_kind(vq, FlowARSystem.continuous_tokens, "FlowARSystem")
+    with pytest.raises(ValueError, match=r"models discrete token ids .* but the tokenizer is continuous"):
+        GeneratorSystem.check_tokenizer_kind(kl, GeneratorSystem.continuous_tokens, "MaskedARSystem")
+    GeneratorSystem.check_tokenizer_kind(kl, True)
+    GeneratorSystem.check_tokenizer_kind(vq, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_compiled_blocks_equal_eager(backbone):
+    eager = tiny_system(backbone).eval()
+    compiled = tiny_system(backbone, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
+    batch = token_batch()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(compiled.loss(batch, g()), eager.loss(batch, g()), rtol=1e-4, atol=1e-5)
+    kw = dict(cfg=2.0, flow_steps=2)
+    if backbone == "mar":
+        kw["steps"] = 3
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(compiled.sample_tokens(labels, generator=g(), **kw),
+                               eager.sample_tokens(labels, generator=g(), **kw), rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+# -- the CLI, on the debug KL tokenizer ------------------------------------------------------------------------------
+DEBUG = {b: CONFIGS / "debug" / f"flow_{b}.yaml" for b in ("mar", "flowar")}
+GOLDEN = Path(__file__).parent / "golden" / "flow.json"
+
+
+@pytest.fixture(scope="session")
+def kl_tokenizer(checkpoints_root) -> Path:
+    """The debug KL tokenizer, trained once per session (the debug configs point at its run folder)."""
+    # trained here, single-threaded, rather than taken from the shared cache: the golden curves below depend on its
+    # exact weights, and the thread count changes CPU float reductions
+    config = config_for_run_path("runs/debug/tokenizer_kl/checkpoints/last.ckpt")
+    run_dir = checkpoints_root / "flow_tokenizer_kl"
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        with single_thread():
+            cli_main(["fit", "--config", str(config), *run_dir_args(run_dir)])
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def trained_debug(checkpoints_root, kl_tokenizer) -> dict[str, Path]:
+    """configs/debug/flow_{mar,flowar}.yaml trained through `lit_ar fit` once per session."""
+    with single_thread():
+        return {b: checkpoint_for_config(path, checkpoints_root, train=True,
+                                         extra=["--model.init_args.tokenizer_ckpt", str(kl_tokenizer)])
+                for b, path in DEBUG.items()}  # fmt: skip
+
+
+def logged(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def test_debug_configs_train_their_loss_falls_and_follows_the_golden_curve(trained_debug):
+    """The first 10 logged train/loss values of each debug config. After an intended change, regenerate with
+    `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_flow_ar.py -k golden` and say why in the commit."""
+    curves = {}
+    for backbone, ckpt in trained_debug.items():
+        run_dir = ckpt.parent.parent
+        loss = logged(run_dir, "train/loss")
+        assert len(loss) == 20 and sum(loss[-5:]) < sum(loss[:5]) - 0.5, f"{backbone}: the loss falls: {loss}"
+        assert logged(run_dir, "val/loss"), backbone
+        curves[str(DEBUG[backbone].relative_to(CONFIGS.parent))] = loss[:10]
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"train/loss": curves}, indent=1))
+    golden = json.loads(GOLDEN.read_text())["train/loss"]
+    assert set(golden) == set(curves)
+    for config, loss in curves.items():
+        torch.testing.assert_close(torch.tensor(loss), torch.tensor(golden[config]), rtol=1e-4, atol=1e-4,
+                                   msg=config)  # fmt: skip
+
+
+def test_predict_writes_samples_and_a_grid(trained_debug, kl_tokenizer, tmp_path):
+    cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt",
+              str(kl_tokenizer), "--ckpt_path", str(trained_debug["mar"])])  # fmt: skip
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_debug, backbone):
+    system = FlowARSystem.load_from_checkpoint(trained_debug[backbone], weights_only=True)
+    labels = torch.arange(4)
+    kw = dict(cfg=2.0, flow_steps=4, sampler="heun", guidance_interval=(0.1, 0.9))
+    a = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    b = system.sample(labels, generator=torch.Generator().manual_seed(7), **kw)
+    c = system.sample(labels, generator=torch.Generator().manual_seed(8), **kw)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+
+
+@pytest.mark.parametrize("backbone", ["mar", "flowar"])
+def test_bf16_mixed_debug_run_has_no_nan(backbone, kl_tokenizer, tmp_path):
+    cli = cli_main(["fit", "--config", str(DEBUG[backbone]), *run_dir_args(tmp_path),
+                    "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--trainer.precision", "bf16-mixed",
+                    "--trainer.max_steps", "12", "--trainer.limit_val_batches", "2",
+                    "--trainer.val_check_interval", "6"])  # fmt: skip
+    loss = logged(tmp_path, "train/loss")
+    assert len(loss) == 6 and all(math.isfinite(v) for v in loss), loss
+    assert all(math.isfinite(v) for v in logged(tmp_path, "val/loss"))
+    system = cli.model.eval()
+    assert all(torch.isfinite(p).all() for p in system.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = system.sample(torch.arange(4), cfg=3.0, flow_steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(images).all()
+
+
+def test_tokenizers_of_the_wrong_kind_or_width_are_refused(kl_tokenizer, checkpoints_root):
+    vq = checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root)
+    kw = dict(num_classes=10, image_size=16, dim=32, depth=1, n_heads=2, head_width=16, head_depth=1)
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt: FlowARSystem models continuous tokens .* the tokenizer "
+                                         r"is discrete \(vocab_size="):  # fmt: skip
+        FlowARSystem(tokenizer_ckpt=str(vq), **kw)
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt: GeneratorSystem models discrete token ids .* the "
+                                         r"tokenizer is continuous"):  # fmt: skip
+        GeneratorSystem(tokenizer_ckpt=str(kl_tokenizer), num_classes=10, image_size=16)
+    with pytest.raises(ValueError, match=r"model.init_args.token_dim=8 differs from the tokenizer's latent width "
+                                         r"latent_channels=4"):  # fmt: skip
+        FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), token_dim=8, **kw)
+    with pytest.raises(ValueError, match=r"model.init_args.grid_size=8 differs from the tokenizer's grid_size=4"):
+        FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), grid_size=8, **kw)
+    system = FlowARSystem(tokenizer_ckpt=str(kl_tokenizer), backbone="flowar", **kw)
+    assert system.token_dim == 4 and system.grid_size == 4 and system.core.scales == (1, 2, 4)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_one(tmp_path, kl_tokenizer):
+    """Class dropout, MAR's orders and mask ratio, and the flow noise and times are drawn per global sample from a
+    generator seeded per step (FlowARSystem.draw), so 2 gloo processes at batch 8 train exactly like 1 process at
+    batch 16. Off here: the KL posterior sample (the tokenizer draws it from each process's own random state) and
+    nn.Dropout (off in the debug config), whose noise would match in law only."""
+    common = ["fit", "--config", str(DEBUG["mar"]), "--model.init_args.tokenizer_ckpt", str(kl_tokenizer),
+              "--model.init_args.class_dropout", "0.5", "--model.init_args.posterior_sample", "false",
+              "--trainer.max_steps", "8", "--data.shuffle", "false",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
+    run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
+                "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
+    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3]), loss1
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
+
+
+def test_help_lists_the_family_and_the_base_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "lit_ar.systems.FlowARSystem"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MAR's diffusion_batch_mul" in out and "tokenizer_ckpt" in out and "backbone" in out
