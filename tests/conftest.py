@@ -49,3 +49,13 @@ def small_images(tmp_path: Path) -> Path:
             pixels[..., c] = 255  # a colour per class
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def classifier_ckpt(tmp_path_factory) -> Path:
+    """A tiny shapes classifier (configs/debug/classifier.yaml: 16px, 32 features), trained once per session."""
+    from lit_ar.cli import cli_main
+
+    run = tmp_path_factory.mktemp("classifier")
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "classifier.yaml"), *run_dir_args(run)])
+    return run / "checkpoints" / "last.ckpt"

@@ -13,18 +13,27 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer
 DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
 
 
-def config_overrides(path: Path, run_dir: Path) -> list[str]:
+def config_overrides(path: Path, run_dir: Path, request: pytest.FixtureRequest | None = None) -> list[str]:
     """Settings a config needs to instantiate in a test: its run folder, and any checkpoint it depends on."""
-    return run_dir_args(run_dir)
+    args = run_dir_args(run_dir)
+    if path.parent.name == "eval":  # evaluation configs: a classifier checkpoint and an npz of samples
+        import numpy as np
+
+        size = yaml.safe_load(path.read_text())["data"]["image_size"]
+        np.savez(run_dir / "samples.npz", images=np.zeros((4, size, size, 3), np.uint8))
+        ckpt = request.getfixturevalue("classifier_ckpt")
+        args += ["--model.init_args.samples_npz", str(run_dir / "samples.npz"), "--model.init_args.extractor_ckpt",
+                 str(ckpt)]  # fmt: skip
+    return args
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path):
+def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path, request):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw["seed_everything"], int), "every shipped config pins an integer seed"
     logger = raw["trainer"]["logger"]["init_args"]
     assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
-    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path)], run=False)
+    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path, request)], run=False)
     assert cli.model is not None and cli.datamodule is not None
 
 
