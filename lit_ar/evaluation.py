@@ -6,6 +6,7 @@ Published FIDs are often not reproducible because the protocol is implicit. Here
   `torch.Generator` seeded from (seed, its first global index). Batches go round-robin to the DDP ranks, so every
   sample is generated in the same batch with the same generator on 1 or N processes: the samples, and so the
   metrics, do not depend on the number of processes (`samples_digest` in the record shows it).
+- **8-bit**: every image (sample or reference) is evaluated as the 8-bit image a PNG or npz of it would hold.
 - **Gathering**: features are gathered with their global indices and sorted; a gap or duplicate is an error.
 - **Reference**: statistics (mean, covariance, a subsample of features for precision/recall, count) of one split
   of the data, at the data's resolution, in one extractor's features; computed once and cached in a file that
@@ -40,7 +41,6 @@ from lit_ar.data.transforms import ImageTransform
 from lit_ar.metrics import (
     ExtractorKind,
     FeatureExtractor,
-    check_extractor_path,
     class_accuracy,
     feature_statistics,
     file_sha256,
@@ -90,8 +90,13 @@ def gather_by_index(index: torch.Tensor, total: int, **tensors: torch.Tensor) ->
     return {k: v[order] for k, v in tensors.items()}
 
 
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> float32 in [-1, 1] on the 8-bit grid: what a PNG or an npz of the same sample holds."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def image_digests(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B,) int64 fingerprints of the 8-bit images (wrap-around sums: order-free)."""
+    """(B, C, H, W) in [-1, 1] -> (B,) int64 fingerprints of the 8-bit images (integer sums: exact, order-free)."""
     q = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.int64).flatten(1)  # (B, C*H*W)
     weights = torch.randint(1, 2**31, (q.shape[1],), generator=torch.Generator().manual_seed(q.shape[1]))
     return (q * weights.to(q.device)).sum(1)
@@ -282,7 +287,11 @@ class Evaluator:
     ):
         if setting_prefix is not None:
             self.setting_prefix = setting_prefix
-        check_extractor_path(extractor, extractor_ckpt, self.setting("extractor_ckpt"))
+        if extractor not in ("classifier", "inception"):
+            raise ValueError(f"{self.setting('extractor')}={extractor!r} is not a feature extractor: use 'classifier' "
+                             "or 'inception'")  # fmt: skip
+        # The weights file is checked (and loaded) by `prepare`, at the start of test or fit: a generator config
+        # that names an extractor still instantiates for training before that classifier exists.
         if reference_split not in ("train", "validation"):
             raise ValueError(f"{self.setting('reference_split')}={reference_split!r}: use 'train' or 'validation'")
         minimums = (("batch_size", batch_size, 1), ("pr_k", pr_k, 1), ("pr_num_samples", pr_num_samples, 2))
@@ -396,7 +405,9 @@ class Evaluator:
         e, device = self.extractor, pl_module.device
         out: dict[str, list[torch.Tensor]] = {"index": [], "features": [], "logits": [], "labels": [], "digest": []}
         for start, images, labels in batches:
-            images = images.to(device)
+            # Every image is evaluated as 8-bit, as published protocols do: the same sample scores the same whether
+            # it comes from `sample` directly or from an npz or PNG of it.
+            images = to_8bit(images.to(device))
             with torch.autocast(device.type, enabled=False):  # extractors run in float32 under any precision
                 f = e.features(images.float())
                 out["features"].append(f)

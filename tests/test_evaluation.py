@@ -26,6 +26,7 @@ from lit_ar.evaluation import (
     open_samples_npz,
     rank_batches,
 )
+from lit_ar.metrics import file_sha256
 
 TESTS = Path(__file__).resolve().parent
 NPZ_CONFIG = str(CONFIGS / "eval" / "npz_shapes.yaml")
@@ -106,8 +107,8 @@ def test_protocol_settings_are_refused_before_any_work(tmp_path, classifier_ckpt
     p = "model.init_args.evaluator.init_args."
     with pytest.raises(ValueError, match=rf"set exactly one of {p}per_class .* and {p}num_samples"):
         GeneratorEvaluator(extractor_ckpt=str(classifier_ckpt), per_class=None)
-    with pytest.raises(FileNotFoundError, match=rf"{p}extractor_ckpt='/missing.ckpt': no such file"):
-        GeneratorEvaluator(extractor_ckpt="/missing.ckpt")
+    with pytest.raises(ValueError, match=rf"{p}extractor='vgg' is not a feature extractor"):
+        GeneratorEvaluator(extractor="vgg")
     ev = GeneratorEvaluator(extractor_ckpt=str(classifier_ckpt), per_class=5)
     with pytest.raises(ValueError, match=rf"{p}per_class=5 asks for class-balanced sampling, but the model is "
                        r"unconditional \(num_classes=1\)"):  # fmt: skip
@@ -122,6 +123,11 @@ def test_protocol_settings_are_refused_before_any_work(tmp_path, classifier_ckpt
                        rf"FID ill-conditioned .* set {p}force=true"):  # fmt: skip
         cli_main(["test", "--config", str(config)])
     assert not (tmp_path / "references").exists()
+    missing = generator_config(
+        tmp_path, "/missing.ckpt", name="missing"
+    )  # a missing extractor fails at test start, naming it
+    with pytest.raises(FileNotFoundError, match=rf"{p}extractor_ckpt='/missing.ckpt': no such file"):
+        cli_main(["test", "--config", str(missing)])
     cli = cli_main(["test", "--config", str(config), "--model.init_args.evaluator.init_args.force", "true"])
     assert cli.model.evaluator.last_record.num_samples == 20
 
@@ -240,3 +246,8 @@ def test_fid_callback_logs_val_fid_sampling_with_the_ema_weights(tmp_path, class
     assert model.step_scales == [1.0, 0.5, 0.25, 0.125]
     # ... while the samples used the EMA (decay 0.5, first update copies): after step 2 it is 0.375, after 4 0.15625
     assert model.sampled_scales == [0.375] * 2 + [0.15625] * 2  # 40 samples in batches of 20, twice
+    # `lit_ar test --ckpt_path` on that training run: the record names the checkpoint by path and content hash
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    tested = cli_main(["test", "--config", str(config), "--ckpt_path", str(ckpt)])
+    assert tested.model.evaluator.last_record.checkpoint == {"path": str(ckpt), "sha256": file_sha256(ckpt)}
+    assert float(tested.model.scale.detach()) == 0.15625, "the checkpoint holds the EMA weights"

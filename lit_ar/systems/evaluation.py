@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from lit_ar.evaluation import Evaluator, ReferenceSplit, open_samples_npz
-from lit_ar.metrics import ExtractorKind, file_sha256
+from lit_ar.metrics import ExtractorKind, check_extractor_path, file_sha256
 
 
 class NpzEvaluator(L.LightningModule):
@@ -60,6 +60,7 @@ class NpzEvaluator(L.LightningModule):
         if samples_npz is None:
             raise ValueError("model.init_args.samples_npz is not set: give the .npz of uint8 samples to evaluate")
         self.images, self.labels = open_samples_npz(samples_npz, image_size, channels, "model.init_args.samples_npz")
+        check_extractor_path(extractor, extractor_ckpt, "model.init_args.extractor_ckpt")
         self.evaluator = Evaluator(
             extractor, extractor_ckpt, eval_batch_size, reference_split, reference_path, reference_dir,
             reference_max_images, pr_k, pr_num_samples, force, record_path, setting_prefix="model.init_args.",
