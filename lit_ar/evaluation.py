@@ -137,10 +137,16 @@ class NpzArray:
             return [n.removesuffix(".npy") for n in zf.namelist()]
 
     def read(self, start: int, end: int) -> np.ndarray:
+        return next(self.read_ranges([(start, end)]))
+
+    def read_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """Rows [start, end) for each range, in increasing order, through one open stream: a compressed member is
+        decompressed once in all, not once per range."""
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            f.seek(self.offset + start * self.row_bytes)  # cheap when stored; decompresses up to there otherwise
-            data = f.read((end - start) * self.row_bytes)
-        return np.frombuffer(data, dtype=self.dtype).reshape(end - start, *self.shape[1:])
+            for start, end in ranges:
+                f.seek(self.offset + start * self.row_bytes)  # forward: skips ahead without rewinding
+                data = f.read((end - start) * self.row_bytes)
+                yield np.frombuffer(data, dtype=self.dtype).reshape(end - start, *self.shape[1:])
 
 
 def open_samples_npz(path: str, image_size: int, channels: int, setting: str) -> tuple[NpzArray, NpzArray | None]:
@@ -194,6 +200,26 @@ def reference_identity(
         "pr_num_samples": pr_num_samples,
         "source": source,
     }
+
+
+def reference_dataset(datamodule: L.LightningDataModule, split: str) -> TransformedDataset:
+    """The canonical images of a split: centre crop at the data's resolution, no zoom, no flip (as ADM's refs)."""
+    h = datamodule.hparams
+    source = datamodule.splits.train if split == "train" else datamodule.splits.val
+    return TransformedDataset(source, ImageTransform(h.image_size, h.channels, 1.0, "center"), h.unconditional)
+
+
+def write_split_npz(datamodule: L.LightningDataModule, split: str, path: str | Path) -> int:
+    """Write a split's reference images as an npz of samples (`images` uint8 (N, H, W, C), `labels`); returns N.
+
+    Evaluated against the other split's reference, it gives the real-vs-real floor of a results table.
+    """
+    dataset = reference_dataset(datamodule, split)
+    batches = list(DataLoader(dataset, batch_size=256))
+    images = torch.cat([to_8bit(b["image"]) for b in batches])  # (N, C, H, W)
+    uint8 = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(path, images=uint8, labels=torch.cat([b["label"] for b in batches]).numpy())
+    return len(uint8)
 
 
 @dataclass
@@ -355,10 +381,7 @@ class Evaluator:
             ref.check(identity, path, setting)
             self.check_count(ref.count, "reference images", setting)
             return ref
-        h = dm.hparams
-        source = dm.splits.train if self.reference_split == "train" else dm.splits.val
-        # The canonical image of the split: centre crop at the data's resolution, no zoom, no flip (as ADM's refs).
-        dataset = TransformedDataset(source, ImageTransform(h.image_size, h.channels, 1.0, "center"), h.unconditional)
+        dataset = reference_dataset(dm, self.reference_split)
         indices = torch.arange(len(dataset))
         if self.reference_max_images is not None and self.reference_max_images < len(dataset):
             # a seeded random subset: a folder's first images are its first classes
@@ -368,7 +391,8 @@ class Evaluator:
         my_batches = self._my_batches(trainer, len(indices))
         mine = [i for s, e in my_batches for i in range(s, e)]
         # batches of this rank's indices in order: only the globally last batch can be short, so they line up
-        loader = DataLoader(Subset(dataset, indices[mine].tolist()), self.batch_size, num_workers=h.num_workers)
+        num_workers = dm.hparams.num_workers
+        loader = DataLoader(Subset(dataset, indices[mine].tolist()), self.batch_size, num_workers=num_workers)
         batches = ((s, b["image"], None) for (s, _), b in zip(my_batches, loader))
         feats = self.collect(trainer, pl_module, len(indices), batches, logits=False)
         mu, sigma = feature_statistics(feats["features"])

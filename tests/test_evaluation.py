@@ -14,7 +14,7 @@ import yaml
 from conftest import CONFIGS, REPO, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
-from lit_ar.data.builtin import ShapesDataset
+from lit_ar.data.datamodule import ImageDataModule
 from lit_ar.evaluation import (
     EvaluationRecord,
     GeneratorEvaluator,
@@ -25,6 +25,7 @@ from lit_ar.evaluation import (
     gather_by_index,
     open_samples_npz,
     rank_batches,
+    write_split_npz,
 )
 from lit_ar.metrics import file_sha256
 
@@ -191,14 +192,19 @@ def test_npz_evaluation_through_the_cli_matches_the_generator_evaluation(tmp_pat
     for name, value in ev.last_record.metrics.items():
         assert record.metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     assert record.protocol["class_balanced"] and cli.trainer.callback_metrics["test/fid"] >= 0
-    # Real validation images against the training reference: the real-vs-real floor, far below noise
-    data = ShapesDataset(64, 16, split="validation")
-    noisy = np.stack([data[i][0].permute(1, 2, 0).numpy() for i in range(64)])
-    noisy = np.clip(noisy + np.random.default_rng(0).normal(0, 60, noisy.shape), 0, 255).astype(np.uint8)
+    # The real-vs-real floor: the validation split as samples against the training reference; noise raises it
+    data = ImageDataModule(dataset="shapes", image_size=16, num_train=256, num_val=64)
+    assert write_split_npz(data, "validation", tmp_path / "val.npz") == 64
+    floor = npz_test(str(tmp_path / "val.npz")).model.last_record
+    assert floor.protocol["class_counts"] == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6] and not floor.protocol["class_balanced"]
+    val = np.load(tmp_path / "val.npz")["images"]
+    noisy = np.clip(val + np.random.default_rng(0).normal(0, 60, val.shape), 0, 255).astype(np.uint8)
     np.savez(tmp_path / "noisy.npz", images=noisy)
-    npz_test(str(tmp_path / "noisy.npz"))
-    noisy_record = EvaluationRecord.from_json(tmp_path / "npz" / "evaluation.json")
-    assert noisy_record.metrics["fid"] > record.metrics["fid"] and noisy_record.metrics["class_accuracy"] is None
+    noisy_record = npz_test(str(tmp_path / "noisy.npz")).model.last_record
+    assert noisy_record.metrics["fid"] > floor.metrics["fid"] and noisy_record.metrics["class_accuracy"] is None
+    np.savez(tmp_path / "bad.npz", images=noisy, labels=np.full(64, 10))
+    with pytest.raises(ValueError, match=r"has labels outside \[0, 10\) \(data.num_classes=10\): \[10\]"):
+        npz_test(str(tmp_path / "bad.npz"))
 
 
 @pytest.mark.slow

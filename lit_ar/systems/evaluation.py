@@ -59,7 +59,13 @@ class NpzEvaluator(L.LightningModule):
         self.save_hyperparameters()
         if samples_npz is None:
             raise ValueError("model.init_args.samples_npz is not set: give the .npz of uint8 samples to evaluate")
-        self.images, self.labels = open_samples_npz(samples_npz, image_size, channels, "model.init_args.samples_npz")
+        self.images, labels = open_samples_npz(samples_npz, image_size, channels, "model.init_args.samples_npz")
+        self.labels = None if labels is None else torch.from_numpy(labels.read(0, labels.shape[0]).astype("int64"))
+        if self.labels is not None and not bool(((self.labels >= 0) & (self.labels < num_classes)).all()):
+            raise ValueError(
+                f"model.init_args.samples_npz={samples_npz!r} has labels outside [0, {num_classes}) "
+                f"(data.num_classes={num_classes}): {sorted(set(self.labels.tolist()))[:20]}"
+            )
         check_extractor_path(extractor, extractor_ckpt, "model.init_args.extractor_ckpt")
         self.evaluator = Evaluator(
             extractor, extractor_ckpt, eval_batch_size, reference_split, reference_path, reference_dir,
@@ -75,11 +81,10 @@ class NpzEvaluator(L.LightningModule):
         """Nothing per batch: the work is in `on_test_epoch_end` (configs set `trainer.limit_test_batches: 1`)."""
 
     def _batches(self):
-        n = self.images.shape[0]
-        for start, end in self.evaluator._my_batches(self.trainer, n):
-            images = torch.from_numpy(self.images.read(start, end).copy())  # (B, H, W, C) uint8
-            images = images.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W): the layout generators produce
-            labels = None if self.labels is None else torch.from_numpy(self.labels.read(start, end).astype("int64"))
+        ranges = self.evaluator._my_batches(self.trainer, self.images.shape[0])
+        for (start, end), array in zip(ranges, self.images.read_ranges(ranges)):
+            images = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W) uint8
+            labels = None if self.labels is None else self.labels[start:end]
             yield start, images.float() / 127.5 - 1.0, labels
 
     def on_test_epoch_end(self) -> None:
