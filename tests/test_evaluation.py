@@ -257,3 +257,12 @@ def test_fid_callback_logs_val_fid_sampling_with_the_ema_weights(tmp_path, class
     tested = cli_main(["test", "--config", str(config), "--ckpt_path", str(ckpt)])
     assert tested.model.evaluator.last_record.checkpoint == {"path": str(ckpt), "sha256": file_sha256(ckpt)}
     assert float(tested.model.scale.detach()) == 0.15625, "the checkpoint holds the EMA weights"
+
+
+def test_evaluation_settings_are_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["test", "--model.help", "lit_ar.systems.evaluation.NpzEvaluator"])
+    assert "ADM's `arr_0`/`arr_1` layout is read too" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", "lit_ar.callbacks.FIDCallback"])
+    assert "Sample with the weights of an active WeightAveraging" in " ".join(capsys.readouterr().out.split())

@@ -3,3 +3,6 @@
 from lit_ar.systems.classifier import ClassifierSystem
 
 __all__ = ["ClassifierSystem"]
+from lit_ar.systems.evaluation import NpzEvaluator  # noqa: E402
+
+__all__ += ["NpzEvaluator"]
