@@ -133,7 +133,7 @@ def test_protocol_settings_are_refused_before_any_work(tmp_path, classifier_ckpt
     assert cli.model.evaluator.last_record.num_samples == 20
 
 
-def test_generator_evaluation_writes_a_record_that_round_trips_and_reuses_the_reference(tmp_path, classifier_ckpt):
+def test_generator_evaluation_record_round_trips_reference_is_reused_and_mismatch_refused(tmp_path, classifier_ckpt):
     cli = cli_main(["test", "--config", str(generator_config(tmp_path, classifier_ckpt, sampling={"noise": 0.0}))])
     record = cli.model.evaluator.last_record
     assert EvaluationRecord.from_json(tmp_path / "run" / "evaluation.json") == record
@@ -149,20 +149,13 @@ def test_generator_evaluation_writes_a_record_that_round_trips_and_reuses_the_re
     noisy_record = noisy.model.evaluator.last_record
     assert reference.stat().st_mtime_ns == mtime and noisy_record.reference == record.reference
     assert noisy_record.metrics["fid"] > record.metrics["fid"] and noisy_record.samples != record.samples
-
-
-def test_a_reference_for_another_split_is_refused(tmp_path, classifier_ckpt):
-    path = str(tmp_path / "ref.pt")
-    cli_main(["test", "--config", str(generator_config(tmp_path, classifier_ckpt, reference_split="validation",
-                                                        reference_path=path))])  # fmt: skip
-    assert ReferenceStats.load(Path(path)).identity["split"] == "validation"
-    with pytest.raises(
-        ValueError,
-        match=r"reference_path='.*ref.pt' is a reference for .*\"split\": \"validation\""
-        r".* but this evaluation needs .*\"split\": \"train\".* "
-        r"differ in split: 'validation' != 'train'",
-    ):
-        cli_main(["test", "--config", str(generator_config(tmp_path, classifier_ckpt, reference_path=path))])
+    # That (training-split) reference named explicitly for a validation-split evaluation: refused, naming both
+    mismatch = generator_config(tmp_path, classifier_ckpt, reference_split="validation", reference_path=str(reference))
+    with pytest.raises(ValueError, match=r"reference_path='.*\.pt' is a reference for .*\"split\": \"train\""
+                       r".* but this evaluation needs .*\"split\": \"validation\".* "
+                       r"differ in split: 'train' != 'validation'"):  # fmt: skip
+        cli_main(["test", "--config", str(mismatch)])
+    assert ReferenceStats.load(reference).identity == record.reference["identity"]
 
 
 def test_npz_evaluation_through_the_cli_matches_the_generator_evaluation(tmp_path, classifier_ckpt):
