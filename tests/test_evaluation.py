@@ -124,9 +124,8 @@ def test_protocol_settings_are_refused_before_any_work(tmp_path, classifier_ckpt
                        rf"FID ill-conditioned .* set {p}force=true"):  # fmt: skip
         cli_main(["test", "--config", str(config)])
     assert not (tmp_path / "references").exists()
-    missing = generator_config(
-        tmp_path, "/missing.ckpt", name="missing"
-    )  # a missing extractor fails at test start, naming it
+    # a missing extractor file fails at test start, naming the setting
+    missing = generator_config(tmp_path, "/missing.ckpt", name="missing")
     with pytest.raises(FileNotFoundError, match=rf"{p}extractor_ckpt='/missing.ckpt': no such file"):
         cli_main(["test", "--config", str(missing)])
     cli = cli_main(["test", "--config", str(config), "--model.init_args.evaluator.init_args.force", "true"])
@@ -144,7 +143,7 @@ def test_generator_evaluation_record_round_trips_reference_is_reused_and_mismatc
     assert cli.trainer.callback_metrics["test/fid"] == pytest.approx(record.metrics["fid"])
     reference = Path(record.reference["path"])
     mtime = reference.stat().st_mtime_ns
-    # Same settings again: the cached reference is reused and the samples are the same; noise raises the FID.
+    # A second evaluation (noisier samples) reuses the cached reference file; the noise raises the FID.
     noisy = cli_main(["test", "--config", str(generator_config(tmp_path, classifier_ckpt, sampling={"noise": 0.5}))])
     noisy_record = noisy.model.evaluator.last_record
     assert reference.stat().st_mtime_ns == mtime and noisy_record.reference == record.reference
