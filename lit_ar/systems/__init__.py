@@ -2,9 +2,18 @@
 
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
+from lit_ar.systems.evaluation import NpzEvaluator
 from lit_ar.systems.flow_ar import FlowARSystem
 from lit_ar.systems.masked_ar import MaskedARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
 
-__all__ = ["CausalARSystem", "ClassifierSystem", "FlowARSystem", "MaskedARSystem", "ScaleARSystem", "TokenizerSystem"]
+__all__ = [
+    "CausalARSystem",
+    "ClassifierSystem",
+    "FlowARSystem",
+    "MaskedARSystem",
+    "NpzEvaluator",
+    "ScaleARSystem",
+    "TokenizerSystem",
+]
