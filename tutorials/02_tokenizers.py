@@ -58,7 +58,7 @@ QUANTIZERS = ["vq", "fsq", "lfq", "msvq", "kl"]
 clis = {}
 for q in QUANTIZERS:
     config = f"configs/debug/tokenizer_{q}.yaml" if SMALL else f"configs/tokenizer/{q}_shapes.yaml"
-    small = ["--trainer.max_steps", "12", "--trainer.limit_val_batches", "2", "--data.num_train", "96"] if SMALL else []
+    small = ["--trainer.max_steps", "8", "--trainer.limit_val_batches", "1", "--data.num_train", "128"] if SMALL else []
     clis[q] = cli_main(
         ["fit", "--config", config, "--trainer.logger.init_args.save_dir", f"{RUN_DIR}/{q}",
          "--trainer.enable_progress_bar", "false", *small]
@@ -93,6 +93,7 @@ axes[0].axis("off")
 names = [r[0] for r in rows[:-1]]  # kl has no codebook
 axes[1].bar(names, [r[5] for r in rows[:-1]])
 axes[1].set_ylabel("codes used by these 8 images")
+fig.savefig(f"{RUN_DIR}/quantizers.png")
 for r in rows:
     print(f"{r[0]:5s} PSNR {r[4]:.1f} dB")
 
@@ -115,8 +116,9 @@ assert teacher.shape == (4, sum(s * s for s in msvq.scales[1:]), msvq.latent_cha
 torch.testing.assert_close(steps[-1], msvq.decode(indices))
 plt.figure(figsize=(12, 4))
 plt.imshow(make_grid(torch.stack(steps, 1).flatten(0, 1), nrow=len(steps)).permute(1, 2, 0))
-plt.title("each row: decoded after scales " + ", ".join(map(str, msvq.scales)))
+plt.title("each row: one image decoded after scales " + ", ".join(map(str, msvq.scales)) + " (left to right)")
 plt.axis("off")
+plt.savefig(f"{RUN_DIR}/msvq_scales.png")
 
 # %% [markdown]
 # ## Encode the dataset once: a token cache
