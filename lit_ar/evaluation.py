@@ -20,7 +20,6 @@ Entry points: `GeneratorEvaluator` (held by generator systems, run from `on_test
 import hashlib
 import json
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -109,72 +108,6 @@ def digest_hex(index_ordered: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(index_ordered[key].cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# npz samples, read batch by batch (a 50k x 256 x 256 x 3 archive is 10 GB: never load it whole on every rank)
-
-
-class NpzArray:
-    """One array of an .npz (compressed or not), read in row ranges without loading the rest; no pickles."""
-
-    def __init__(self, path: str, key: str):
-        self.path, self.key = path, key
-        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            self.offset = f.tell()
-        if fortran or dtype.hasobject:
-            raise ValueError(f"{path}: array {key!r} is Fortran-ordered or holds Python objects; save a plain array")
-        self.shape, self.dtype = tuple(shape), dtype
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-
-    @staticmethod
-    def keys(path: str) -> list[str]:
-        with zipfile.ZipFile(path) as zf:
-            return [n.removesuffix(".npy") for n in zf.namelist()]
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        return next(self.read_ranges([(start, end)]))
-
-    def read_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
-        """Rows [start, end) for each range, in increasing order, through one open stream: a compressed member is
-        decompressed once in all, not once per range."""
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            for start, end in ranges:
-                f.seek(self.offset + start * self.row_bytes)  # forward: skips ahead without rewinding
-                data = f.read((end - start) * self.row_bytes)
-                yield np.frombuffer(data, dtype=self.dtype).reshape(end - start, *self.shape[1:])
-
-
-def open_samples_npz(path: str, image_size: int, channels: int, setting: str) -> tuple[NpzArray, NpzArray | None]:
-    """Check an npz of samples (`images` (N, H, W, C) uint8, optional `labels` (N,); or ADM's `arr_0`/`arr_1`)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{setting}={path!r}: no such file")
-    keys = NpzArray.keys(path)
-    image_key, label_key = ("images", "labels") if "images" in keys else ("arr_0", "arr_1")
-    if image_key not in keys:
-        raise ValueError(f"{setting}={path!r} has no `images` array (nor ADM's `arr_0`); it has {keys}")
-    images = NpzArray(path, image_key)
-    n, *hwc = images.shape
-    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3):
-        raise ValueError(
-            f"{setting}={path!r}: `{image_key}` must be (N, H, W, C) uint8 with C 1 or 3, got {images.shape} "
-            f"{images.dtype}"
-        )
-    if hwc[0] != image_size or hwc[1] != image_size or hwc[2] != channels:
-        raise ValueError(
-            f"{setting}={path!r} holds {hwc[0]}x{hwc[1]}x{hwc[2]} images but the data (the reference) is "
-            f"{image_size}x{image_size}x{channels}: set data.image_size={hwc[0]} and data.channels={hwc[2]}"
-        )
-    labels = NpzArray(path, label_key) if label_key in keys else None
-    if labels is not None and (labels.shape != (n,) or labels.dtype.kind not in "iu"):
-        raise ValueError(
-            f"{setting}={path!r}: `{label_key}` must be ({n},) integers, got {labels.shape} {labels.dtype}"
-        )
-    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------

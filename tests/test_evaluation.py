@@ -18,16 +18,15 @@ from lit_ar.data.datamodule import ImageDataModule
 from lit_ar.evaluation import (
     EvaluationRecord,
     GeneratorEvaluator,
-    NpzArray,
     ReferenceStats,
     balanced_labels,
     batch_seed,
     gather_by_index,
-    open_samples_npz,
     rank_batches,
     write_split_npz,
 )
 from lit_ar.metrics import file_sha256
+from lit_ar.systems.evaluation import NpzArray, open_samples_npz
 
 TESTS = Path(__file__).resolve().parent
 NPZ_CONFIG = str(CONFIGS / "eval" / "npz_shapes.yaml")
