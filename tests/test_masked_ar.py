@@ -475,6 +475,22 @@ def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_
     assert a.shape == (4, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_training_from_a_token_cache_equals_training_from_images(debug_tokenizer, tmp_path):
+    """The cache holds what the tokenizer encodes (variant 0 = the unflipped image without hflip): same loss curve."""
+    from lit_ar.data.datamodule import ImageDataModule
+    from lit_ar.data.token_cache import write_token_cache
+
+    data = ImageDataModule(dataset="shapes", image_size=16, num_train=64, num_val=16, batch_size=16)
+    cache = write_token_cache(str(debug_tokenizer), str(tmp_path / "cache"), data, hflip=False, batch_size=32)
+    common = ["fit", "--config", str(DEBUG), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
+              "--data.num_train", "64", "--data.num_val", "16", "--trainer.max_steps", "4",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    cli_main([*common, *run_dir_args(tmp_path / "images")])
+    cli_main([*common, *run_dir_args(tmp_path / "tokens"), "--data.token_cache", str(cache)])
+    from_images, from_tokens = logged(tmp_path / "images", "train/loss"), logged(tmp_path / "tokens", "train/loss")
+    assert len(from_images) == 4 and from_tokens == from_images
+
+
 def test_help_lists_the_family_and_the_base_settings(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model.help", "lit_ar.systems.MaskedARSystem"])
