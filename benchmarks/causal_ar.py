@@ -4,6 +4,7 @@ training throughput, and GPT-B against LlamaGen's own numbers on this machine.
     python -m benchmarks.causal_ar                       # mid-size preset (GPT-mini), 16x16 grid, batch 8
     python -m benchmarks.causal_ar --gpt-b               # + GPT-B, batch 4 with CFG 2.0, fp32 and bf16 autocast
     python -m benchmarks.causal_ar --no-compile          # eager only (compiling takes minutes on a small CPU)
+    python -m benchmarks.causal_ar --threads 1 --clock cpu   # on a shared, loaded machine: CPU seconds of 1 thread
 
 Sampling numbers are token generation (`CausalARSystem.generate`, no tokenizer decode), as LlamaGen's `generate()`.
 Peak memory on CPU is the process's peak resident set (resource.getrusage ru_maxrss), read after each section, so
@@ -12,17 +13,36 @@ it is a running high-water mark; on CUDA it is torch.cuda.max_memory_allocated p
 
 import argparse
 import contextlib
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, peak_memory_mb, print_table, reset_peak_memory, time_call, write_json
+from benchmarks.common import machine, peak_memory_mb, print_table, reset_peak_memory, sync, write_json
 from lit_ar.systems.causal_ar import CausalARSystem
 
 # LlamaGen's own figures on the reference machine (torch 2.13 CPU, 2 threads): generate() for GPT-B, batch 4 with
 # CFG 2.0 (forward batch 8), 256 tokens, top-k off; and training forward+backward at batch 8 in fp32.
 LLAMAGEN_IMAGES_PER_S = {"fp32": 0.28, "bf16-autocast": 0.57}
 LLAMAGEN_TRAIN_TOKENS_PER_S = 287.0
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all its threads)
+
+
+def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> float:
+    """Median seconds of fn() on CLOCK after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = CLOCK()
+        fn()
+        sync()
+        times.append(CLOCK() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def make_system(preset: str, vocab: int, grid: int, num_classes: int, compile: bool, device: str) -> CausalARSystem:
@@ -100,11 +120,18 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-uncached-compiled", action="store_true", help="skip compiling the growing-prefix path")
     p.add_argument("--gpt-b", action="store_true", help="also GPT-B against LlamaGen's figures (minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: CPU seconds of the process (with --threads 1, unaffected by other load)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = [False] if args.no_compile else [False, True]
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; clock: {args.clock}")
     rows: list[dict] = []
 
     for compile in modes:
