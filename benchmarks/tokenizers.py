@@ -49,6 +49,14 @@ def evaluate(autoencoder, images: torch.Tensor, batch_size: int = 64) -> dict:
             "img_per_s": throughput}  # fmt: skip
 
 
+def logged_steps_and_wall_time(run_dir: Path) -> tuple[int, float]:
+    """A finished run's last step and the wall time between its first and last logged training loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload().Scalars("train/rec_loss")
+    return events[-1].step + 1, events[-1].wall_time - events[0].wall_time
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantizers", nargs="+", default=["vq", "fsq", "lfq", "msvq", "kl"])
@@ -57,6 +65,11 @@ def main() -> None:
     parser.add_argument("--num_val", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--run_dir", default=None, help="where runs go (default: a temporary folder)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="evaluate runs already in run_dir (steps and wall time read from their logs)",
+    )
     parser.add_argument("extra", nargs="*", help="extra CLI overrides passed to every run, after a `--`")
     args = parser.parse_args()
     if args.threads:
@@ -74,11 +87,16 @@ def main() -> None:
                      "--trainer.max_time", max_time]  # fmt: skip
         if args.max_steps:
             overrides += ["--trainer.max_steps", str(args.max_steps)]
-        start = time.perf_counter()
-        cli = cli_main(["fit", "--config", str(REPO / f"configs/tokenizer/{q}_shapes.yaml"), *overrides, *args.extra])
-        wall = time.perf_counter() - start
-        autoencoder = load_tokenizer(str(run_dir / "checkpoints" / "last.ckpt"))
-        row = {"quantizer": q, "steps": cli.trainer.global_step, "train_min": wall / 60}
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if args.reuse and ckpt.is_file():
+            steps, wall = logged_steps_and_wall_time(run_dir)
+        else:
+            start = time.perf_counter()
+            config = str(REPO / f"configs/tokenizer/{q}_shapes.yaml")
+            cli = cli_main(["fit", "--config", config, *overrides, *args.extra])
+            steps, wall = cli.trainer.global_step, time.perf_counter() - start
+        autoencoder = load_tokenizer(str(ckpt))
+        row = {"quantizer": q, "steps": steps, "train_min": wall / 60}
         row.update(evaluate(autoencoder, images))
         rows.append(row)
         print(row, flush=True)

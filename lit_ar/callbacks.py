@@ -114,3 +114,91 @@ class ReconstructionGrid(L.Callback):
         recs = pl_module.reconstruct(images)
         pairs = torch.stack([images, recs.to(images.dtype)], dim=1).flatten(0, 1)  # (2n, C, H, W): original, rec
         log_image_grid(trainer, "val/reconstructions", pairs, nrow=2 * math.ceil(math.sqrt(n)))
+
+
+class FIDCallback(L.Callback):
+    """FID (and precision, recall, class accuracy) of `pl_module.sample` every N training steps, logged as `val/fid`.
+
+    Samples are class-balanced and seeded as in `lit_ar.evaluation.GeneratorEvaluator`, so the curve compares like
+    with like. When a `WeightAveraging` callback (e.g. Lightning's `EMAWeightAveraging`) is active, its averaged
+    weights are swapped in for sampling and swapped back after, as Lightning itself does for validation. The
+    metrics also land in `trainer.callback_metrics`, so `ModelCheckpoint(monitor="val/fid", mode="min")` works.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        extractor: str = "classifier",
+        extractor_ckpt: str | None = None,
+        per_class: int | None = 10,
+        num_samples: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        sampling: dict | None = None,
+        reference_split: str = "train",
+        reference_dir: str = "runs/references",
+        reference_max_images: int | None = None,
+        pr_num_samples: int = 10000,
+        force: bool = False,
+        use_averaged_weights: bool = True,
+    ):
+        """
+        Args:
+            every_n_steps: Evaluate after every this many optimizer steps.
+            extractor: `classifier` (a lit_ar ClassifierSystem checkpoint) or `inception` (FID InceptionV3 weights).
+            extractor_ckpt: Path of the classifier checkpoint or of pt_inception-2015-12-05-6726825d.pth.
+            per_class: Samples of every class (class-balanced) for a conditional model.
+            num_samples: Number of samples of an unconditional model; set per_class to null then.
+            seed: Seed of the labels and of every batch's generator (the same samples' noise at every evaluation).
+            batch_size: Samples per generation batch per device.
+            sampling: Keyword arguments of the generator's `sample` (e.g. `{cfg: 1.5}`).
+            reference_split: The data split whose statistics are the reference: `train` or `validation`.
+            reference_dir: Cache folder of reference statistics.
+            reference_max_images: Use a seeded random subset of this many reference images (null: the whole split).
+            pr_num_samples: Samples (each side) for precision/recall.
+            force: Compute FID even with fewer samples than feature dimensions (then only a trend, not a figure
+                comparable with others).
+            use_averaged_weights: Sample with the weights of an active WeightAveraging (EMA) callback.
+        """
+        from lit_ar.evaluation import GeneratorEvaluator
+
+        if every_n_steps < 1:
+            raise ValueError(f"FIDCallback.every_n_steps={every_n_steps} must be at least 1")
+        self.every_n_steps, self.use_averaged_weights = every_n_steps, use_averaged_weights
+        self.evaluator = GeneratorEvaluator(
+            extractor, extractor_ckpt, per_class, num_samples, seed, batch_size, sampling, reference_split,
+            reference_dir=reference_dir, reference_max_images=reference_max_images, pr_num_samples=pr_num_samples,
+            force=force, setting_prefix="FIDCallback.",
+        )  # fmt: skip
+        self._last_step = -1
+        self.history: list[tuple[int, dict]] = []  # (global step, metrics) of every evaluation on this process
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluator.prepare(trainer, pl_module)  # bad settings and the reference: before the first step
+
+    def _averaging_callback(self, trainer: L.Trainer):
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+                return cb
+        return None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self._last_step:  # once per optimizer step
+            return
+        self._last_step = step
+        averaging = self._averaging_callback(trainer) if self.use_averaged_weights else None
+        if averaging is not None:
+            averaging._swap_models(pl_module)  # private, but the same swap Lightning does around validation
+        try:
+            metrics = self.evaluator.run(pl_module, stage="", write_record=False)
+        finally:
+            if averaging is not None:
+                averaging._swap_models(pl_module)  # a swap is its own inverse
+        values = {f"val/{k}": float(v) for k, v in metrics.items() if v is not None}
+        self.history.append((step, values))
+        for logger in trainer.loggers:  # direct: `self.log` in a batch hook is dropped off the log_every_n_steps grid
+            logger.log_metrics(values, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})

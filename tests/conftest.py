@@ -100,3 +100,13 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
     cli_main(["fit", "--config", str(CONFIGS / "debug" / "classifier.yaml"), *run_dir_args(run_dir),
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"])  # fmt: skip
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def classifier_ckpt(tmp_path_factory) -> Path:
+    """A tiny shapes classifier (configs/debug/classifier.yaml: 16px, 32 features), trained once per session."""
+    from lit_ar.cli import cli_main
+
+    run = tmp_path_factory.mktemp("classifier")
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "classifier.yaml"), *run_dir_args(run)])
+    return run / "checkpoints" / "last.ckpt"

@@ -14,14 +14,20 @@ DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
 
 
 def config_overrides(path: Path, run_dir: Path, checkpoints_root: Path) -> list[str]:
-    """Settings a config needs to instantiate in a test: its run folder, and any checkpoint it depends on
-    (a freshly initialised checkpoint of the config that would have made it)."""
+    """Settings a config needs to instantiate in a test: its run folder, any checkpoint it depends on (a freshly
+    initialised checkpoint of the config that would have made it), and the samples an evaluation config reads."""
     init_args = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
     args = run_dir_args(run_dir)
     for key, value in init_args.items():
         if key.endswith("_ckpt") and isinstance(value, str):
             ckpt = checkpoint_for_config(config_for_run_path(value), checkpoints_root)
             args += [f"--model.init_args.{key}", str(ckpt)]
+    if "samples_npz" in init_args:  # evaluation configs: an npz of samples
+        import numpy as np
+
+        size = yaml.safe_load(path.read_text())["data"]["image_size"]
+        np.savez(run_dir / "samples.npz", images=np.zeros((4, size, size, 3), np.uint8))
+        args += ["--model.init_args.samples_npz", str(run_dir / "samples.npz")]
     return args
 
 

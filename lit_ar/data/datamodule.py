@@ -79,6 +79,7 @@ class ImageDataModule(L.LightningDataModule):
         order_seed: int = 0,
         drop_last: bool = True,
         predict_per_class: int = 10,
+        token_cache: str | None = None,
     ):
         """
         Args:
@@ -114,6 +115,9 @@ class ImageDataModule(L.LightningDataModule):
             order_seed: Seed of the training order (epoch e is shuffled with order_seed + e), shared by all ranks.
             drop_last: Drop the last incomplete training batch.
             predict_per_class: `lit_ar predict` on a generator samples this many images of every class.
+            token_cache: A token cache folder (written by `python -m lit_ar.data.token_cache`): batches then carry
+                `tokens` (and `label`) instead of `image`, `hflip` picks the mirrored encoding at random, and the
+                model's `tokenizer_ckpt` must be the tokenizer that wrote the cache.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -128,6 +132,7 @@ class ImageDataModule(L.LightningDataModule):
         self._splits: SourceSplits | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._cache = None
 
     # Resolved lazily, so that `num_classes` can be linked into the model at instantiation.
     @property
@@ -157,6 +162,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        if self.cache is not None and not self.hparams.unconditional:
+            return self.cache.meta["num_classes"]
         return 1 if self.hparams.unconditional else self.splits.num_classes
 
     @property
@@ -180,6 +187,8 @@ class ImageDataModule(L.LightningDataModule):
         return h.global_batch_size // world
 
     def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return self._setup_token_cache()
         h = self.hparams
         self.per_device_batch_size()  # fail now, not at the first batch, on a bad global batch size
         train_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, h.crop, h.hflip)
@@ -226,3 +235,30 @@ class ImageDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         shard = Subset(labels, range(rank, len(labels), world))
         return DataLoader(shard, batch_size=self.per_device_batch_size(), shuffle=False)
+
+    # ---- token caches (lit_ar.data.token_cache) -------------------------------------------------------------
+    @property
+    def cache(self):
+        """The TokenCache of `token_cache`, or None."""
+        if self._cache is None and self.hparams.token_cache:
+            from lit_ar.data.token_cache import TokenCache
+
+            self._cache = TokenCache(self.hparams.token_cache)
+        return self._cache
+
+    def _setup_token_cache(self) -> None:
+        h, meta = self.hparams, self.cache.meta
+        self.per_device_batch_size()
+        if (h.image_size, h.channels) != (meta["image_size"], meta["channels"]):
+            raise ValueError(
+                f"data.image_size={h.image_size}, data.channels={h.channels} differ from the token cache "
+                f"data.token_cache={h.token_cache!r}, written at {meta['image_size']}x{meta['image_size']}x"
+                f"{meta['channels']}; set data.image_size={meta['image_size']} and data.channels={meta['channels']}"
+            )
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer_ckpt = getattr(model, "hparams", {}).get("tokenizer_ckpt") if model is not None else None
+        if tokenizer_ckpt:
+            self.cache.check_tokenizer(tokenizer_ckpt)
+        self.train_set = self.cache.dataset("train", train=True, hflip=h.hflip, unconditional=h.unconditional,
+                                            seed=h.order_seed)  # fmt: skip
+        self.val_set = self.cache.dataset("val", train=False, hflip=False, unconditional=h.unconditional)

@@ -26,11 +26,11 @@ VAR_SCALES_16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 # Architecture and codebook per preset. Downsampling factor = 2 ** (len(ch_mult) - 1).
 PRESETS: dict[str, dict] = {
     # 64x64 shapes at 4x: 16x16 tokens, trains on a CPU in minutes
-    "shapes": dict(base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False, z_channels=64,
-                   codebook_size=1024, latent_dim=8, levels=(8, 5, 5, 5)),
+    "shapes": dict(base_channels=16, ch_mult=(1, 2, 4), num_res_blocks=1, mid_attention=False, z_channels=64,
+                   codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5)),
     # 32x32 digits at 4x: 8x8 tokens
     "digits": dict(base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False, z_channels=32,
-                   codebook_size=256, latent_dim=8, levels=(5, 5, 5)),
+                   codebook_size=256, latent_dim=8, levels=(8, 5, 5)),
     # LlamaGen's VQ-16 (256x256 -> 16x16, 16384 l2-normalised 8-d codes, ~72M parameters)
     "llamagen_vq16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                           z_channels=256, codebook_size=16384, latent_dim=8, levels=(8, 8, 8, 5, 5, 5)),

@@ -83,12 +83,14 @@ def rope_1d(seq_len: int, head_dim: int, base: float = 10000.0, num_prefix: int 
     return _with_prefix(torch.stack([angles.cos(), angles.sin()], -1).float(), num_prefix)
 
 
-def rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 0) -> torch.Tensor:
+def rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 0,
+            pos_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """(num_prefix + grid**2, head_dim // 2, 2) table: the first half of each head rotates with the row, the
-    second half with the column, raster order (LlamaGen's 2D RoPE)."""
+    second half with the column, raster order (LlamaGen's 2D RoPE). `pos_scale` stretches the integer positions
+    (a coarse s x s map of a G x G image uses G / s, so every scale of a pyramid shares one coordinate frame)."""
     half = head_dim // 2
     freqs = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half)  # (hd/4,)
-    pos = torch.arange(grid_size, dtype=torch.float64)
+    pos = torch.arange(grid_size, dtype=torch.float64) * pos_scale
     rows = torch.outer(pos, freqs)[:, None, :].expand(grid_size, grid_size, -1)  # (G, G, hd/4)
     cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, hd/4)
     angles = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, half)  # (G*G, hd/2)
@@ -153,13 +155,18 @@ class Attention(nn.Module):
         attn_dropout: float = 0.0,
         resid_dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        qv_bias: bool = False,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: heads must divide evenly")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias and not qv_bias)
+        # VAR: learned biases on q and v only; a bias on k adds the same amount to every logit of a query, which
+        # softmax ignores, so it is left out (and wqkv then has no bias of its own)
+        self.q_bias = nn.Parameter(torch.zeros(n_heads * self.head_dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(n_kv_heads * self.head_dim)) if qv_bias else None
         self.wo = nn.Linear(dim, dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
@@ -180,6 +187,8 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
+        if self.q_bias is not None:
+            q, v = q + self.q_bias, v + self.v_bias
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -231,7 +240,9 @@ class DropPath(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block. With `cond_dim`, AdaLN: the condition (B, cond_dim) or (B, T, cond_dim) sets
-    shift, scale and gate of both branches (zero-initialised gates, so a new block starts as the identity)."""
+    shift, scale and gate of both branches (zero-initialised gates, so a new block starts as the identity).
+    With `shared_ada` (VAR's shared_aln) one linear outside the blocks makes the modulation, passed as `cond`
+    (B, 6*dim) or (B, T, 6*dim), and each block adds its own learned offset `ada_offset` (6*dim,)."""
 
     def __init__(
         self,
@@ -249,10 +260,12 @@ class Block(nn.Module):
         attn_dropout: float = 0.0,
         resid_dropout: float = 0.0,
         drop_path: float = 0.0,
+        qv_bias: bool = False,
+        shared_ada: bool = False,
     ):
         super().__init__()
         self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm, cosine_attn, bias, attn_dropout, resid_dropout,
-                              norm_eps)  # fmt: skip
+                              norm_eps, qv_bias)  # fmt: skip
         hidden = mlp_hidden or (llama_hidden_dim(dim) if mlp == "swiglu" else 4 * dim)
         if mlp == "swiglu":
             self.mlp = SwiGLU(dim, hidden, resid_dropout, bias)
@@ -260,14 +273,20 @@ class Block(nn.Module):
             self.mlp = GELUMLP(dim, hidden, resid_dropout, bias=True)
         else:
             raise ValueError(f"mlp={mlp!r} is not supported; use 'swiglu' or 'gelu'")
-        affine = cond_dim is None  # under AdaLN the modulation replaces the norms' own affine parameters
+        # under AdaLN the modulation replaces the norms' own affine parameters
+        affine = cond_dim is None and not shared_ada
         self.norm1, self.norm2 = make_norm(norm, dim, norm_eps, affine), make_norm(norm, dim, norm_eps, affine)
         self.drop_path = DropPath(drop_path)
         self.ada = None
-        if cond_dim is not None:
+        self.ada_offset = nn.Parameter(torch.zeros(6 * dim)) if shared_ada else None
+        if cond_dim is not None and not shared_ada:
             self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
             nn.init.zeros_(self.ada[1].weight)
             nn.init.zeros_(self.ada[1].bias)
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """AdaLN: condition (B, cond_dim) or (B, T, cond_dim) -> shift, scale, gate of both branches (..., 6C)."""
+        return self.ada(cond) if self.ada is not None else cond + self.ada_offset
 
     def forward(
         self,
@@ -277,11 +296,14 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         is_causal: bool = False,
+        mod: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.ada is None:
+        """`mod`: this block's AdaLN modulation `self.modulation(cond)` computed beforehand (a sampler whose
+        condition is fixed over many steps computes it once)."""
+        if self.ada is None and self.ada_offset is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        mod = self.ada(cond)  # (B, 6C) or (B, T, 6C)
+        mod = self.modulation(cond) if mod is None else mod  # (B, 6C) or (B, T, 6C)
         if mod.ndim == 2:
             mod = mod[:, None]  # (B, 1, 6C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)

@@ -1,11 +1,19 @@
 """LightningModules ("systems"): training logic over the plain cores in lit_ar.models."""
 
+from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
+from lit_ar.systems.evaluation import NpzEvaluator
+from lit_ar.systems.flow_ar import FlowARSystem
+from lit_ar.systems.masked_ar import MaskedARSystem
+from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
 
-__all__ = ["ClassifierSystem"]
-__all__ += ["TokenizerSystem"]
-
-from lit_ar.systems.flow_ar import FlowARSystem  # noqa: E402
-
-__all__ += ["FlowARSystem"]
+__all__ = [
+    "CausalARSystem",
+    "ClassifierSystem",
+    "FlowARSystem",
+    "MaskedARSystem",
+    "NpzEvaluator",
+    "ScaleARSystem",
+    "TokenizerSystem",
+]

@@ -1,0 +1,219 @@
+"""Token and latent caches: encode a dataset once with a frozen tokenizer, serve the codes instead of images.
+
+    python -m lit_ar.data.token_cache --tokenizer_ckpt runs/tokenizer/vq_shapes/checkpoints/last.ckpt \\
+        --output caches/vq_shapes --data.dataset shapes --data.image_size 64
+    lit_ar fit --config configs/<generator>.yaml --data.token_cache caches/vq_shapes
+
+Every image is encoded at its centre crop and, with `hflip`, mirrored (variant 1), as MAR caches its latents.
+A cache folder holds, per split (`train`, `val`), memory-mapped numpy arrays and one `meta.json`:
+  discrete tokens  {split}_tokens.npy  (N, V, L_total) uint16/int32; multi-scale scales are concatenated
+                   coarse to fine (L_total = sum s*s; `split_scales` cuts a batch back into the per-scale list)
+  kl latents       {split}_mean.npy, {split}_std.npy  (N, V, L, D) float32, already times the latent scale:
+                   training batches draw mean + std * eps (MAR-style), validation batches take the mean
+  labels           {split}_labels.npy  (N,) int64
+`meta.json` records the tokenizer's fingerprint (sha256 of its weights), vocabulary, grid, scales, latent width
+and image size; a cache refuses to serve a generator whose tokenizer has another fingerprint.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_ar.data.builtin import _mix_seed
+
+CACHE_VERSION = 1
+META = "meta.json"
+
+
+def tokenizer_fingerprint(autoencoder: torch.nn.Module) -> str:
+    """sha256 over the tokenizer's state dict (names, shapes, dtypes, bytes): its identity, whatever the file."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(autoencoder.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def split_scales(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
+    """(B, sum s*s) flattened multi-scale tokens -> list of (B, s*s), coarse to fine."""
+    return list(tokens.split([s * s for s in scales], dim=1))
+
+
+@torch.no_grad()
+def write_token_cache(
+    tokenizer_ckpt: str, output: str, data, hflip: bool = True, batch_size: int = 64, device: str = "cpu"
+) -> Path:
+    """Encode `data` (an ImageDataModule; its train and validation splits at the centre crop) with the tokenizer
+    checkpoint into `output`. Returns the cache folder."""
+    from lit_ar.data.datamodule import TransformedDataset
+    from lit_ar.data.transforms import ImageTransform
+    from lit_ar.systems.tokenizer import load_tokenizer
+
+    ae = load_tokenizer(tokenizer_ckpt).to(device)
+    h = data.hparams
+    if (h.image_size, h.channels) != (ae.image_size, ae.channels):
+        raise ValueError(
+            f"data.image_size={h.image_size}, data.channels={h.channels} differ from the tokenizer's "
+            f"{ae.image_size}x{ae.image_size}x{ae.channels} ({tokenizer_ckpt}); encode at the tokenizer's resolution"
+        )
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).unlink(missing_ok=True)  # a half-written cache has no meta and is refused
+    transform = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
+    variants = 2 if hflip else 1
+    splits = {}
+    for split, source in (("train", data.splits.train), ("val", data.splits.val)):
+        dataset = TransformedDataset(source, transform, h.unconditional)
+        n, arrays = len(dataset), None
+        labels = np.lib.format.open_memmap(folder / f"{split}_labels.npy", "w+", np.int64, (n,))
+        start = 0
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=h.num_workers):
+            x, b = batch["image"].to(device), len(batch["label"])
+            views = [x, x.flip(-1)][:variants]
+            if ae.is_continuous:
+                per_view = [ae.quantizer.moments(ae.quant_conv(ae.encoder(v))) for v in views]
+                mean = torch.stack([m.flatten(2).transpose(1, 2) for m, _ in per_view], 1)  # (b, V, L, D)
+                std = torch.stack([lv.mul(0.5).exp().flatten(2).transpose(1, 2) for _, lv in per_view], 1)
+                out = {"mean": mean * ae.quantizer.scale_factor, "std": std * ae.quantizer.scale_factor}
+            else:
+                codes = [ae.encode(v) for v in views]
+                codes = [torch.cat(c, 1) if isinstance(c, list) else c for c in codes]  # (b, L_total)
+                out = {"tokens": torch.stack(codes, 1)}  # (b, V, L_total)
+            if arrays is None:
+                dtype = {"tokens": np.uint16 if (ae.vocab_size or 0) <= 2**16 else np.int32}
+                arrays = {
+                    k: np.lib.format.open_memmap(
+                        folder / f"{split}_{k}.npy", "w+", dtype.get(k, np.float32), (n, *v.shape[1:])
+                    )
+                    for k, v in out.items()
+                }
+            for k, v in out.items():
+                arrays[k][start : start + b] = v.cpu().numpy()
+            labels[start : start + b] = batch["label"].numpy()
+            start += b
+        for array in [*arrays.values(), labels]:
+            array.flush()
+        splits[split] = n
+    meta = {
+        "version": CACHE_VERSION,
+        "tokenizer_fingerprint": tokenizer_fingerprint(ae),
+        "tokenizer_ckpt": str(tokenizer_ckpt),
+        "quantizer": ae.quantizer_type,
+        "vocab_size": ae.vocab_size,
+        "grid_size": ae.grid_size,
+        "scales": list(ae.scales) if ae.scales else None,
+        "latent_channels": ae.latent_channels,
+        "is_continuous": ae.is_continuous,
+        "image_size": ae.image_size,
+        "channels": ae.channels,
+        "num_classes": data.num_classes,
+        "variants": ["center", "center_hflip"][:variants],
+        "splits": splits,
+        "data": {k: h[k] for k in ("dataset", "data_dir", "data_files", "split_seed", "num_train", "num_val")},
+    }
+    (folder / META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+class TokenCache:
+    """A cache folder written by `write_token_cache`: its metadata, checks and datasets."""
+
+    def __init__(self, path: str, setting: str = "data.token_cache"):
+        self.folder = Path(path)
+        if not (self.folder / META).is_file():
+            raise FileNotFoundError(
+                f"{setting}={path!r} is not a token cache (no {META}); write one with "
+                "`python -m lit_ar.data.token_cache --tokenizer_ckpt ... --output ...`"
+            )
+        self.meta = json.loads((self.folder / META).read_text())
+        if self.meta.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"{setting}={path!r} has cache version {self.meta.get('version')}; expected {CACHE_VERSION}"
+            )
+        self.setting = setting
+
+    def check_tokenizer(self, autoencoder_or_ckpt, setting: str = "model.init_args.tokenizer_ckpt") -> None:
+        """Refuse a tokenizer (an Autoencoder or a checkpoint path) other than the one that wrote the cache."""
+        if isinstance(autoencoder_or_ckpt, str | Path):
+            from lit_ar.systems.tokenizer import load_tokenizer
+
+            name, autoencoder = str(autoencoder_or_ckpt), load_tokenizer(str(autoencoder_or_ckpt))
+        else:
+            name, autoencoder = "the given tokenizer", autoencoder_or_ckpt
+        fingerprint = tokenizer_fingerprint(autoencoder)
+        if fingerprint != self.meta["tokenizer_fingerprint"]:
+            raise ValueError(
+                f"{self.setting}={str(self.folder)!r} was written by another tokenizer: {setting}={name!r} has "
+                f"fingerprint {fingerprint[:16]}..., the cache {self.meta['tokenizer_fingerprint'][:16]}... (written "
+                f"from {self.meta['tokenizer_ckpt']!r}); rebuild the cache with this tokenizer"
+            )
+
+    def dataset(self, split: str, train: bool, hflip: bool, unconditional: bool = False, seed: int = 0
+                ) -> "TokenCacheDataset":  # fmt: skip
+        return TokenCacheDataset(self, split, random_variant=train and hflip, sample=train, unconditional=unconditional,
+                                 seed=seed)  # fmt: skip
+
+
+class TokenCacheDataset(Dataset):
+    """Items `{"tokens": (L_total,) long | (L, D) float, "label": ()}` from a cache split; `random_variant` picks the
+    original or the mirrored encoding at random, `sample` draws kl latents from their posterior."""
+
+    def __init__(self, cache: TokenCache, split: str, random_variant: bool, sample: bool, unconditional: bool,
+                 seed: int = 0):  # fmt: skip
+        self.meta, self.random_variant, self.sample = cache.meta, random_variant, sample
+        self.unconditional, self.seed = unconditional, seed
+        names = ("mean", "std") if cache.meta["is_continuous"] else ("tokens",)
+        self.arrays = {k: np.load(cache.folder / f"{split}_{k}.npy", mmap_mode="r") for k in names}
+        self.labels = np.load(cache.folder / f"{split}_labels.npy", mmap_mode="r")
+        self.num_variants = len(cache.meta["variants"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        # Indexed by (index, epoch) (ResumableSampler), the flip variant and the latent draw come from a generator
+        # seeded per sample, as image augmentations do: the same on 1 or N devices and after a mid-epoch resume.
+        generator = None
+        if isinstance(index, tuple):
+            index, epoch = index
+            generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
+        v = int(torch.randint(self.num_variants, (), generator=generator)) if self.random_variant else 0
+        if "tokens" in self.arrays:
+            tokens = torch.from_numpy(self.arrays["tokens"][index, v].astype(np.int64))  # (L_total,)
+        else:
+            tokens = torch.from_numpy(np.array(self.arrays["mean"][index, v]))  # (L, D)
+            if self.sample:
+                noise = torch.randn(tokens.shape, generator=generator, dtype=tokens.dtype)
+                tokens = tokens + torch.from_numpy(np.array(self.arrays["std"][index, v])) * noise
+        label = 0 if self.unconditional else int(self.labels[index])
+        return {"tokens": tokens, "label": torch.tensor(label, dtype=torch.long)}
+
+
+def main(args: list[str] | None = None) -> Path:
+    """`python -m lit_ar.data.token_cache --tokenizer_ckpt CKPT --output DIR [--data.* ...]`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lit_ar.data.datamodule import ImageDataModule
+
+    parser = ArgumentParser(description="Encode a dataset once with a frozen tokenizer into a token cache.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--tokenizer_ckpt", type=str, required=True, help="TokenizerSystem checkpoint.")
+    parser.add_argument("--output", type=str, required=True, help="Cache folder to write.")
+    parser.add_argument("--hflip", type=bool, default=True, help="Also encode each image mirrored.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size.")
+    parser.add_argument("--device", type=str, default="cpu", help="Device to encode on, e.g. cuda.")
+    parser.add_class_arguments(ImageDataModule, "data")
+    cfg = parser.parse_args(args)
+    data = parser.instantiate_classes(cfg).data
+    folder = write_token_cache(cfg.tokenizer_ckpt, cfg.output, data, cfg.hflip, cfg.batch_size, cfg.device)
+    print(f"token cache written to {folder}: {json.loads((folder / META).read_text())['splits']}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""CausalTransformer: LlamaGen's class-conditional GPT over a token grid, with RAR's random-order training.
+
+LlamaGen (Sun et al. 2024, autoregressive/models/gpt.py): a class-token prefix (row `num_classes` of the class
+embedding is the null class used for classifier-free guidance), 2D RoPE over the token grid, pre-norm blocks with
+RMSNorm, bias-free qkv/out projections and a SwiGLU MLP, a final RMSNorm and a zero-initialised, bias-free output
+layer. RAR (Yu et al. 2024): training in a random token order, with a learned *target-aware* position embedding
+added to every slot that tells it which grid position it must predict next; the probability of a random order is
+annealed to 0, after which training is plain raster order (and sampling is always raster).
+
+A sequence, with P = cls_token_num prefix slots, L = grid_size**2 tokens and T <= L - 1 tokens fed:
+    slots 0 .. P-1       the class prefix            (RoPE: identity, or zero as in LlamaGen with prefix_rope="zero")
+    slots P .. P+T-1     tokens x_0 .. x_{T-1}        (RoPE: the 2D grid position of each token)
+    outputs are read at slots P-1 .. P+T-1: T + 1 predictions; prediction j is the distribution of token j.
+With `target_aware`, the slot holding prediction j also gets `target_pos[position of token j]` added to its input.
+In raster order that is the fixed addition target_pos[0 .. T] over slots P-1 .. P+T-1, which is exactly what a
+random order reduces to when the order is the identity (the test of "RAR at r=0 equals raster").
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_ar.models.layers import Block, RMSNorm, clear_kv_caches, llama_hidden_dim, rope_2d, setup_kv_caches
+
+# LlamaGen's class-conditional sizes (GPT-B 111M ... GPT-XXXL 3.9B with 1000 classes and vocab 16384), then small
+# sizes for CPU work: nano for tests, micro/mini for the shapes configs and the benchmarks.
+PRESETS: dict[str, dict[str, int]] = {
+    "GPT-B": dict(dim=768, n_layer=12, n_head=12),
+    "GPT-L": dict(dim=1024, n_layer=24, n_head=16),
+    "GPT-XL": dict(dim=1280, n_layer=36, n_head=20),
+    "GPT-XXL": dict(dim=1536, n_layer=48, n_head=24),
+    "GPT-XXXL": dict(dim=2560, n_layer=48, n_head=40),
+    "GPT-nano": dict(dim=64, n_layer=2, n_head=4),
+    "GPT-micro": dict(dim=128, n_layer=4, n_head=4),
+    "GPT-mini": dict(dim=256, n_layer=6, n_head=8),
+}
+
+
+class CausalTransformer(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        grid_size: int,
+        num_classes: int,
+        dim: int = 768,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_kv_head: int | None = None,
+        cls_token_num: int = 1,
+        multiple_of: int = 256,
+        ffn_dim_multiplier: float | None = None,
+        norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
+        prefix_rope: Literal["identity", "zero"] = "identity",
+        qk_norm: bool = False,
+        token_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        target_aware: bool = False,
+        initializer_range: float = 0.02,
+    ):
+        super().__init__()
+        head_dim = dim // n_head
+        if dim % n_head or head_dim % 4:
+            raise ValueError(f"dim={dim}, n_head={n_head}: 2D RoPE needs a head width dim/n_head divisible by 4")
+        if cls_token_num < 1:
+            raise ValueError(f"cls_token_num={cls_token_num} must be >= 1 (the class prefix predicts token 0)")
+        if prefix_rope not in ("identity", "zero"):
+            raise ValueError(f"prefix_rope={prefix_rope!r} is not supported; use 'identity' or 'zero'")
+        self.vocab_size, self.grid_size, self.num_classes = vocab_size, grid_size, num_classes
+        self.num_tokens = grid_size * grid_size  # L
+        self.cls_token_num = cls_token_num  # P
+        self.dim = dim
+
+        # P prefix tokens per label; row num_classes is the null class (CFG). P = 1 is LlamaGen's c2i layout.
+        self.cls_embedding = nn.Embedding(num_classes + 1, cls_token_num * dim)
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        # RAR: target_pos[q] tells a slot that it predicts the token at grid position q
+        self.target_pos = nn.Embedding(self.num_tokens, dim) if target_aware else None
+        self.tok_dropout = nn.Dropout(token_dropout)
+        hidden = llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+        rates = [drop_path * i / max(n_layer - 1, 1) for i in range(n_layer)]  # stochastic depth grows with depth
+        self.layers = nn.ModuleList(
+            Block(dim, n_head, n_kv_head, mlp="swiglu", mlp_hidden=hidden, norm="rms", norm_eps=norm_eps,
+                  qk_norm=qk_norm, bias=False, attn_dropout=attn_dropout, resid_dropout=resid_dropout,
+                  drop_path=rates[i])
+            for i in range(n_layer)
+        )  # fmt: skip
+        self.norm = RMSNorm(dim, norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+
+        rope = rope_2d(grid_size, head_dim, rope_base, num_prefix=cls_token_num)  # (P + L, hd/2, 2)
+        if prefix_rope == "zero":
+            rope[:cls_token_num] = 0.0  # LlamaGen's table: the prefix's q and k are zeroed (only its value is read)
+        self.register_buffer("rope", rope, persistent=False)
+
+        self.initializer_range = initializer_range
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.output.weight)  # every logit starts at 0: a uniform first prediction
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- training / full forward ---------------------------------------------------------------------------------
+    def prefix(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) (num_classes = null) -> the prefix embeddings (B, P, C)."""
+        return self.cls_embedding(labels).view(labels.shape[0], self.cls_token_num, self.dim)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole prefix at once (training, and sampling without a cache).
+
+        tokens (B, T) long, T <= L - 1; in raster order, or in `order` (B, L): tokens[:, i] sits at grid position
+        order[:, i]. labels (B,). Returns logits (B, T + 1, V) in fp32; logits[:, j] predicts token j of the order.
+        """
+        B, T = tokens.shape
+        P, L = self.cls_token_num, self.num_tokens
+        if T > L - 1:
+            raise ValueError(f"{T} tokens given; the model predicts {L} tokens from at most {L - 1} fed tokens")
+        if self.cache_len:
+            raise RuntimeError("KV caches are set up for sampling: call clear_caches() before a full forward")
+        x = torch.cat([self.prefix(labels), self.tok_embeddings(tokens)], dim=1)  # (B, P + T, C)
+        if order is None:
+            rope = self.rope[: P + T]  # (P + T, hd/2, 2)
+            target = self.target_pos.weight[: T + 1] if self.target_pos is not None else None  # (T + 1, C)
+        else:
+            rope = torch.cat([self.rope[:P].expand(B, -1, -1, -1), self.rope[P + order[:, :T]]], 1)  # (B, P+T, hd/2, 2)
+            target = self.target_pos(order[:, : T + 1]) if self.target_pos is not None else None  # (B, T + 1, C)
+        if target is not None:
+            x = x + F.pad(target, (0, 0, P - 1, 0))  # slots P-1 .. P+T-1 carry the position they predict
+        x = self.tok_dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, is_causal=True)
+        return self.output(self.norm(x[:, P - 1 :])).float()  # (B, T + 1, V)
+
+    # -- sampling on the static KV cache ----------------------------------------------------------------------
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
+        """Preallocate every layer's KV cache for `batch_size` sequences (default length P + L - 1: the prefix and
+        every fed token). An existing cache of the same shape is kept, so a compiled decode step is reused."""
+        max_seq_len = max_seq_len or self.cls_token_num + self.num_tokens - 1
+        cache = self.layers[0].attn.kv_cache
+        if cache is not None and cache.k.shape[0] == batch_size and cache.max_seq_len == max_seq_len and \
+                cache.k.dtype == dtype and cache.k.device == self.rope.device:  # fmt: skip
+            return
+        setup_kv_caches(self.layers, batch_size, max_seq_len, dtype, self.rope.device)
+
+    def clear_caches(self) -> None:
+        clear_kv_caches(self.layers)
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.layers[0].attn.kv_cache
+        return 0 if cache is None else cache.max_seq_len
+
+    def check_decode_length(self, num_tokens: int) -> None:
+        """Refuse, before any work, to decode more tokens than the grid or the KV cache holds."""
+        if not 1 <= num_tokens <= self.num_tokens:
+            raise ValueError(
+                f"num_tokens={num_tokens}: a {self.grid_size}x{self.grid_size} grid holds between 1 and "
+                f"{self.num_tokens} tokens"
+            )
+        needed = self.cls_token_num + num_tokens - 1
+        if needed > self.cache_len:
+            raise ValueError(
+                f"num_tokens={num_tokens} needs {needed} KV-cache positions ({self.cls_token_num} class tokens + "
+                f"{num_tokens - 1} fed tokens) but the cache holds {self.cache_len}; call setup_caches with "
+                f"max_seq_len >= {needed}"
+            )
+
+    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+        """Write the prefix into the cache; labels (B,) -> logits of token 0 (B, V)."""
+        x = self.prefix(labels)  # (B, P, C)
+        if self.target_pos is not None:
+            x = x + F.pad(self.target_pos.weight[:1], (0, 0, self.cls_token_num - 1, 0))  # last slot predicts pos 0
+        input_pos = torch.arange(self.cls_token_num, device=x.device)  # (P,)
+        return self._cached_forward(x, input_pos)[:, -1]
+
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence at slot `input_pos` (1,) (token i sits at slot P + i) -> logits of the next
+        token (B, V). Fixed shapes at every position: compile it once, replay it L - 1 times."""
+        x = self.tok_embeddings(tokens)  # (B, 1, C)
+        if self.target_pos is not None:
+            x = x + self.target_pos(input_pos - self.cls_token_num + 1)  # token i's slot predicts position i + 1
+        return self._cached_forward(x, input_pos)[:, -1]
+
+    def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # a slot may attend to every cache position up to its own: (T, S), True = may attend
+        mask = torch.arange(self.cache_len, device=x.device)[None, :] <= input_pos[:, None]
+        rope = self.rope[input_pos]  # (T, hd/2, 2)
+        for layer in self.layers:
+            x = layer(x, rope, mask=mask, input_pos=input_pos)
+        return self.output(self.norm(x)).float()  # (B, T, V)
