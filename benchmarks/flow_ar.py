@@ -10,6 +10,7 @@ image, small next to 64 AR steps). Untrained weights: speed does not depend on t
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -21,7 +22,7 @@ MAR_ANCHOR_IMAGES_PER_S = 0.009  # MAR-B, 64 AR steps, 100 diffusion steps, batc
 MAR_B_PARAMS, MAR_B_HEAD_PARAMS = 207_924_768, 35_749_920
 
 PRESETS = {
-    # 64x64 shapes with a 4x KL tokenizer: a 16x16 grid of 16-wide tokens, as ImageNet-256 with MAR's KL-16
+    # a 16x16 grid of 16-wide tokens: ImageNet-256 under MAR's KL-16 (and 64x64 shapes at 4x downsampling)
     "small": dict(dim=256, depth=4, n_heads=4, buffer_size=16, head_width=256, head_depth=3, num_classes=10),
     "mar_b": dict(dim=768, depth=12, n_heads=12, buffer_size=64, head_width=1024, head_depth=6, num_classes=1000),
 }
@@ -87,10 +88,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mar-b", action="store_true", help="also time the MAR-B-size preset at batch 2")
     p.add_argument("--mar-b-flow-steps", type=int, nargs="+", default=[25])
     p.add_argument("--skip-small", action="store_true", help="skip the small-preset tables")
+    p.add_argument("--mar-b-ar-steps", type=int, nargs="+", default=[64])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    print(f"machine: {machine()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}")
     sample_kw = dict(cfg=args.cfg, cfg_schedule="linear", flow_steps=args.flow_steps, sampler="euler")
     rows = []
 
@@ -117,14 +122,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total, head = params(system), params(system.head)
         print(f"\nMAR-B preset: {total:,} parameters (MAR-B: {MAR_B_PARAMS:,}), head {head:,} (MAR-B's diffusion "
               f"head: {MAR_B_HEAD_PARAMS:,}; ours predicts a velocity, not a learned variance too)")  # fmt: skip
-        for flow_steps in args.mar_b_flow_steps:
+        for ar_steps, flow_steps in [(a, f) for a in args.mar_b_ar_steps for f in args.mar_b_flow_steps]:
             kw = {**sample_kw, "flow_steps": flow_steps}
-            seconds, frac = head_fraction(system, 2, steps=64, **kw)
-            rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", batch=2, ar_steps=64,
+            seconds, frac = head_fraction(system, 2, steps=ar_steps, **kw)
+            rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", batch=2, ar_steps=ar_steps,
                              flow_steps=flow_steps, params=total, head_params=head, images_per_s=2 / seconds,
                              vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S, head_fraction=frac))  # fmt: skip
         print_table([r for r in rows if r["table"] == "mar_b"],
-                    f"MAR-B size, batch 2, 64 AR steps, CFG {args.cfg} linear, fp32 "
+                    f"MAR-B size, batch 2, CFG {args.cfg} linear, fp32, load average {os.getloadavg()[0]:.1f} "
                     f"(anchor: MAR-B {MAR_ANCHOR_IMAGES_PER_S} images/s with 100 diffusion steps)")  # fmt: skip
     if args.json:
         write_json(rows, args.json)

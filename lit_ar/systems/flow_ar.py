@@ -326,7 +326,7 @@ class FlowARSystem(GeneratorSystem):
                              f"{'scale' if core.order == 'scale' else 'token'} ({K}); leave steps null")  # fmt: skip
         labels2 = self.with_null(labels, cfg)
         use_autocast = torch.is_autocast_enabled(self.device.type)
-        dtype = torch.get_autocast_dtype(self.device.type) if use_autocast else self.head.final.linear.weight.dtype
+        dtype = torch.get_autocast_dtype(self.device.type) if use_autocast else core.pos.dtype
         core.setup_cache(labels2.shape[0], dtype, self.device)
         try:
             groups, inputs = [], None
