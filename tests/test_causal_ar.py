@@ -299,7 +299,7 @@ def fake_tokenizer_checkpoint(monkeypatch):
     [
         ({}, {"vocab_size": 64}, r"vocab_size=64 disagrees with the tokenizer's vocab_size=32 \(tok.ckpt\)"),
         ({}, {"grid_size": 8}, r"grid_size=8 disagrees with the tokenizer's grid_size=4"),
-        ({"is_continuous": True, "vocab_size": None}, {}, r"tok.ckpt is a continuous tokenizer"),
+        ({"is_continuous": True, "vocab_size": None}, {}, r"CausalARSystem models discrete token ids .* is continuous"),
         ({"scales": (1, 2, 4)}, {}, r"is a multi-scale tokenizer \(scales \(1, 2, 4\)\)"),
     ],
 )

@@ -381,7 +381,7 @@ def test_system_settings_are_checked(stub_tokenizer_ckpt):
     continuous = StubTokenizer()
     continuous.is_continuous, continuous.vocab_size = True, None
     stub_tokenizer_ckpt["kl.ckpt"] = continuous
-    with pytest.raises(ValueError, match=r"tokenizer_ckpt='kl.ckpt' is a continuous tokenizer; the masked family"):
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt: MaskedARSystem models discrete .* is continuous"):
         make_system(tokenizer=True, tokenizer_ckpt="kl.ckpt")
     multiscale = StubTokenizer()
     multiscale.scales = (1, 2, 4)
