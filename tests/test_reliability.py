@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, run_dir_args
+from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, run_dir_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ar.checkpoints import SafeCheckpointIO, atomic_save, load_checkpoint, load_system
@@ -46,14 +46,23 @@ RESUME_CASES = [
          callback("lightning.pytorch.callbacks.EMAWeightAveraging", decay=0.9)],
         id="debug/classifier+augment+workers+ema",
     ),
+    # "@tokenizer_ckpt" stands for a freshly initialised checkpoint of the tokenizer config the generator names
+    pytest.param(CONFIGS / "debug" / "causal.yaml", 5, 12,
+                 ["--model.init_args.tokenizer_ckpt", "@tokenizer_ckpt", "--data.num_train", "128",
+                  "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0"],
+                 id="debug/causal"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("config,stop,total,extra", RESUME_CASES)
-def test_resume_mid_epoch_equals_the_uninterrupted_run(config, stop, total, extra, tmp_path):
+def test_resume_mid_epoch_equals_the_uninterrupted_run(config, stop, total, extra, tmp_path, checkpoints_root):
     """Pre-empted by a real SIGUSR1 after step `stop`, resumed with `--ckpt_path last`: every logged training
     scalar (loss, RNG probes) of the remaining steps, the validation scalars and the final weights (current and EMA)
     and optimizer state are bitwise those of the run that was never interrupted."""
+    if "@tokenizer_ckpt" in extra:
+        named = yaml.safe_load(Path(config).read_text())["model"]["init_args"]["tokenizer_ckpt"]
+        tokenizer = checkpoint_for_config(config_for_run_path(named), checkpoints_root)
+        extra = [str(tokenizer) if a == "@tokenizer_ckpt" else a for a in extra]
     common = ["fit", "--config", str(config), "--trainer.max_steps", str(total), "--trainer.log_every_n_steps", "1",
               *extra, callback("reliability_helpers.RandomProbe")]  # fmt: skip
     whole, parts = tmp_path / "whole", tmp_path / "parts"
