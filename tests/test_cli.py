@@ -150,3 +150,12 @@ def test_checkpoint_for_config_builds_loadable_checkpoints(checkpoints_root):
     ckpt = checkpoint_for_config(config, checkpoints_root)
     model = ClassifierSystem.load_from_checkpoint(ckpt, weights_only=True)
     assert model.hparams.image_size == 16 and model.hparams.num_classes == 10
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_step_based_validation_is_not_tied_to_epochs(path):
+    """An integer val_check_interval larger than an epoch makes Lightning refuse to fit unless validation is
+    counted in steps across epochs (check_val_every_n_epoch: null)."""
+    trainer = yaml.safe_load(path.read_text())["trainer"]
+    if isinstance(trainer.get("val_check_interval"), int) and trainer["val_check_interval"] > 1:
+        assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None
