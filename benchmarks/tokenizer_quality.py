@@ -4,8 +4,8 @@ Trains each `configs/tokenizer/<q>_shapes.yaml` through the real CLI within a wa
 the validation images: PSNR, SSIM, codebook usage (fraction of codes the validation set uses), training wall
 time and encode+decode throughput (images/s, batch 64, eval mode).
 
-    python benchmarks/tokenizers.py                       # all quantizers, the configs' full schedules
-    python benchmarks/tokenizers.py --quantizers vq fsq --max_steps 300 --max_minutes 5   # a shortened run
+    python -m benchmarks.tokenizer_quality                       # all quantizers, the configs' full schedules
+    python -m benchmarks.tokenizer_quality --quantizers vq fsq --max_steps 300 --max_minutes 5   # a shortened run
 Targets (issue 3): vq, fsq and msvq >= 28 dB PSNR and >= 90% usage within 20 CPU-minutes.
 """
 

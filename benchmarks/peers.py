@@ -1,0 +1,226 @@
+"""lit_ar against the peers' own samplers, side by side in one process: LlamaGen's `generate()` (GPT-B), VAR's
+`autoregressive_infer_cfg` (d16) and MAR's `sample_tokens` (MAR-B), each against lit_ar's model of the same size at
+the same settings, precision and batch, alternating so that both see the same machine state.
+
+The peers' code is not part of lit_ar: point `--peer-root` at a folder holding unmodified checkouts named
+`LlamaGen`, `VAR` and `mar` (github.com/FoundationVision/LlamaGen, FoundationVision/VAR, LTH14/mar). Their models
+are built from their own constructors with random weights (speed does not depend on the weights), so no download.
+
+    python -m benchmarks.peers --peer-root ~/src --families llamagen var mar --precisions fp32 bf16-autocast
+    python -m benchmarks.peers --peer-root ~/src --families llamagen --compile   # + both sides compiled
+
+Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
+VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
+on both sides; MAR-B, batch 2 (`--mar-batch`), 64 AR steps, CFG 2.9 linear, MAR's 100 diffusion steps against
+lit_ar's flow head at `--flow-steps`. Token generation only (no decode to pixels) on every row. MAR's code needs
+CUDA (it calls `.cuda()`), so its rows run only on a GPU.
+
+Precisions: `fp32`; `bf16-autocast` (both under torch.autocast); `bf16-weights` (both models cast to bfloat16, as
+LlamaGen's sample script does). `--compile`: LlamaGen as its sample script compiles (`torch.compile(model,
+mode="reduce-overhead", fullgraph=True)`), lit_ar with `compile: true`; VAR and MAR have no compile option.
+"""
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, print_table, time_call, write_json
+
+
+def precision_context(precision: str, device: str):
+    if precision == "bf16-autocast":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_bf16(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    return module.to(torch.bfloat16) if precision == "bf16-weights" else module.float()
+
+
+def on_path(folder: Path):
+    """Import a peer's modules from its checkout (their packages are named `models`, `utils`, ...: one at a time)."""
+    for name in [m for m in sys.modules if m.split(".")[0] in ("models", "utils", "autoregressive", "dist",
+                                                                  "diffusion")]:  # fmt: skip
+        del sys.modules[name]
+    sys.path.insert(0, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------- LlamaGen GPT-B
+def llamagen_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int) -> list[dict]:
+    from benchmarks.causal_ar import make_system
+
+    on_path(root / "LlamaGen")
+    from autoregressive.models.generate import generate
+    from autoregressive.models.gpt import GPT_B
+
+    batch, cfg = 4, 2.0
+    labels = torch.arange(batch, device=device)
+    torch.manual_seed(0)
+    peer = GPT_B(vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1, model_type="c2i")
+    peer = peer.to(device).eval()
+    ours = make_system("GPT-B", 16384, 16, 1000, compile, device)
+    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours.model))
+    rows = []
+    for precision in precisions:
+        peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
+        peer_fn = torch.compile(peer, mode="reduce-overhead", fullgraph=True) if compile else peer
+
+        def run_peer():
+            with torch.no_grad(), precision_context(precision, device):
+                generate(peer_fn, labels, 256, cfg_scale=cfg, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+                         sample_logits=True)  # fmt: skip
+
+        def run_ours():
+            g = torch.Generator(device).manual_seed(0)
+            with precision_context(precision, device):
+                ours.generate(labels, cfg=cfg, generator=g)
+
+        rows.append(pair("LlamaGen GPT-B", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat))
+        print_table(rows[-1:])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- VAR-d16
+def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int) -> list[dict]:
+    from benchmarks.scale_ar import make_var, tokenizer_ckpt
+
+    ckpt = tokenizer_ckpt(Path(tempfile.mkdtemp(prefix="lit_ar_peers_")), "var_msvq16", 256, 4096, 32)
+    ours = make_var(ckpt, 16, 1000, 256, compile, device)
+
+    on_path(root / "VAR")
+    import torch.nn as nn
+
+    # build_vae_var disables these layers' default initialisation for speed, for the whole process: keep ours
+    saved = {c: c.reset_parameters for c in (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
+                                             nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm)}  # fmt: skip
+    from models import build_vae_var
+
+    torch.manual_seed(0)
+    vae, peer = build_vae_var(device=device, V=4096, Cvae=32, ch=160, share_quant_resi=4, num_classes=1000, depth=16,
+                              shared_aln=False)  # fmt: skip
+    for c, fn in saved.items():
+        c.reset_parameters = fn
+    vae.fhat_to_img = lambda f_hat: f_hat  # the anchors exclude the tokenizer's decode: ours stops at tokens too
+    peer.eval()
+    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours.model))
+    batch, cfg = 2, 1.5
+    labels = torch.arange(batch, device=device)
+    rows = []
+    for precision in precisions:
+        peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
+        vae.to(torch.float32)  # VAR keeps its quantizer in fp32 under bf16 weights, as ours does
+
+        def run_peer():
+            with torch.inference_mode(), precision_context(precision, device):
+                peer.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, cfg=cfg, top_k=900, top_p=0.96)
+
+        def run_ours():
+            g = torch.Generator(device).manual_seed(0)
+            with precision_context(precision, device):
+                ours.sample_tokens(labels, cfg=cfg, top_k=900, top_p=0.96, generator=g)
+
+        rows.append(pair("VAR-d16", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat))
+        print_table(rows[-1:])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- MAR-B
+def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_steps: int, repeat: int) -> list[dict]:
+    from benchmarks.flow_ar import build
+
+    ours = build("mar", "mar_b", device)
+    on_path(root / "mar")
+    from models import mar
+
+    torch.manual_seed(0)
+    peer = mar.mar_base(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, mask_ratio_min=0.7,
+                        label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
+                        diffloss_d=6, diffloss_w=1024, num_sampling_steps="100", diffusion_batch_mul=4)  # fmt: skip
+    peer = peer.to(device).eval()
+    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours))
+    labels = torch.arange(batch, device=device)
+    rows = []
+    for precision in precisions:
+        peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
+
+        def run_peer():
+            with torch.no_grad(), precision_context(precision, device):
+                peer.sample_tokens(bsz=batch, num_iter=64, cfg=2.9, cfg_schedule="linear", labels=labels,
+                                   temperature=1.0)  # fmt: skip
+
+        def run_ours():
+            g = torch.Generator(device).manual_seed(0)
+            with precision_context(precision, device):
+                ours.sample_tokens(labels, steps=64, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps,
+                                   sampler="euler", generator=g)  # fmt: skip
+
+        row = pair("MAR-B", n_peer, n_ours, precision, False, batch, run_peer, run_ours, repeat)
+        row["setting"] = f"MAR 100 diffusion steps vs lit_ar {flow_steps} flow steps"
+        rows.append(row)
+        print_table(rows[-1:])
+    return rows
+
+
+def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat) -> dict:
+    """Time both samplers, interleaved (peer, ours, peer, ours, ...) after a warm-up (and compile) of each. A side
+    that fails (e.g. LlamaGen's fp32 KV cache under bf16 autocast) is reported with its error, not timed."""
+    times, errors = {"peer": [], "ours": []}, {}
+    runs = {"peer": run_peer, "ours": run_ours}
+    for side, fn in runs.items():
+        try:
+            fn()  # warm-up: compilation, CUDA graphs, allocator
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a result to report
+            errors[side] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    for _ in range(repeat):
+        for side, fn in runs.items():
+            if side not in errors:
+                times[side].append(time_call(fn, warmup=0, repeat=1))
+    ips = {s: batch / sorted(t)[repeat // 2] if t else float("nan") for s, t in times.items()}
+    row = {"model": name, "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
+           "compiled": compile, "batch": batch, "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
+           "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+    if errors:
+        row["failed"] = "; ".join(f"{'peer' if s == 'peer' else 'lit_ar'}: {e}" for s, e in errors.items())
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peer-root", required=True, help="folder with the peers' checkouts: LlamaGen/, VAR/, mar/")
+    p.add_argument("--families", nargs="+", default=["llamagen", "var", "mar"], choices=["llamagen", "var", "mar"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16-autocast"],
+                   choices=["fp32", "bf16-autocast", "bf16-weights"])  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="compile both sides (LlamaGen and lit_ar only)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--mar-batch", type=int, default=2)
+    p.add_argument("--flow-steps", type=int, default=25, help="lit_ar's flow-head ODE steps (MAR: 100 diffusion)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    root = Path(args.peer_root).expanduser()
+    print(f"machine: {machine()}")
+    rows = []
+    if "llamagen" in args.families:
+        rows += llamagen_rows(root, device, args.precisions, args.compile, args.repeat)
+    if "var" in args.families:
+        rows += var_rows(root, device, args.precisions, args.compile, args.repeat)
+    if "mar" in args.families:
+        if device != "cuda":
+            print("MAR's sampler calls .cuda(): its rows need a GPU; skipped")
+        else:
+            rows += mar_rows(root, device, args.precisions, args.mar_batch, args.flow_steps, args.repeat)
+    print_table(rows, "lit_ar vs the peers' own samplers (token generation; ratio > 1: lit_ar faster)")
+    if args.json:
+        write_json(rows, args.json, args=vars(args))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
