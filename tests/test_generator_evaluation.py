@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, checkpoint_for_config, run_dir_args
+from conftest import CONFIGS, checkpoint_for_config, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
 from lit_ar.evaluation import EvaluationRecord
@@ -62,6 +62,7 @@ def test_lit_ar_test_evaluates_a_generator_checkpoint_on_its_ema_weights(
     assert set(record.metrics) == {"fid", "is_mean", "is_std", "precision", "recall", "class_accuracy"}
     assert record.metrics["fid"] > 0 and 0 <= record.metrics["class_accuracy"] <= 1
     assert float(cli.trainer.callback_metrics["test/fid"]) == pytest.approx(record.metrics["fid"])
+    assert cli.trainer.num_test_batches == [1], "the test split only drives the loop: one batch of it is read"
     # EMA: Lightning's callback saves the averaged weights as the checkpoint's state_dict (the training weights
     # under current_model_state); `lit_ar test --ckpt_path` loads the former, so the samples are the EMA model's
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -99,3 +100,36 @@ def test_validate_logs_the_evaluation_next_to_the_loss_and_test_without_evaluato
                   *evaluator_args(classifier_ckpt, tmp_path / "bad"), f"{E}per_class", "2",
                   "--ckpt_path", str(ckpt)])  # fmt: skip
     assert not (tmp_path / "bad" / "references").exists()
+
+
+@pytest.mark.slow
+def test_a_family_evaluated_on_two_processes_makes_the_same_samples_and_figures_as_on_one(
+    tmp_path, checkpoints_root, classifier_ckpt
+):
+    """MAR draws its orders and its flow noise from the protocol's per-batch generators: 1 or 2 gloo processes
+    make the same class-balanced samples (same digest) and the same metrics."""
+    tok = checkpoint_for_config(CONFIGS / "debug" / "tokenizer_kl.yaml", checkpoints_root)
+    tok_args = ["--model.init_args.tokenizer_ckpt", str(tok)]
+    ckpt = checkpoint_for_config(CONFIGS / "debug" / "flow_mar.yaml", checkpoints_root, extra=tok_args)
+    records = {}
+    for world in (1, 2):
+        run = tmp_path / f"w{world}"
+        run_lit_ar(["test", "--config", str(CONFIGS / "debug" / "flow_mar.yaml"), "--config", EVAL_CONFIG, *tok_args,
+                    *run_dir_args(run), *evaluator_args(classifier_ckpt, run), "--ckpt_path", str(ckpt),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", str(world)]
+                   + (["--trainer.strategy", "ddp"] if world > 1 else []), timeout=300)  # fmt: skip
+        records[world] = EvaluationRecord.from_json(run / "eval" / "evaluation.json")
+    one, two = records[1], records[2]
+    assert (one.protocol["world_size"], two.protocol["world_size"]) == (1, 2)
+    assert one.protocol["class_counts"] == two.protocol["class_counts"] == [4] * 10
+    assert one.samples["digest"] == two.samples["digest"], "the same samples on 1 and 2 processes"
+    for name, value in one.metrics.items():
+        assert two.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_the_evaluator_setting_is_documented_in_every_family_help(capsys):
+    for system in ("CausalARSystem", "MaskedARSystem", "ScaleARSystem", "FlowARSystem"):
+        with pytest.raises(SystemExit):
+            cli_main(["test", "--model.help", f"lit_ar.systems.{system}"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "The evaluation protocol `lit_ar test` runs" in out, system
