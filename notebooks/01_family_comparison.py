@@ -27,8 +27,9 @@
 # Sizes. With `LIT_AR_SMALL=1` (the tests) it runs the debug configs (16x16 images, tiny models, 32 steps each,
 # 4 samples per class): about a minute on 2 CPU cores, and the figures mean nothing beyond "the pipeline works".
 # Without it, it runs the shapes configs (64x64 images, 16x16 tokens) at 3000 steps of batch 32 per family and
-# evaluates 50 samples per class (500) against the 8000 training images: on one H100, roughly 15 min for the
-# classifier and tokenizers and 5-15 min per family (most of it MAR/FlowAR), about 1.5 h in all; on a CPU, days.
+# evaluates 50 samples per class (500) against the 8000 training images (`LIT_AR_STEPS` changes the step budget).
+# Expected wall time on one H100: of the order of an hour or two (not measured yet; the classifier and three
+# tokenizers at 1500 steps, six families at 3000 steps, MAR and FlowAR the slowest); on a CPU, days.
 # Set `LIT_AR_RUN_DIR` to keep the runs (default: a temporary folder).
 
 # %%
@@ -52,6 +53,7 @@ SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
 RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook01_")))
 QUIET = ["--trainer.enable_progress_bar", "false"]
 STEPS, BATCH = (32, 16) if SMALL else (3000, 32)  # the equal training budget of every family
+STEPS = int(os.environ.get("LIT_AR_STEPS", STEPS))  # e.g. a shorter full-size run
 PER_CLASS = 4 if SMALL else 50  # samples of every class in the evaluation
 SAMPLE_SPEED_BATCH = 20 if SMALL else 100
 
@@ -156,21 +158,30 @@ assert floor.num_samples == num_val and floor.reference == records["LlamaGen"].r
 # %% [markdown]
 # ## Sampling speed
 # Images per second of each family's `sample` with its `predict_kwargs` (CFG included where they set it), one
-# batch after a warm-up batch, on this machine, in float32 at small size (the evaluation's precision otherwise).
+# batch after a warm-up batch: on the GPU when there is one, in bf16 autocast (the shapes configs' precision), else
+# on the CPU in float32 (the debug configs').
 
 # %%
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def draw(model, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        return model.sample(labels, generator=torch.Generator(device).manual_seed(seed),
+                            **(model.hparams.predict_kwargs or {}))  # fmt: skip
+
+
 speed = {}
 for name, model in models.items():
-    labels = torch.arange(SAMPLE_SPEED_BATCH, device=model.device) % num_classes
-    kwargs = model.hparams.predict_kwargs or {}
-    with torch.no_grad():
-        model.sample(labels[:2], generator=torch.Generator(model.device).manual_seed(0), **kwargs)  # warm-up
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.sample(labels, generator=torch.Generator(model.device).manual_seed(0), **kwargs)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+    model.to(device).eval()  # Lightning hands the model back on the CPU after `test`
+    labels = torch.arange(SAMPLE_SPEED_BATCH, device=device) % num_classes
+    draw(model, labels[:2])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    draw(model, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     speed[name] = SAMPLE_SPEED_BATCH / (time.perf_counter() - start)
 
 # %% [markdown]
@@ -204,10 +215,7 @@ assert (table["images/s"].iloc[:-1] > 0).all()
 # %%
 fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 12))
 for ax, (name, model) in zip(axes, models.items()):
-    labels = torch.arange(num_classes, device=model.device).repeat_interleave(2)  # (2 * num_classes,)
-    with torch.no_grad():
-        images = model.sample(labels, generator=torch.Generator(model.device).manual_seed(0),
-                              **(model.hparams.predict_kwargs or {}))  # fmt: skip
+    images = draw(model, torch.arange(num_classes, device=device).repeat_interleave(2))  # (2 * num_classes, C, H, W)
     assert images.shape == (2 * num_classes, 3, model.hparams.image_size, model.hparams.image_size)
     ax.imshow(make_grid(images, nrow=2).permute(1, 2, 0))
     ax.set_title(name)
