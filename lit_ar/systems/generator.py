@@ -91,7 +91,7 @@ class GeneratorSystem(L.LightningModule):
         # evaluator is how this run is measured, not part of the model
         self.save_hyperparameters(ignore=["evaluator"])
         self.evaluator = evaluator
-        if evaluator is not None and evaluator.sampling is None:  # evaluate the samples `lit_ar predict` writes
+        if evaluator is not None and evaluator.sampling is None:  # sample as `lit_ar predict` does
             evaluator.sampling = dict(predict_kwargs or {})
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"model.init_args.class_dropout={class_dropout} must be in [0, 1)")
