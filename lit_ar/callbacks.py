@@ -151,7 +151,8 @@ class FIDCallback(L.Callback):
             num_samples: Number of samples of an unconditional model; set per_class to null then.
             seed: Seed of the labels and of every batch's generator (the same samples' noise at every evaluation).
             batch_size: Samples per generation batch per device.
-            sampling: Keyword arguments of the generator's `sample` (e.g. `{cfg: 1.5}`).
+            sampling: Keyword arguments of the generator's `sample` (e.g. `{cfg: 1.5}`); null: the generator's
+                `predict_kwargs`.
             reference_split: The data split whose statistics are the reference: `train` or `validation`.
             reference_dir: Cache folder of reference statistics.
             reference_max_images: Use a seeded random subset of this many reference images (null: the whole split).
@@ -174,6 +175,8 @@ class FIDCallback(L.Callback):
         self.history: list[tuple[int, dict]] = []  # (global step, metrics) of every evaluation on this process
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.evaluator.sampling is None:  # null: the generator's own sampling settings, as `lit_ar test` uses
+            self.evaluator.sampling = dict(pl_module.hparams.get("predict_kwargs") or {})
         self.evaluator.prepare(trainer, pl_module)  # bad settings and the reference: before the first step
 
     def _averaging_callback(self, trainer: L.Trainer):

@@ -488,7 +488,8 @@ class GeneratorEvaluator(Evaluator):
             seed: Seed of the label order and of every batch's generator.
             batch_size: Samples per generation batch per device. Samples depend on it (batch b gets the
                 generator seeded from (seed, b * batch_size)) but not on the number of devices.
-            sampling: Keyword arguments of the generator's `sample` (e.g. `{cfg: 1.5, temperature: 1.0, top_k: null}`).
+            sampling: Keyword arguments of the generator's `sample` (e.g. `{cfg: 1.5, temperature: 1.0, top_k: null}`);
+                null: a lit_ar generator system's own `predict_kwargs` (each family's configured sampling).
             reference_split: The data split whose statistics are the reference: `train` or `validation`.
             reference_path: A reference statistics file; computed there if missing, refused if made for another
                 dataset, split, resolution or extractor. Null: an automatically named file in `reference_dir`.
@@ -514,7 +515,8 @@ class GeneratorEvaluator(Evaluator):
             if value is not None and value < 1:
                 raise ValueError(f"{self.setting(name)}={value} must be at least 1")
         self.per_class, self.num_samples, self.seed = per_class, num_samples, seed
-        self.sampling = dict(sampling or {})
+        # None: the owner decides (a generator system uses its `predict_kwargs`); {} samples with the defaults
+        self.sampling = None if sampling is None else dict(sampling)
 
     def labels(self, num_classes: int) -> torch.Tensor:
         """The labels of every sample, in global-index order; refuses a protocol that does not fit the model."""
@@ -549,7 +551,7 @@ class GeneratorEvaluator(Evaluator):
         if generate is None:
 
             def generate(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-                return pl_module.sample(y, generator=g, **self.sampling)
+                return pl_module.sample(y, generator=g, **(self.sampling or {}))
 
         def batches() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
             for start, end in self._my_batches(trainer, len(labels)):
@@ -587,7 +589,7 @@ class GeneratorEvaluator(Evaluator):
         if write_record:
             self.last_record = self.record(
                 trainer, metrics, fake, samples={"source": "generator"},
-                sampling={**self.sampling, "batch_size": self.batch_size},
+                sampling={**(self.sampling or {}), "batch_size": self.batch_size},
                 protocol={"per_class": self.per_class, "num_classes": num_classes}, seed=self.seed,
             )  # fmt: skip
         return metrics

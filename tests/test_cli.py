@@ -35,6 +35,11 @@ def config_overrides(path: Path, run_dir: Path, checkpoints_root: Path) -> list[
 def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path, checkpoints_root):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw["seed_everything"], int), "every shipped config pins an integer seed"
+    if "class_path" not in raw["model"]:  # a config stacked on a family's (configs/eval/generator_shapes.yaml)
+        base = CONFIGS / "causal" / "llamagen_shapes.yaml"
+        args = ["--config", str(base), "--config", str(path), *config_overrides(base, tmp_path, checkpoints_root)]
+        assert cli_main(args, run=False).model.evaluator is not None
+        return
     logger = raw["trainer"]["logger"]["init_args"]
     assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
     cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path, checkpoints_root)], run=False)

@@ -172,7 +172,8 @@ def test_npz_evaluation_through_the_cli_matches_the_generator_evaluation(tmp_pat
         return cli_main(
             ["test", "--config", NPZ_CONFIG, *run_dir_args(tmp_path / "npz"), *DATA_16PX,
              "--model.init_args.samples_npz", samples, "--model.init_args.extractor_ckpt", str(classifier_ckpt),
-             "--model.init_args.reference_dir", str(tmp_path / "references"), "--model.init_args.eval_batch_size", "8"]
+             "--model.init_args.reference_dir", str(tmp_path / "references"), "--model.init_args.eval_batch_size", "8",
+             "--data.batch_size", "8"]
         )  # fmt: skip
 
     cli = npz_test(str(tmp_path / "samples.npz"))
@@ -183,6 +184,7 @@ def test_npz_evaluation_through_the_cli_matches_the_generator_evaluation(tmp_pat
     for name, value in ev.last_record.metrics.items():
         assert record.metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     assert record.protocol["class_balanced"] and cli.trainer.callback_metrics["test/fid"] >= 0
+    assert cli.trainer.num_test_batches == [1], "one batch of the test split drives the loop, not all of it"
     # The real-vs-real floor: the validation split as samples against the training reference; noise raises it
     data = ImageDataModule(dataset="shapes", image_size=16, num_train=256, num_val=64)
     assert write_split_npz(data, "validation", tmp_path / "val.npz") == 64

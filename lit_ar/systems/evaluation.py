@@ -141,12 +141,17 @@ class NpzEvaluator(L.LightningModule):
         )  # fmt: skip
         self.last_record = None
 
+    def setup(self, stage: str) -> None:
+        if stage == "test":
+            # the test split only drives the loop: one batch (`limit_test_batches: 1` in YAML parses as 1.0 = 100%)
+            self.trainer.limit_test_batches = 1
+
     def on_test_start(self) -> None:
         # every check (extractor, sample count, resolution, reference identity) before any features are computed
         self.evaluator.prepare(self.trainer, self, self.images.shape[0], "model.init_args.samples_npz")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        """Nothing per batch: the work is in `on_test_epoch_end` (configs set `trainer.limit_test_batches: 1`)."""
+        """Nothing per batch: the work is in `on_test_epoch_end` (one test batch drives the loop: see `setup`)."""
 
     def _batches(self):
         ranges = self.evaluator._my_batches(self.trainer, self.images.shape[0])

@@ -1,5 +1,7 @@
 """GeneratorSystem: what every generator family shares — the frozen tokenizer, the checks that it agrees with the
-generator, tokens from images or from a token cache, label checks, the optimizer and schedule, and `predict`.
+generator, tokens from images or from a token cache, label checks, the optimizer and schedule, `predict`, and
+`test`/`validate` = the evaluation protocol of `lit_ar.evaluation.GeneratorEvaluator` (FID, IS, precision/recall,
+class accuracy of class-balanced seeded samples against a cached reference).
 
 A family subclasses it and implements `training_step`/`validation_step` (tokens -> loss) and `sample(...)`.
 """
@@ -9,8 +11,10 @@ import functools
 import lightning as L
 import torch
 import torch.utils.checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from lit_ar.evaluation import GeneratorEvaluator
 from lit_ar.models.layers import Block
 from lit_ar.systems.lr_schedule import warmup_cosine
 
@@ -55,6 +59,7 @@ class GeneratorSystem(L.LightningModule):
         activation_checkpointing: bool = False,
         predict_seed: int = 0,
         predict_kwargs: dict | None = None,
+        evaluator: GeneratorEvaluator | None = None,
     ):
         """
         Args:
@@ -77,10 +82,17 @@ class GeneratorSystem(L.LightningModule):
                 `activation_checkpointing_policy`.
             predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
             predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
+            evaluator: The evaluation protocol `lit_ar test` runs (a `lit_ar.evaluation.GeneratorEvaluator`:
+                extractor, samples per class, sampling settings, reference); see configs/eval/generator_shapes.yaml.
+                Not a hyper-parameter of the model: it is not saved in checkpoints.
         """
         super().__init__()
-        # collects the init arguments of the family subclass too (Lightning walks the __init__ frames)
-        self.save_hyperparameters()
+        # collects the init arguments of the family subclass too (Lightning walks the __init__ frames); the
+        # evaluator is how this run is measured, not part of the model
+        self.save_hyperparameters(ignore=["evaluator"])
+        self.evaluator = evaluator
+        if evaluator is not None and evaluator.sampling is None:  # sample as `lit_ar predict` does
+            evaluator.sampling = dict(predict_kwargs or {})
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"model.init_args.class_dropout={class_dropout} must be in [0, 1)")
         self.tokenizer: nn.Module | None = None
@@ -183,6 +195,50 @@ class GeneratorSystem(L.LightningModule):
     def sample(self, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         """labels (B,) -> images (B, C, H, W) in [-1, 1]. Implemented by each family."""
         raise NotImplementedError
+
+    # -- evaluation: `lit_ar test` (and `lit_ar validate`) run the evaluator's protocol --------------------------
+    def _require_evaluator(self, stage: str) -> GeneratorEvaluator:
+        if self.evaluator is None:
+            raise ValueError(
+                f"`lit_ar {stage}` on a generator evaluates its samples, but model.init_args.evaluator is not set. "
+                "Add the evaluation settings, e.g. `--config configs/eval/generator_shapes.yaml`, or in the config:\n"
+                "model:\n  init_args:\n    evaluator:\n      class_path: lit_ar.evaluation.GeneratorEvaluator\n"
+                "      init_args: {extractor: classifier, extractor_ckpt: runs/classifier/shapes/checkpoints/best.ckpt,"
+                " per_class: 50, sampling: {cfg: 2.0}}"
+            )
+        return self.evaluator
+
+    def setup(self, stage: str) -> None:
+        if stage == "test":
+            # The test split only drives the loop (test_step does nothing), so read one batch of it. Set here, not in
+            # YAML: the CLI parses `limit_test_batches: 1` as the float 1.0, which Lightning reads as "100%".
+            self.trainer.limit_test_batches = 1
+
+    def on_test_start(self) -> None:
+        # every check (settings, extractor, sample count, resolution, reference identity) before any sampling; the
+        # reference statistics are computed (once, then cached) here
+        self._require_evaluator("test").prepare(self.trainer, self)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: the evaluation runs once in `on_test_epoch_end` (one test batch: see `setup`)."""
+
+    def on_test_epoch_end(self) -> None:
+        # At `lit_ar test --ckpt_path` the weights are the checkpoint's `state_dict`: with EMAWeightAveraging in
+        # training that is the averaged model (the callback saves it there), so FID is of the EMA weights.
+        self.evaluator.run(self, stage="test")
+
+    def _validating_alone(self) -> bool:
+        # `lit_ar validate`, not the validation inside `fit` (there the FIDCallback measures FID every N steps)
+        return self._trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING
+
+    def on_validation_start(self) -> None:
+        if self._validating_alone() and self.evaluator is not None:
+            self.evaluator.prepare(self.trainer, self)
+
+    def on_validation_epoch_end(self) -> None:
+        """`lit_ar validate` logs the family's `val/loss` and, with an evaluator, its metrics as `val/fid`, ..."""
+        if self._validating_alone() and self.evaluator is not None:
+            self.evaluator.run(self, stage="val")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Batches of labels (see ImageDataModule.predict_per_class) -> uint8 samples with their indices."""

@@ -1,0 +1,224 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 01 — Every generator family on `shapes`, at one training budget, under one evaluation protocol
+#
+# This notebook reproduces the family-comparison table of the README. It
+# 1. trains the shapes classifier (the FID feature extractor) and the three tokenizers the families need: VQ for
+#    the discrete families (LlamaGen, RAR, MaskGIT), multi-scale VQ for VAR, KL for the continuous ones (MAR,
+#    FlowAR);
+# 2. trains every generator family at the **same budget: the same number of optimizer steps at the same batch
+#    size** (so every family sees the same number of training images; wall time is reported next to it);
+# 3. evaluates each checkpoint through the CLI exactly as a user would (`lit_ar test --config <family config>
+#    --config configs/eval/generator_shapes.yaml --ckpt_path ...`): the same number of samples of every class,
+#    seeded, made with each family's own `predict_kwargs`, in the classifier's features, against the training
+#    split's cached statistics; EMA checkpoints (MAR, FlowAR) are evaluated on their averaged weights;
+# 4. adds the **real-vs-real floor**: the validation split evaluated as if it were samples, against the same
+#    reference, with the same extractor (`lit_ar.evaluation.write_split_npz` + `configs/eval/npz_shapes.yaml`).
+#    No generator can be expected to beat it by more than noise; it says how small an FID difference means anything;
+# 5. tabulates FID, precision, recall, class accuracy, sampling speed and training time, and shows samples.
+#
+# Sizes. With `LIT_AR_SMALL=1` (the tests) it runs the debug configs (16x16 images, tiny models, 32 steps each,
+# 4 samples per class): about a minute on 2 CPU cores, and the figures mean nothing beyond "the pipeline works".
+# Without it, it runs the shapes configs (64x64 images, 16x16 tokens) at 3000 steps of batch 32 per family and
+# evaluates 50 samples per class (500) against the 8000 training images (`LIT_AR_STEPS` changes the step budget).
+# Expected wall time on one H100: of the order of an hour or two (not measured yet; the classifier and three
+# tokenizers at 1500 steps, six families at 3000 steps, MAR and FlowAR the slowest); on a CPU, days.
+# Set `LIT_AR_RUN_DIR` to keep the runs (default: a temporary folder).
+
+# %%
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import yaml
+
+from lit_ar.callbacks import make_grid
+from lit_ar.cli import cli_main
+from lit_ar.data.datamodule import ImageDataModule
+from lit_ar.evaluation import EvaluationRecord, write_split_npz
+
+SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
+RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook01_")))
+QUIET = ["--trainer.enable_progress_bar", "false"]
+STEPS, BATCH = (32, 16) if SMALL else (3000, 32)  # the equal training budget of every family
+STEPS = int(os.environ.get("LIT_AR_STEPS", STEPS))  # e.g. a shorter full-size run
+PER_CLASS = 4 if SMALL else 50  # samples of every class in the evaluation
+SAMPLE_SPEED_BATCH = 20 if SMALL else 100
+
+
+def fit(config: str, name: str, *extra: str) -> tuple[Path, float]:
+    """`lit_ar fit --config <config>` with the run folder under RUN_DIR; returns the last checkpoint and seconds."""
+    start = time.perf_counter()
+    cli_main(["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), *QUIET, *extra])
+    return RUN_DIR / name / "checkpoints" / "last.ckpt", time.perf_counter() - start
+
+
+# %% [markdown]
+# ## The feature extractor and the tokenizers
+# The classifier's penultimate features are the FID space on `shapes` (InceptionV3 features of 16x16 or 64x64
+# procedural shapes would measure little); its accuracy on the samples is the class accuracy column. The
+# evaluation refuses a classifier trained at another resolution than the data's.
+
+# %%
+debug = "configs/debug/"
+if SMALL:  # 100 steps: a weak classifier (~20% on 16x16 shapes), but not a chance-level one
+    classifier_ckpt, _ = fit(debug + "classifier.yaml", "classifier", "--trainer.max_steps", "100")
+else:
+    last, _ = fit("configs/classifier/shapes.yaml", "classifier")
+    classifier_ckpt = last.parent / "best.ckpt"  # the best validation accuracy, as the eval config names
+tokenizer_budget = ["--trainer.max_steps", "8"] if SMALL else []
+tokenizers = {}
+for kind in ("vq", "msvq", "kl"):
+    config = f"{debug}tokenizer_{kind}.yaml" if SMALL else f"configs/tokenizer/{kind}_shapes.yaml"
+    tokenizers[kind], seconds = fit(config, f"tokenizer_{kind}", *tokenizer_budget)
+    print(f"tokenizer {kind}: {seconds:.0f} s")
+
+# %% [markdown]
+# ## Every family at the same budget
+# Each family's config is used as shipped except for the budget (`max_steps`, `batch_size`), the tokenizer path and,
+# at small size, no validation. The learning-rate schedules follow `max_steps`.
+
+# %%
+FAMILIES = {  # name: (debug config, shapes config, tokenizer)
+    "LlamaGen": ("causal.yaml", "configs/causal/llamagen_shapes.yaml", "vq"),
+    "RAR": ("rar.yaml", "configs/causal/rar_shapes.yaml", "vq"),
+    "MaskGIT": ("masked.yaml", "configs/masked/maskgit_shapes.yaml", "vq"),
+    "VAR": ("scale.yaml", "configs/scale/var_shapes.yaml", "msvq"),
+    "MAR": ("flow_mar.yaml", "configs/flow/mar_shapes.yaml", "kl"),
+    "FlowAR": ("flow_flowar.yaml", "configs/flow/flowar_shapes.yaml", "kl"),
+}
+budget = ["--trainer.max_steps", str(STEPS), "--data.batch_size", str(BATCH)]
+budget += ["--trainer.limit_val_batches", "0"] if SMALL else []
+trained = {}
+for name, (small_config, config, tokenizer) in FAMILIES.items():
+    config = debug + small_config if SMALL else config
+    tok = ["--model.init_args.tokenizer_ckpt", str(tokenizers[tokenizer])]
+    ckpt, seconds = fit(config, name, *tok, *budget)
+    trained[name] = (config, tok, ckpt, seconds)
+    print(f"{name}: {STEPS} steps of batch {BATCH} in {seconds:.0f} s")
+
+# %% [markdown]
+# ## Evaluation through the CLI
+# `configs/eval/generator_shapes.yaml` is stacked on each family's config; its settings are overridden here only
+# for the classifier path, the reference cache folder and (small size) the number of samples. Every record is a JSON
+# file in the family's run folder, `eval/evaluation.json`.
+
+# %%
+E = "--model.init_args.evaluator.init_args."
+eval_settings = [f"{E}extractor_ckpt", str(classifier_ckpt), f"{E}reference_dir", str(RUN_DIR / "references"),
+                 f"{E}per_class", str(PER_CLASS)] + ([f"{E}batch_size", "40"] if SMALL else [])  # fmt: skip
+records, models = {}, {}
+for name, (config, tok, ckpt, _) in trained.items():
+    cli = cli_main(["test", "--config", config, "--config", "configs/eval/generator_shapes.yaml", *tok, *QUIET,
+                    "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), *eval_settings,
+                    "--ckpt_path", str(ckpt)])  # fmt: skip
+    records[name] = EvaluationRecord.from_json(RUN_DIR / name / "eval" / "evaluation.json")
+    models[name] = cli.model
+    assert records[name] == cli.model.evaluator.last_record
+    assert records[name].checkpoint["path"] == str(ckpt)
+
+num_classes = next(iter(models.values())).hparams.num_classes
+for name, record in records.items():  # class-balanced: exactly PER_CLASS samples of every class
+    assert record.protocol["class_counts"] == [PER_CLASS] * num_classes, (name, record.protocol["class_counts"])
+    assert record.num_samples == PER_CLASS * num_classes
+print(json.dumps({k: v for k, v in records["LlamaGen"].protocol.items()}, sort_keys=True))
+
+# %% [markdown]
+# ## The real-vs-real floor
+# The validation split, written as an npz of 8-bit images with its labels, evaluated by `NpzEvaluator` against the
+# same training-split reference file (same data settings, same extractor, same precision/recall subsample). Its
+# class accuracy is the classifier's accuracy on real images: the ceiling of the class accuracy column.
+
+# %%
+floor_config = trained["LlamaGen"][0]
+data_settings = yaml.safe_load(Path(floor_config).read_text())["data"]
+val_npz = RUN_DIR / "floor" / "validation.npz"
+val_npz.parent.mkdir(parents=True, exist_ok=True)
+num_val = write_split_npz(ImageDataModule(**data_settings), "validation", val_npz)
+data_args = [arg for key, value in data_settings.items() for arg in (f"--data.{key}", str(value))]
+npz_settings = ["--model.init_args.samples_npz", str(val_npz), "--model.init_args.extractor_ckpt",
+                str(classifier_ckpt), "--model.init_args.reference_dir", str(RUN_DIR / "references")]  # fmt: skip
+floor_cli = cli_main(["test", "--config", "configs/eval/npz_shapes.yaml", *data_args, *npz_settings, *QUIET,
+                      "--trainer.logger.init_args.save_dir", str(RUN_DIR / "floor")])  # fmt: skip
+floor = floor_cli.model.last_record
+assert floor.num_samples == num_val and floor.reference == records["LlamaGen"].reference, "the same reference"
+
+# %% [markdown]
+# ## Sampling speed
+# Images per second of each family's `sample` with its `predict_kwargs` (CFG included where they set it), one
+# batch after a warm-up batch: on the GPU when there is one, in bf16 autocast (the shapes configs' precision), else
+# on the CPU in float32 (the debug configs').
+
+# %%
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def draw(model, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        return model.sample(labels, generator=torch.Generator(device).manual_seed(seed),
+                            **(model.hparams.predict_kwargs or {}))  # fmt: skip
+
+
+speed = {}
+for name, model in models.items():
+    model.to(device).eval()  # Lightning hands the model back on the CPU after `test`
+    labels = torch.arange(SAMPLE_SPEED_BATCH, device=device) % num_classes
+    draw(model, labels[:2])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    draw(model, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    speed[name] = SAMPLE_SPEED_BATCH / (time.perf_counter() - start)
+
+# %% [markdown]
+# ## The table
+# FID and precision/recall are in the classifier's feature space, against the training split; lower FID is better.
+# With few samples FID is biased upwards (the floor row, with about as many images, shows by how much).
+
+# %%
+rows = []
+for name, record in records.items():
+    m = record.metrics
+    rows.append({"family": name, "FID": m["fid"], "precision": m["precision"], "recall": m["recall"],
+                 "class acc.": m["class_accuracy"], "samples": record.num_samples, "images/s": speed[name],
+                 "train s": trained[name][3], "steps x batch": f"{STEPS} x {BATCH}"})  # fmt: skip
+m = floor.metrics
+rows.append({"family": "real (validation split)", "FID": m["fid"], "precision": m["precision"], "recall": m["recall"],
+             "class acc.": m["class_accuracy"], "samples": floor.num_samples, "images/s": None, "train s": None,
+             "steps x batch": None})  # fmt: skip
+table = pd.DataFrame(rows).set_index("family")
+print(table.to_string(float_format=lambda x: f"{x:.3g}"))
+table.to_csv(RUN_DIR / "family_comparison.csv")  # the README's table comes from this file
+assert list(table.index) == [*FAMILIES, "real (validation split)"], "a row per family, then the floor"
+assert table["FID"].notna().all() and (table["FID"] >= 0).all()
+assert table[["precision", "recall", "class acc."]].stack().between(0, 1).all()
+assert (table["images/s"].iloc[:-1] > 0).all()
+
+# %% [markdown]
+# ## Samples
+# One row per class, two samples of each, every family with the same seed and its own `predict_kwargs`.
+
+# %%
+fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 12))
+for ax, (name, model) in zip(axes, models.items()):
+    images = draw(model, torch.arange(num_classes, device=device).repeat_interleave(2))  # (2 * num_classes, C, H, W)
+    assert images.shape == (2 * num_classes, 3, model.hparams.image_size, model.hparams.image_size)
+    ax.imshow(make_grid(images, nrow=2).permute(1, 2, 0))
+    ax.set_title(name)
+    ax.axis("off")
+plt.tight_layout()
+fig.savefig(RUN_DIR / "family_samples.png")
