@@ -50,26 +50,11 @@ def generator_args(name: str, run_dir: Path, checkpoints_root: Path, steps: int,
     config = CONFIGS / "debug" / f"{name}.yaml"
     named = yaml.safe_load(config.read_text())["model"]["init_args"]["tokenizer_ckpt"]
     tokenizer = checkpoint_for_config(config_for_run_path(named), checkpoints_root)
-    return [
-        "fit",
-        "--config",
-        str(config),
-        *run_dir_args(run_dir),
-        "--model.init_args.tokenizer_ckpt",
-        str(tokenizer),
-        "--trainer.accelerator",
-        "gpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.callbacks+=" + json.dumps({"class_path": "test_gpu.LossRecorder", "init_args": recorder_args}),
-    ]
-    # fmt: skip
+    return ["fit", "--config", str(config), *run_dir_args(run_dir), "--model.init_args.tokenizer_ckpt",
+            str(tokenizer), "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.max_steps",
+            str(steps), "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.callbacks+=" + json.dumps({"class_path": "test_gpu.LossRecorder", "init_args": recorder_args})
+            ]  # fmt: skip
 
 
 def test_fsdp_on_one_gpu_trains_like_a_single_device(tmp_path, checkpoints_root):
