@@ -23,17 +23,19 @@ MAR_B_PARAMS, MAR_B_HEAD_PARAMS = 207_924_768, 35_749_920
 
 PRESETS = {
     # a 16x16 grid of 16-wide tokens: ImageNet-256 under MAR's KL-16 (and 64x64 shapes at 4x downsampling)
+    "tiny": dict(dim=64, depth=2, n_heads=4, buffer_size=16, head_width=64, head_depth=2, num_classes=10),
     "small": dict(dim=256, depth=4, n_heads=4, buffer_size=16, head_width=256, head_depth=3, num_classes=10),
     "mar_b": dict(dim=768, depth=12, n_heads=12, buffer_size=64, head_width=1024, head_depth=6, num_classes=1000),
 }
 
 
-def build(backbone: str, preset: str, device: str) -> FlowARSystem:
+def build(backbone: str, preset: str, device: str, grid_size: int = 16, compile: bool = False) -> FlowARSystem:
     kwargs = dict(PRESETS[preset])
     if backbone != "mar":
         kwargs.pop("buffer_size")
     torch.manual_seed(0)
-    system = FlowARSystem(backbone=backbone, token_dim=16, grid_size=16, image_size=64, **kwargs)
+    system = FlowARSystem(backbone=backbone, token_dim=16, grid_size=grid_size, image_size=4 * grid_size,
+                          compile=compile, **kwargs)  # fmt: skip
     return system.to(device).eval()
 
 

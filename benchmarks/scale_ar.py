@@ -31,16 +31,17 @@ VAR_IMAGES_PER_S = {"fp32": 0.25, "bf16-autocast": 0.76}
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
-def tokenizer_ckpt(folder: Path, preset: str, image_size: int, vocab: int, width: int) -> Path:
+def tokenizer_ckpt(folder: Path, preset: str, image_size: int, vocab: int, width: int,
+                   scales: tuple[int, ...] = VAR_SCALES) -> Path:  # fmt: skip
     """A freshly initialised multi-scale VQ TokenizerSystem checkpoint (what ScaleARSystem loads)."""
     from lit_ar.systems.tokenizer import TokenizerSystem
 
     torch.manual_seed(0)
     system = TokenizerSystem(quantizer="msvq", preset=preset, image_size=image_size, codebook_size=vocab,
-                             latent_dim=width, scales=VAR_SCALES, disc_weight=0.0)  # fmt: skip
+                             latent_dim=width, scales=scales, disc_weight=0.0)  # fmt: skip
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(system)
-    path = folder / f"msvq_{preset}_{vocab}x{width}.ckpt"
+    path = folder / f"msvq_{preset}_{image_size}_{vocab}x{width}.ckpt"
     trainer.save_checkpoint(path)
     return path
 

@@ -110,3 +110,13 @@ def classifier_ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("classifier")
     cli_main(["fit", "--config", str(CONFIGS / "debug" / "classifier.yaml"), *run_dir_args(run)])
     return run / "checkpoints" / "last.ckpt"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (tests/test_gpu.py) skip, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker `gpu`): run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

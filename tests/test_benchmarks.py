@@ -1,0 +1,59 @@
+"""The benchmark harness (`python -m benchmarks`) runs every family tiny and writes well-formed rows. Not timed:
+the numbers are only checked to be positive and consistent with each other."""
+
+import json
+import re
+
+import pytest
+
+from benchmarks.__main__ import FAMILIES, main
+
+
+def test_harness_writes_one_row_per_family_and_mode(tmp_path):
+    path = tmp_path / "bench.json"
+    argv = ["--size", "tiny", "--grids", "8", "--batches", "1", "2", "--steps", "1", "--repeat", "1",
+            "--precision", "32", "bf16", "--masked-steps", "2", "--mar-steps", "4", "--flow-steps", "2",
+            "--json", str(path)]  # fmt: skip
+    main(argv)
+    data = json.loads(path.read_text())
+    assert set(data["matmul_peak_flops"]) == {"32", "bf16"} and min(data["matmul_peak_flops"].values()) > 0
+    assert "6 * params" in data["formulas"]["train_flops"]
+    keys = [(r["family"], r["precision"], r["kind"], r["batch"]) for r in data["rows"]]
+    expected = [(f, p, k, b) for f in FAMILIES for p in ("32", "bf16") for k, b in (("train", 8), ("sample", 1),
+                ("sample", 2))]  # fmt: skip
+    assert sorted(keys) == sorted(expected)  # one row each, nothing missing or repeated
+    for r in data["rows"]:
+        assert r["mode"] == "eager" and r["grid"] == 8 and r["size"] == "tiny"
+        for col in ("seconds", "images/s", "tokens/s", "peak_MB", "TFLOP/s", "MFU", "params_M"):
+            assert r[col] > 0, (r, col)
+        assert r["images/s"] == pytest.approx(r["batch"] / r["seconds"])
+        assert r["tokens/s"] == pytest.approx(r["images/s"] * r["tokens_per_image"])
+        factor = 6 if r["kind"] == "train" else 2
+        flops = factor * r["params_M"] * 1e6 * r["tokens/s"]
+        assert r["MFU"] == pytest.approx(flops / data["matmul_peak_flops"][r["precision"]])
+    # VAR's pyramid holds more tokens than its final 8x8 grid; the others hold exactly the grid
+    tokens = {r["family"]: r["tokens_per_image"] for r in data["rows"]}
+    assert tokens.pop("scale") > 64 and set(tokens.values()) == {64}
+
+
+def test_harness_scaling_study_rows_per_grid(tmp_path):
+    path = tmp_path / "scaling.json"
+    main(["--families", "causal", "scale", "--what", "sample", "--grids", "4", "8", "--batches", "1", "--repeat",
+          "1", "--json", str(path)])  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted((r["family"], r["grid"]) for r in rows) == [("causal", 4), ("causal", 8), ("scale", 4), ("scale", 8)]
+    assert all(r["kind"] == "sample" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--families", "flowar", "--grids", "12"], r"--grids \[12\]: FlowAR.*powers of two"),
+        (["--batches", "0"], r"--batches \[0\]: every value must be >= 1"),
+        (["--size", "huge"], r"--size: invalid choice: 'huge'"),
+    ],
+)
+def test_harness_refuses_bad_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert re.search(match, capsys.readouterr().err)
