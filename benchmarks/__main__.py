@@ -229,12 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
                 del system
                 if device == "cuda":
                     torch.cuda.empty_cache()
+                if args.json:  # after every model, so a run cut short keeps what it measured
+                    write_json(rows, args.json, device=device, matmul_n=n, matmul_peak_flops=peak,
+                               formulas=FORMULAS, args=vars(args))  # fmt: skip
     print_table(rows, f"\n## lit_ar benchmarks, size {args.size} ({machine()})")
     result = {"machine": machine(), "device": device, "matmul_n": n, "matmul_peak_flops": peak,
               "formulas": FORMULAS, "rows": rows}  # fmt: skip
-    if args.json:
-        write_json(rows, args.json, device=device, matmul_n=n, matmul_peak_flops=peak, formulas=FORMULAS,
-                   args=vars(args))  # fmt: skip
     return result
 
 
