@@ -104,6 +104,11 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
                               shared_aln=False)  # fmt: skip
     for c, fn in saved.items():
         c.reset_parameters = fn
+    # VAR's tokenizer is meant to be loaded from its checkpoint right after: its layers were left uninitialised
+    # (torch.empty: NaN on a GPU, whose sampler then asserts). Give them default weights as ours have.
+    for m in vae.modules():
+        if type(m) in saved:
+            m.reset_parameters()
     vae.fhat_to_img = lambda f_hat: f_hat  # the anchors exclude the tokenizer's decode: ours stops at tokens too
     peer.eval()
     n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours.model))
