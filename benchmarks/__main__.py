@@ -23,7 +23,6 @@ high-water mark over the whole run (read it from the first row of a fresh proces
 """
 
 import argparse
-import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from benchmarks.common import (
     machine,
     matmul_peak_flops,
     peak_memory_mb,
+    precision_context,
     print_table,
     reset_peak_memory,
     time_call,
@@ -96,12 +96,6 @@ def tokens_per_image(family: str, system) -> int:
     if family in ("mar", "flowar"):
         return system.grid_size**2
     return system.model.num_tokens
-
-
-def precision_context(precision: str, device: str):
-    if precision == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def random_batch(family: str, system, batch: int) -> dict:

@@ -12,14 +12,21 @@ it is a running high-water mark; on CUDA it is torch.cuda.max_memory_allocated p
 """
 
 import argparse
-import contextlib
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, peak_memory_mb, print_table, reset_peak_memory, sync, write_json
+from benchmarks.common import (
+    machine,
+    peak_memory_mb,
+    precision_context,
+    print_table,
+    reset_peak_memory,
+    sync,
+    write_json,
+)
 from lit_ar.systems.causal_ar import CausalARSystem
 
 # LlamaGen's own figures on the reference machine (torch 2.13 CPU, 2 threads): generate() for GPT-B, batch 4 with
@@ -52,12 +59,6 @@ def make_system(preset: str, vocab: int, grid: int, num_classes: int, compile: b
     with torch.no_grad():  # trained-looking weights: a zero output layer would make every logit equal
         system.model.output.weight.normal_(0.0, 0.02)
     return system.to(device).eval()
-
-
-def precision_context(precision: str, device: str):
-    if precision == "bf16-autocast":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def sampling_row(system: CausalARSystem, batch: int, cfg: float, use_cache: bool, precision: str, repeat: int) -> dict:

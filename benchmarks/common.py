@@ -1,5 +1,6 @@
 """Measuring tools shared by the benchmark scripts: timing, peak memory, the machine's matmul ceiling, tables."""
 
+import contextlib
 import json
 import platform
 import resource
@@ -34,6 +35,13 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> flo
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def precision_context(precision: str, device: str):
+    """bf16 autocast for `bf16` / `bf16-autocast`; anything else (fp32, or weights already cast) runs as is."""
+    if precision in ("bf16", "bf16-autocast"):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def peak_memory_mb() -> float:

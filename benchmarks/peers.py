@@ -21,20 +21,13 @@ mode="reduce-overhead", fullgraph=True)`), lit_ar with `compile: true`; VAR and 
 """
 
 import argparse
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, print_table, time_call, write_json
-
-
-def precision_context(precision: str, device: str):
-    if precision == "bf16-autocast":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from benchmarks.common import machine, precision_context, print_table, time_call, write_json
 
 
 def maybe_bf16(module: torch.nn.Module, precision: str) -> torch.nn.Module:

@@ -14,7 +14,6 @@ CUDA, torch.cuda.max_memory_allocated per row.
 """
 
 import argparse
-import contextlib
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, peak_memory_mb, print_table, reset_peak_memory, time_call, write_json
+from benchmarks.common import (
+    machine,
+    peak_memory_mb,
+    precision_context,
+    print_table,
+    reset_peak_memory,
+    time_call,
+    write_json,
+)
 from lit_ar.systems.scale_ar import ScaleARSystem
 
 # VAR's own autoregressive_infer_cfg on the reference machine (torch 2.13 CPU, 2 threads): d16, batch 2, CFG 1.5
@@ -76,12 +83,6 @@ def make_causal(vocab: int, grid: int, width: int, heads: int, params: int, num_
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def precision_context(precision: str, device: str):
-    if precision == "bf16-autocast":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def sampling_row(system, batch: int, cfg: float, precision: str, repeat: int) -> dict:
