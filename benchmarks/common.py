@@ -37,6 +37,10 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def precision_context(precision: str, device: str):
     """bf16 autocast for `bf16` / `bf16-autocast`; anything else (fp32, or weights already cast) runs as is."""
     if precision in ("bf16", "bf16-autocast"):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, print_table, sync, time_call, write_json
+from benchmarks.common import machine, parameter_count, print_table, sync, time_call, write_json
 from lit_ar.systems.flow_ar import FlowARSystem
 
 MAR_ANCHOR_IMAGES_PER_S = 0.009  # MAR-B, 64 AR steps, 100 diffusion steps, batch 2, CFG 2.9 linear, fp32 (issue 7)
@@ -37,10 +37,6 @@ def build(backbone: str, preset: str, device: str, grid_size: int = 16, compile:
     system = FlowARSystem(backbone=backbone, token_dim=16, grid_size=grid_size, image_size=4 * grid_size,
                           compile=compile, **kwargs)  # fmt: skip
     return system.to(device).eval()
-
-
-def params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def images_per_s(system: FlowARSystem, batch: int, repeat: int = 1, **kw) -> float:
@@ -107,8 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ips = images_per_s(system, args.batch, steps=steps, **sample_kw)
         ar_steps = args.ar_steps if backbone == "mar" else len(system.core.sizes)
         rows.append(dict(table="generators", preset="small", backbone=backbone, batch=args.batch, ar_steps=ar_steps,
-                         flow_steps=args.flow_steps, params=params(system), head_params=params(system.head),
-                         images_per_s=ips))  # fmt: skip
+                         flow_steps=args.flow_steps, params=parameter_count(system),
+                         head_params=parameter_count(system.head), images_per_s=ips))  # fmt: skip
     print_table([r for r in rows if r["table"] == "generators"], "images/s per generator (fp32, CFG, small preset)")
 
     system = build("mar", "small", args.device) if not args.skip_small else None
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.mar_b:
         system = build("mar", "mar_b", args.device)
-        total, head = params(system), params(system.head)
+        total, head = parameter_count(system), parameter_count(system.head)
         print(f"\nMAR-B preset: {total:,} parameters (MAR-B: {MAR_B_PARAMS:,}), head {head:,} (MAR-B's diffusion "
               f"head: {MAR_B_HEAD_PARAMS:,}; ours predicts a velocity, not a learned variance too)")  # fmt: skip
         for ar_steps, flow_steps in [(a, f) for a in args.mar_b_ar_steps for f in args.mar_b_flow_steps]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, precision_context, print_table, time_call, write_json
+from benchmarks.common import machine, parameter_count, precision_context, print_table, time_call, write_json
 
 
 def maybe_bf16(module: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -56,7 +56,7 @@ def llamagen_rows(root: Path, device: str, precisions: list[str], compile: bool,
     peer = GPT_B(vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1, model_type="c2i")
     peer = peer.to(device).eval()
     ours = make_system("GPT-B", 16384, 16, 1000, compile, device)
-    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours.model))
+    n_peer, n_ours = (parameter_count(m) for m in (peer, ours.model))
     rows = []
     for precision in precisions:
         peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
@@ -104,7 +104,7 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
             m.reset_parameters()
     vae.fhat_to_img = lambda f_hat: f_hat  # the anchors exclude the tokenizer's decode: ours stops at tokens too
     peer.eval()
-    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours.model))
+    n_peer, n_ours = (parameter_count(m) for m in (peer, ours.model))
     batch, cfg = 2, 1.5
     labels = torch.arange(batch, device=device)
     rows = []
@@ -139,7 +139,7 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_st
                         label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                         diffloss_d=6, diffloss_w=1024, num_sampling_steps="100", diffusion_batch_mul=4)  # fmt: skip
     peer = peer.to(device).eval()
-    n_peer, n_ours = (sum(p.numel() for p in m.parameters()) for m in (peer, ours))
+    n_peer, n_ours = (parameter_count(m) for m in (peer, ours))
     labels = torch.arange(batch, device=device)
     rows = []
     for precision in precisions:

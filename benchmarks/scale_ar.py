@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     machine,
+    parameter_count,
     peak_memory_mb,
     precision_context,
     print_table,
@@ -71,7 +72,7 @@ def make_causal(vocab: int, grid: int, width: int, heads: int, params: int, num_
         system = CausalARSystem(vocab_size=vocab, grid_size=grid, dim=width, n_layer=n_layer, n_head=heads,
                                 num_classes=num_classes, image_size=64, token_dropout=0.0, resid_dropout=0.0,
                                 compile=compile)  # fmt: skip
-        gap = abs(count(system.model) - params)
+        gap = abs(parameter_count(system.model) - params)
         if best is not None and gap > best[0]:
             break
         best = (gap, system)
@@ -79,10 +80,6 @@ def make_causal(vocab: int, grid: int, width: int, heads: int, params: int, num_
     with torch.no_grad():  # trained-looking weights: a zero output layer would make every logit equal
         system.model.output.weight.normal_(0.0, 0.02)
     return system.to(device).eval()
-
-
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def sampling_row(system, batch: int, cfg: float, precision: str, repeat: int) -> dict:
@@ -167,7 +164,7 @@ def main() -> None:
     for compile in modes:
         tag = "compiled" if compile else "eager"
         var = make_var(mid_ckpt, args.depth, 10, 64, compile, device)
-        n = count(var.model)
+        n = parameter_count(var.model)
         name = f"VAR depth {args.depth} ({n / 1e6:.1f}M) {tag}"
         s = sampling_row(var, args.batch, args.cfg, "fp32", args.repeat)
         rows.append({"run": name, "what": f"sample b{args.batch} CFG {args.cfg} fp32 (images/s)",
@@ -179,7 +176,7 @@ def main() -> None:
         if causal_available:
             causal = make_causal(args.vocab, 16, var.model.dim, var.model.blocks[0].attn.n_heads, n, 10, compile,
                                  device)  # fmt: skip
-            cname = f"causal {causal.hparams.n_layer} layers ({count(causal.model) / 1e6:.1f}M) {tag}"
+            cname = f"causal {causal.hparams.n_layer} layers ({parameter_count(causal.model) / 1e6:.1f}M) {tag}"
             c = sampling_row(causal, args.batch, args.cfg, "fp32", 1)
             rows.append({"run": cname, "what": f"sample b{args.batch} CFG {args.cfg} fp32 (images/s)",
                          "value": c["images/s"], "peak MB": c["peak MB"],
@@ -196,7 +193,7 @@ def main() -> None:
         for compile in modes:
             tag = "compiled" if compile else "eager"
             var = make_var(d16_ckpt, 16, 1000, 256, compile, device)
-            n = count(var.model)
+            n = parameter_count(var.model)
             name = f"VAR-d16 ({n:,}) {tag}"
             for precision in ("fp32", "bf16-autocast"):
                 r = sampling_row(var, 2, 1.5, precision, 1)
@@ -210,7 +207,7 @@ def main() -> None:
             print_table(rows[-1:])
             if args.d16_causal and causal_available:
                 causal = make_causal(4096, 16, 1024, 16, n, 1000, compile, device)
-                cname = f"causal ({count(causal.model):,}) {tag}"
+                cname = f"causal ({parameter_count(causal.model):,}) {tag}"
                 for precision in ("fp32", "bf16-autocast"):
                     c = sampling_row(causal, 2, 1.5, precision, 1)
                     var_row = next(r for r in rows if r["run"] == name and precision in r["what"])
