@@ -102,6 +102,20 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def logged_scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+@pytest.fixture(scope="session")
+def debug_tokenizer(checkpoints_root) -> Path:
+    """The debug VQ tokenizer (configs/debug/tokenizer_vq.yaml), trained once per session; the causal and masked
+    debug configs point at its run folder."""
+    return checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root,
+                                 train=True)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def classifier_ckpt(tmp_path_factory) -> Path:
     """A tiny shapes classifier (configs/debug/classifier.yaml: 16px, 32 features), trained once per session."""

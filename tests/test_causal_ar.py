@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
+from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
 from torch import nn
 
 from lit_ar.cli import cli_main
@@ -336,32 +336,19 @@ GOLDEN = Path(__file__).parent / "golden" / "causal.json"
 
 
 @pytest.fixture(scope="session")
-def debug_tokenizer(checkpoints_root) -> Path:
-    """The debug VQ tokenizer, trained once per session (the debug configs point at its run folder)."""
-    return checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root,
-                                 train=True)  # fmt: skip
-
-
-@pytest.fixture(scope="session")
 def trained_debug(checkpoints_root, debug_tokenizer) -> Path:
     """configs/debug/causal.yaml trained through `lit_ar fit` once per session; its run folder holds the logs."""
     return checkpoint_for_config(DEBUG, checkpoints_root, train=True,
                                  extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
 
 
-def logged(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
 def test_debug_config_trains_its_loss_falls_and_follows_the_golden_curve(trained_debug):
     """The first 10 logged train/loss values of configs/debug/causal.yaml. After an intended change, regenerate with
     `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_causal_ar.py -k golden` and say why in the commit."""
     run_dir = trained_debug.parent.parent
-    loss = logged(run_dir, "train/loss")
+    loss = logged_scalars(run_dir, "train/loss")
     assert len(loss) >= 10 and sum(loss[-3:]) < sum(loss[:3]) - 0.3, f"the loss falls: {loss}"
-    assert "val/token_acc" in {k for k in ("val/loss", "val/token_acc") if logged(run_dir, k)}
+    assert "val/token_acc" in {k for k in ("val/loss", "val/token_acc") if logged_scalars(run_dir, k)}
     if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"config": "configs/debug/causal.yaml", "train/loss": loss[:10]}, indent=1))
@@ -404,6 +391,6 @@ def test_ddp_two_processes_agree_with_one(tmp_path, debug_tokenizer):
     run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
     run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
                 "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
-    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    loss1, loss2 = logged_scalars(one, "train/loss"), logged_scalars(two, "train/loss")
     assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3])
     torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
+from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, logged_scalars, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
 
@@ -113,12 +113,6 @@ def test_resume_from_last_continues_the_same_run(tmp_path):
     cli_main([*args, "--trainer.max_steps", "10", "--ckpt_path", "last"])
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 10
     assert list(tmp_path.glob("version_*")) == [], "resume writes into the pinned run folder"
-
-
-def logged_scalars(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
 
 
 @pytest.mark.slow

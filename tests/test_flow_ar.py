@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
+from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, logged_scalars, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
 from lit_ar.models.flowar import FlowARTransformer, doubling_scales
@@ -313,21 +313,15 @@ def trained_debug(checkpoints_root, kl_tokenizer) -> dict[str, Path]:
                 for b, path in DEBUG.items()}  # fmt: skip
 
 
-def logged(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
 def test_debug_configs_train_their_loss_falls_and_follows_the_golden_curve(trained_debug):
     """The first 10 logged train/loss values of each debug config. After an intended change, regenerate with
     `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_flow_ar.py -k golden` and say why in the commit."""
     curves = {}
     for backbone, ckpt in trained_debug.items():
         run_dir = ckpt.parent.parent
-        loss = logged(run_dir, "train/loss")
+        loss = logged_scalars(run_dir, "train/loss")
         assert len(loss) == 20 and sum(loss[-5:]) < sum(loss[:5]) - 0.5, f"{backbone}: the loss falls: {loss}"
-        assert logged(run_dir, "val/loss"), backbone
+        assert logged_scalars(run_dir, "val/loss"), backbone
         curves[str(DEBUG[backbone].relative_to(CONFIGS.parent))] = loss[:10]
     if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
@@ -366,9 +360,9 @@ def test_bf16_mixed_debug_run_has_no_nan(backbone, kl_tokenizer, tmp_path):
                     "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--trainer.precision", "bf16-mixed",
                     "--trainer.max_steps", "12", "--trainer.limit_val_batches", "2",
                     "--trainer.val_check_interval", "6"])  # fmt: skip
-    loss = logged(tmp_path, "train/loss")
+    loss = logged_scalars(tmp_path, "train/loss")
     assert len(loss) == 6 and all(math.isfinite(v) for v in loss), loss
-    assert all(math.isfinite(v) for v in logged(tmp_path, "val/loss"))
+    assert all(math.isfinite(v) for v in logged_scalars(tmp_path, "val/loss"))
     system = cli.model.eval()
     assert all(torch.isfinite(p).all() for p in system.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -408,7 +402,7 @@ def test_ddp_two_processes_agree_with_one(tmp_path, kl_tokenizer):
     run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
     run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
                 "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
-    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    loss1, loss2 = logged_scalars(one, "train/loss"), logged_scalars(two, "train/loss")
     assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3]), loss1
     torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
 

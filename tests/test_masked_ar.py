@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, checkpoint_for_config, config_for_run_path, run_dir_args, run_lit_ar
+from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
 from torch import nn
 
 from lit_ar.cli import cli_main
@@ -422,33 +422,20 @@ GOLDEN = Path(__file__).parent / "golden" / "masked.json"
 
 
 @pytest.fixture(scope="session")
-def debug_tokenizer(checkpoints_root) -> Path:
-    """The debug VQ tokenizer, trained once per session (the debug config points at its run folder)."""
-    return checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_vq/checkpoints/last.ckpt"), checkpoints_root,
-                                 train=True)  # fmt: skip
-
-
-@pytest.fixture(scope="session")
 def trained_debug(checkpoints_root, debug_tokenizer) -> Path:
     """configs/debug/masked.yaml trained through `lit_ar fit` once per session; its run folder holds the logs."""
     return checkpoint_for_config(DEBUG, checkpoints_root, train=True,
                                  extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
 
 
-def logged(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
 def test_debug_config_trains_its_loss_falls_and_follows_the_golden_curve(trained_debug):
     """The first 10 logged train/loss values of configs/debug/masked.yaml. After an intended change, regenerate with
     `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_masked_ar.py -k golden` and say why in the commit."""
     run_dir = trained_debug.parent.parent
-    loss = logged(run_dir, "train/loss")
+    loss = logged_scalars(run_dir, "train/loss")
     assert len(loss) >= 10 and sum(loss[-3:]) < sum(loss[:3]) - 0.3, f"the loss falls: {loss}"
-    acc = logged(run_dir, "val/token_acc")
-    assert logged(run_dir, "val/loss") and acc and 0.0 < acc[-1] <= 1.0
+    acc = logged_scalars(run_dir, "val/token_acc")
+    assert logged_scalars(run_dir, "val/loss") and acc and 0.0 < acc[-1] <= 1.0
     if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"config": "configs/debug/masked.yaml", "train/loss": loss[:10]}, indent=1))
@@ -487,7 +474,8 @@ def test_training_from_a_token_cache_equals_training_from_images(debug_tokenizer
               "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
     cli_main([*common, *run_dir_args(tmp_path / "images")])
     cli_main([*common, *run_dir_args(tmp_path / "tokens"), "--data.token_cache", str(cache)])
-    from_images, from_tokens = logged(tmp_path / "images", "train/loss"), logged(tmp_path / "tokens", "train/loss")
+    from_images = logged_scalars(tmp_path / "images", "train/loss")
+    from_tokens = logged_scalars(tmp_path / "tokens", "train/loss")
     assert len(from_images) == 4 and from_tokens == from_images
 
 
@@ -510,6 +498,6 @@ def test_ddp_two_processes_agree_with_one(tmp_path, debug_tokenizer):
     run_lit_ar([*common, *run_dir_args(one), "--data.batch_size", "16", "--trainer.devices", "1"])
     run_lit_ar([*common, *run_dir_args(two), "--data.batch_size", "8", "--trainer.devices", "2",
                 "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"])  # fmt: skip
-    loss1, loss2 = logged(one, "train/loss"), logged(two, "train/loss")
+    loss1, loss2 = logged_scalars(one, "train/loss"), logged_scalars(two, "train/loss")
     assert len(loss1) == len(loss2) == 8 and sum(loss1[-3:]) < sum(loss1[:3])
     torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=2e-3, atol=1e-5)
