@@ -101,10 +101,14 @@ def growth(points):
 
 
 causal = curves["causal"]
-assert causal[-1][1] > causal[0][1], f"causal time should grow with tokens: {causal}"
-assert growth(causal) > 2, f"16x the tokens should cost the causal family well over 2x the time: {causal}"
-for f in ("masked", "flowar"):
-    if f in curves:
-        assert growth(curves[f]) < growth(causal), f"{f} grows slower than causal: {growth(curves[f]):.2f}x vs " \
-                                                   f"{growth(causal):.2f}x"  # fmt: skip
+# Timing claims are checked at the full size only: under LIT_AR_SMALL (the test suite) the tiny models take a few
+# hundredths of a second, so a loaded machine's noise decides them (a CI run beside other work once measured the
+# 4x4 grid slower than the 8x8 one); the project measures speed in benchmarks/, never in timed tests.
+if not SMALL:
+    assert causal[-1][1] > causal[0][1], f"causal time should grow with tokens: {causal}"
+    assert growth(causal) > 2, f"16x the tokens should cost the causal family well over 2x the time: {causal}"
+    for f in ("masked", "flowar"):
+        if f in curves:
+            assert growth(curves[f]) < growth(causal), f"{f} grows slower than causal: {growth(curves[f]):.2f}x vs " \
+                                                       f"{growth(causal):.2f}x"  # fmt: skip
 print({f: round(growth(p), 2) for f, p in curves.items()})
