@@ -6,9 +6,17 @@ from lightning.pytorch.cli import LightningCLI
 from lit_ar.checkpoints import SafeCheckpointIO
 from lit_ar.data.datamodule import ImageDataModule
 
+# Lightning types these Union[float, int, None]: jsonargparse tries the float first, so `limit_val_batches: 1` (a
+# count of one batch) became 1.0, which Lightning reads as 100% of the batches.
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
 
 class LitARCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        limits = {f"trainer.{name}" for name in BATCH_LIMITS}
+        for action in parser._actions:  # an integer is a number of batches, a float a fraction (Lightning's meaning)
+            if action.dest in limits:
+                action._typehint = int | float | None  # tried in this order (tests/test_cli.py checks it)
         # Shared values are typed once, on the data side, and reach the model through links.
         parser.link_arguments("data.image_size", "model.init_args.image_size")
         parser.link_arguments("data.channels", "model.init_args.channels")

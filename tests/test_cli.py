@@ -100,6 +100,16 @@ def test_fit_logs_to_tensorboard(tmp_path):
     assert "data/real_images" in events.Tags()["images"] and "val/acc" in events.Tags()["scalars"]
 
 
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("0.5", 0.5), ("1.0", 1.0)])
+def test_batch_limits_keep_integers_as_counts(tmp_path, value, expected):
+    # Lightning types limit_*_batches Union[float, int]: parsed float-first, `1` (one batch) became 1.0 (100%)
+    (tmp_path / "limits.yaml").write_text(f"trainer:\n  limit_test_batches: {value}\n")
+    cli = cli_main(["--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--config", str(tmp_path / "limits.yaml"),
+                    "--trainer.limit_val_batches", value], run=False)  # fmt: skip
+    for limit in (cli.trainer.limit_val_batches, cli.trainer.limit_test_batches):
+        assert limit == expected and type(limit) is type(expected)
+
+
 def test_image_size_below_the_model_minimum_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model.image_size=2 is below .* at least 4 pixels"):
         cli_main(["--config", DEBUG_CLASSIFIER, *run_dir_args(tmp_path), "--data.image_size", "2"], run=False)

@@ -143,7 +143,7 @@ class NpzEvaluator(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "test":
-            # the test split only drives the loop: one batch (`limit_test_batches: 1` in YAML parses as 1.0 = 100%)
+            # the test split only drives the loop: one batch of it, whatever the config says
             self.trainer.limit_test_batches = 1
 
     def on_test_start(self) -> None:

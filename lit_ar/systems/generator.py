@@ -210,8 +210,7 @@ class GeneratorSystem(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "test":
-            # The test split only drives the loop (test_step does nothing), so read one batch of it. Set here, not in
-            # YAML: the CLI parses `limit_test_batches: 1` as the float 1.0, which Lightning reads as "100%".
+            # The test split only drives the loop (test_step does nothing): one batch of it, whatever the config says
             self.trainer.limit_test_batches = 1
 
     def on_test_start(self) -> None:
