@@ -79,6 +79,21 @@ def test_fsq_codes_are_exact_and_round_trip():
         assert len(wide.z_q[0, c].unique()) == levels
 
 
+def test_fsq_entropy_term_spreads_tokens_over_more_codes():
+    fsq = FSQ((5, 5, 5), entropy_weight=1.0, temperature=0.3)
+    assert fsq(torch.randn(1, 3, 4, 4)).extra["batch_entropy"] <= torch.log(torch.tensor(125.0)) + 1e-5
+    torch.manual_seed(0)
+    z = (0.3 * torch.randn(4, 3, 8, 8)).requires_grad_()  # (B, d, h, w): a narrow encoder output, few codes used
+    used_before = len(fsq(z).indices.unique())
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        fsq(z).loss.backward()
+        opt.step()
+    assert len(fsq(z).indices.unique()) > 2 * used_before
+    assert FSQ((5, 5, 5))(z).loss == 0  # off by default, as in the FSQ paper
+
+
 @pytest.mark.parametrize("levels", [(8, 1), (8, 2.5), ()])
 def test_fsq_rejects_bad_levels(levels):
     with pytest.raises(ValueError, match=r"levels=.* are not valid FSQ levels: use integers >= 2"):

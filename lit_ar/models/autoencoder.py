@@ -163,7 +163,7 @@ class Autoencoder(nn.Module):
         dead_code_steps: int = 0,
         phi_count: int = 4,
         phi_ratio: float = 0.5,
-        entropy_weight: float = 0.1,
+        entropy_weight: float | None = None,
         entropy_gamma: float = 1.0,
         entropy_temperature: float = 0.01,
         kl_weight: float = 1e-6,
@@ -193,9 +193,10 @@ class Autoencoder(nn.Module):
         if quantizer == "vq":
             self.quantizer = VectorQuantizer(size, dim, beta, l2_norm, ema, ema_decay, dead_code_steps)
         elif quantizer == "fsq":
-            self.quantizer = FSQ(levels)
+            self.quantizer = FSQ(levels, entropy_weight or 0.0, entropy_gamma, entropy_temperature)
         elif quantizer == "lfq":
-            self.quantizer = LFQ(size, beta, entropy_weight, entropy_gamma, entropy_temperature)
+            weight = 0.1 if entropy_weight is None else entropy_weight  # MAGVIT-v2's entropy penalty is part of LFQ
+            self.quantizer = LFQ(size, beta, weight, entropy_gamma, entropy_temperature)
         elif quantizer == "msvq":
             self.scales = self.check_scales(scales if scales is not None else default_scales(self.grid_size))
             self.quantizer = MultiScaleVQ(

@@ -167,11 +167,31 @@ class VectorQuantizer(nn.Module):
         return to_map(self.codebook.lookup(indices), math.isqrt(indices.shape[1]))
 
 
+def code_entropies(x: torch.Tensor, codes: torch.Tensor, temperature: float, all_reduce: Hook = None):
+    """MAGVIT-v2's entropy terms over the soft assignment softmax(-|x - c|^2 / temperature) of tokens x (N, d) to
+    every code c of `codes` (K, d): the mean per-token entropy (low: each token is confident) and the entropy of the
+    batch's average assignment (high: every code is used). Returns (per_token, batch_entropy), scalars. The (N, K)
+    assignment keeps K moderate (<= 2**14). Under DDP (`all_reduce`) the batch distribution is the global one."""
+    logits = (2 * x @ codes.t() - codes.pow(2).sum(-1)) / temperature  # (N, K): -|x-c|^2 / T up to a per-row constant
+    prob = logits.softmax(-1)
+    per_token = -(prob * prob.clamp_min(1e-8).log()).sum(-1).mean()
+    prob_sum, n = prob.sum(0), torch.tensor(float(len(prob)), device=x.device)
+    if all_reduce is not None:
+        # the batch distribution over all ranks; its gradient flows through this rank's share, scaled so that
+        # DDP's gradient average equals the one-process gradient
+        total, n_total = all_reduce(prob_sum.detach().clone()), all_reduce(n.clone())
+        avg = total / n_total + (prob_sum - prob_sum.detach()) / n
+    else:
+        avg = prob_sum / n
+    return per_token, -(avg * avg.clamp_min(1e-8).log()).sum()
+
+
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al. 2023): channel i is bounded and rounded to `levels[i]` values;
     the implicit codebook has prod(levels) codes and no parameters, losses or collapse."""
 
-    def __init__(self, levels: tuple[int, ...]):
+    def __init__(self, levels: tuple[int, ...], entropy_weight: float = 0.0, gamma: float = 1.0,
+                 temperature: float = 0.01):  # fmt: skip
         super().__init__()
         if not levels or any(not isinstance(v, int) or isinstance(v, bool) or v < 2 for v in levels):
             raise ValueError(f"levels={tuple(levels)} are not valid FSQ levels: use integers >= 2, e.g. (8, 5, 5, 5)")
@@ -179,6 +199,12 @@ class FSQ(nn.Module):
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.tensor((1, *levels[:-1])), 0), persistent=False)
         self.vocab_size, self.dim = math.prod(levels), len(levels)
+        # optional entropy penalty (off by default, as in the FSQ paper): FSQ has no dead-code restart, and on narrow
+        # data its encoder leaves corners of the level grid unused; the batch-entropy term spreads the tokens
+        self.entropy_weight, self.gamma, self.temperature = entropy_weight, gamma, temperature
+        if entropy_weight > 0:  # every code in level units (spacing 1): (vocab, d)
+            self.register_buffer("all_codes", self.indices_to_codes(torch.arange(self.vocab_size)) * (self.levels // 2),
+                                 persistent=False)  # fmt: skip
         self.all_reduce: Hook = None
 
     def bound(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +233,14 @@ class FSQ(nn.Module):
             if self.all_reduce is not None:
                 counts = self.all_reduce(counts)
             z_q = to_map(codes, z.shape[-1])
-        return QuantOut(z_q, z.new_zeros((), dtype=torch.float32), indices, counts)
+            loss, extra = z.new_zeros((), dtype=torch.float32), {}
+            if self.entropy_weight > 0:
+                # in level units, where `bounded` rounds to its code: (B*L, d) against every code (vocab, d)
+                per_token, batch_entropy = code_entropies(bounded.reshape(-1, self.dim), self.all_codes,
+                                                          self.temperature, self.all_reduce)  # fmt: skip
+                loss = self.entropy_weight * (per_token - self.gamma * batch_entropy)
+                extra = {"token_entropy": per_token.detach(), "batch_entropy": batch_entropy.detach()}
+        return QuantOut(z_q, loss, indices, counts, extra)
 
     @torch.no_grad()
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
@@ -245,18 +278,8 @@ class LFQ(nn.Module):
             q = torch.where(x > 0, 1.0, -1.0)
             indices = self.codes_to_indices(q)  # (B, L)
             commit = F.mse_loss(x, q)
-            flat = x.reshape(-1, self.dim)  # (N, d)
-            prob = (2 * flat @ self.all_codes.t() / self.temperature).softmax(-1)  # (N, size); -|x-c|^2 up to consts
-            per_token = -(prob * prob.clamp_min(1e-8).log()).sum(-1).mean()
-            prob_sum, n = prob.sum(0), torch.tensor(float(len(prob)), device=z.device)
-            if self.all_reduce is not None:
-                # the batch distribution over all ranks; its gradient flows through this rank's share, scaled so that
-                # DDP's gradient average equals the one-process gradient
-                total, n_total = self.all_reduce(prob_sum.detach().clone()), self.all_reduce(n.clone())
-                avg = total / n_total + (prob_sum - prob_sum.detach()) / n
-            else:
-                avg = prob_sum / n
-            batch_entropy = -(avg * avg.clamp_min(1e-8).log()).sum()
+            per_token, batch_entropy = code_entropies(x.reshape(-1, self.dim), self.all_codes, self.temperature,
+                                                      self.all_reduce)  # fmt: skip
             loss = self.beta * commit + self.entropy_weight * (per_token - self.gamma * batch_entropy)
             counts = torch.bincount(indices.flatten(), minlength=self.vocab_size).float()
             if self.all_reduce is not None:

@@ -111,7 +111,7 @@ class TokenizerSystem(L.LightningModule):
         dead_code_steps: int = 100,
         phi_count: int = 4,
         phi_ratio: float = 0.5,
-        entropy_weight: float = 0.1,
+        entropy_weight: float | None = None,
         entropy_gamma: float = 1.0,
         entropy_temperature: float = 0.01,
         kl_weight: float = 1e-6,
@@ -166,9 +166,12 @@ class TokenizerSystem(L.LightningModule):
                 output of the current batch (0: never).
             phi_count: msvq: number of Phi refinement convs shared across scales (VAR: 4).
             phi_ratio: msvq: residual ratio of the Phi convs (VAR: 0.5).
-            entropy_weight: lfq: weight of the entropy loss.
-            entropy_gamma: lfq: weight of the batch (codebook) entropy inside the entropy loss.
-            entropy_temperature: lfq: softmax temperature of the code distribution in the entropy loss.
+            entropy_weight: lfq and fsq: weight of the entropy loss (per-token entropy minus entropy_gamma times the
+                batch's codebook entropy, MAGVIT-v2). null: 0.1 for lfq, 0 (off, as in the FSQ paper) for fsq, where it
+                raises codebook usage on narrow data (configs/tokenizer/fsq_shapes.yaml).
+            entropy_gamma: lfq and fsq: weight of the batch (codebook) entropy inside the entropy loss.
+            entropy_temperature: lfq and fsq: softmax temperature of the soft assignment to every code in the
+                entropy loss (distances in code units: lfq codes are +-1, fsq codes one level apart).
             kl_weight: kl: weight of the KL term.
             latent_scale: kl: factor applied to latents given to generators; null sets it to 1/std of the validation
                 latents after every validation epoch (kept in the checkpoint).
