@@ -3,7 +3,7 @@
 Metrics take features (or logits), not images, so that reference statistics can be computed once and cached:
 - `frechet_distance` (FID's closed form on stored statistics), `feature_statistics`,
 - `precision_recall` (Kynkaanniemi et al. 2019, k-NN manifolds), `inception_score`, `class_accuracy`,
-- `psnr`, `ssim` (tokenizer reconstructions, on torchmetrics), `codebook_usage`.
+- `psnr`, `ssim` (per image, tokenizer reconstructions), `perplexity`, `codebook_usage`.
 
 Feature extractors share one small protocol, `FeatureExtractor`: `features(images in [-1, 1]) -> (N, D)`, a
 linear `head(features) -> logits` for the Inception Score and class accuracy, an `identity` string recorded with
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 import torchmetrics.functional as TMF
 from torch import nn
 
@@ -228,25 +229,40 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # Reconstruction metrics (tokenizers)
 
 
-def psnr(reconstructions: torch.Tensor, images: torch.Tensor) -> float:
-    """Mean per-image PSNR (dB) of (N, C, H, W) images in [-1, 1] (the same figure as on [0, 1] or uint8)."""
-    return float(
-        TMF.image.peak_signal_noise_ratio(
-            reconstructions.float(), images.float(), data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3)
-        )
-    )
+def psnr(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images in [-1, 1] (the figure on [0, 1] or uint8 is the same) -> (B,)."""
+    mse = ((reconstructions.float() - images.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def ssim(reconstructions: torch.Tensor, images: torch.Tensor, kernel_size: int = 11) -> float:
-    """Mean SSIM (Gaussian window `kernel_size`, sigma 1.5, as Wang et al.) of (N, C, H, W) images in [-1, 1]."""
-    if min(images.shape[-2:]) < kernel_size:
-        raise ValueError(f"ssim kernel_size={kernel_size} is larger than the {tuple(images.shape[-2:])} images")
-    sigma = 1.5 * kernel_size / 11
-    return float(
-        TMF.image.structural_similarity_index_measure(
-            reconstructions.float(), images.float(), data_range=2.0, kernel_size=kernel_size, sigma=sigma
-        )
-    )
+def ssim(
+    reconstructions: torch.Tensor, images: torch.Tensor, kernel_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: Gaussian window, valid region) of (B, C, H, W) images in [-1, 1], computed on
+    [0, 1] -> (B,). Images smaller than the window use the largest odd window that fits."""
+    a, b = (reconstructions.float() + 1) / 2, (images.float() + 1) / 2
+    k = min(kernel_size, a.shape[-1], a.shape[-2])
+    k -= 1 - k % 2  # odd
+    x = torch.arange(k, dtype=torch.float32, device=a.device) - (k - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, k, k)  # (C, 1, k, k): depthwise
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """Code counts (vocab,) -> exp(entropy) of the code distribution: the effective number of codes used."""
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
 
 
 def codebook_usage(indices: torch.Tensor, vocab_size: int) -> tuple[float, float]:

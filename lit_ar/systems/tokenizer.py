@@ -19,6 +19,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.func import functional_call
 
+from lit_ar.metrics import perplexity, psnr, ssim
 from lit_ar.models.autoencoder import PRESETS, Autoencoder, PatchDiscriminator
 from lit_ar.systems.lr_schedule import warmup_cosine
 
@@ -38,38 +39,6 @@ def autoencoder_kwargs(hparams) -> dict:
             kwargs[k] = tuple(kwargs[k])
     kwargs["latent_scale"] = kwargs.get("latent_scale") or 1.0  # auto: the checkpoint's buffer holds the value
     return kwargs
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (computed on [0, 1]): (B, C, H, W) x2 -> (B,)."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004; Gaussian window, valid region) of images in [-1, 1] on [0, 1]: -> (B,)."""
-    a, b = (a.float() + 1) / 2, (b.float() + 1) / 2
-    k = min(kernel_size, a.shape[-1], a.shape[-2])
-    k -= 1 - k % 2  # odd
-    x = torch.arange(k, dtype=torch.float32, device=a.device) - (k - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, k, k)  # (C, 1, k, k): depthwise
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=a.shape[1])
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
-
-
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    p = counts / counts.sum().clamp_min(1)
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
 
 
 def _distributed() -> bool:
