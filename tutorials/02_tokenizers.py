@@ -15,7 +15,7 @@
 # | quantizer | tokens | from |
 # | --- | --- | --- |
 # | `vq` | `(B, L)` codes of an l2-normalised (or EMA) codebook with dead-code restart | VQGAN, LlamaGen |
-# | `fsq` | `(B, L)` codes of per-channel rounding to `levels`; an optional entropy penalty (`entropy_weight`) keeps every code in use | FSQ (Mentzer et al.) |
+# | `fsq` | `(B, L)` codes of per-channel rounding to `levels` (+ optional entropy penalty) | FSQ (Mentzer et al.) |
 # | `lfq` | `(B, L)` codes of binary channels with an entropy loss | MAGVIT-v2 |
 # | `msvq` | a list of `(B, s*s)` codes, one per scale, residual over scales | VAR |
 # | `kl` | `(B, L, D)` continuous latents | LDM / MAR's KL-16 |
