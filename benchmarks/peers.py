@@ -12,8 +12,9 @@ are built from their own constructors with random weights (speed does not depend
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
 on both sides; MAR-B, batch 2 (`--mar-batch`), 64 AR steps, CFG 2.9 linear, MAR's 100 diffusion steps against
-lit_ar's flow head at `--flow-steps`. Token generation only (no decode to pixels) on every row. MAR's code needs
-CUDA (it calls `.cuda()`), so its rows run only on a GPU.
+lit_ar's flow head at `--flow-steps`. Token generation only (no decode to pixels) on every row. MAR's sampler calls
+`.cuda()` on the tensors it makes; on a CPU-only machine that call is made a no-op while MAR samples (its code stays
+as it is). MAR imports timm, which needs torchvision: run MAR's rows from an environment where both import.
 
 Precisions: `fp32`; `bf16-autocast` (both under torch.autocast); `bf16-weights` (both models cast to bfloat16, as
 LlamaGen's sample script does). `--compile`: LlamaGen as its sample script compiles (`torch.compile(model,
@@ -21,6 +22,7 @@ mode="reduce-overhead", fullgraph=True)`), lit_ar with `compile: true`; VAR and 
 """
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -98,10 +100,12 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
     for c, fn in saved.items():
         c.reset_parameters = fn
     # VAR's tokenizer is meant to be loaded from its checkpoint right after: its layers were left uninitialised
-    # (torch.empty: NaN on a GPU, whose sampler then asserts). Give them default weights as ours have.
+    # (torch.empty: NaN on a GPU, whose sampler then asserts; on a CPU whatever the reused memory held). Subclasses
+    # count too: VAR's Phi refinement convs are nn.Conv2d subclasses, left empty otherwise.
     for m in vae.modules():
-        if type(m) in saved:
-            m.reset_parameters()
+        base = next((c for c in type(m).__mro__ if c in saved), None)
+        if base is not None:
+            saved[base](m)
     vae.fhat_to_img = lambda f_hat: f_hat  # the anchors exclude the tokenizer's decode: ours stops at tokens too
     peer.eval()
     n_peer, n_ours = (parameter_count(m) for m in (peer, ours.model))
@@ -127,6 +131,20 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
 
 
 # ---------------------------------------------------------------------------------------------------- MAR-B
+@contextlib.contextmanager
+def cuda_calls_stay_on(device: str):
+    """MAR hard-codes `.cuda()` on the tensors its sampler creates: off a GPU, keep them where they are."""
+    if device == "cuda":
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
 def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_steps: int, repeat: int) -> list[dict]:
     from benchmarks.flow_ar import build
 
@@ -146,7 +164,7 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_st
         peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
 
         def run_peer():
-            with torch.no_grad(), precision_context(precision, device):
+            with torch.no_grad(), precision_context(precision, device), cuda_calls_stay_on(device):
                 peer.sample_tokens(bsz=batch, num_iter=64, cfg=2.9, cfg_schedule="linear", labels=labels,
                                    temperature=1.0)  # fmt: skip
 
@@ -210,10 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "var" in args.families:
         rows += var_rows(root, device, args.precisions, args.compile, args.repeat)
     if "mar" in args.families:
-        if device != "cuda":
-            print("MAR's sampler calls .cuda(): its rows need a GPU; skipped")
-        else:
-            rows += mar_rows(root, device, args.precisions, args.mar_batch, args.flow_steps, args.repeat)
+        rows += mar_rows(root, device, args.precisions, args.mar_batch, args.flow_steps, args.repeat)
     print_table(rows, "lit_ar vs the peers' own samplers (token generation; ratio > 1: lit_ar faster)")
     if args.json:
         write_json(rows, args.json, args=vars(args))

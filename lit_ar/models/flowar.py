@@ -162,7 +162,6 @@ class FlowARTransformer(nn.Module):
         x = self.embed(inputs, labels, start, end)  # (B, n, C)
         cond = self.class_emb(labels).to(x.dtype)
         pos = torch.arange(start, end, device=x.device)
-        mask = self.attn_mask[start:end]  # (n, T): later positions of the cache are zeros and masked out
-        for block in self.blocks:
-            x = block(x, mask=mask, input_pos=pos, cond=cond)
+        for block in self.blocks:  # group k sees groups 0..k, i.e. every cache position before `end`
+            x = block(x, input_pos=pos, cond=cond, kv_len=end)
         return self.norm(x)

@@ -182,7 +182,11 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         is_causal: bool = False,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a KV cache, k and v are written at `input_pos` and the queries attend to the
+        cache through `mask`; `kv_len` instead restricts them to the first kv_len cache positions, all visible (a
+        scale or group that may see everything written so far: no mask, and no work on the empty tail)."""
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -205,6 +209,8 @@ class Attention(nn.Module):
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (the positions being written)")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, nkv, kv_len, hd)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
@@ -310,18 +316,19 @@ class Block(nn.Module):
         cond: torch.Tensor | None = None,
         is_causal: bool = False,
         mod: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """`mod`: this block's AdaLN modulation `self.modulation(cond)` computed beforehand (a sampler whose
-        condition is fixed over many steps computes it once)."""
+        condition is fixed over many steps computes it once). `kv_len`: see Attention.forward."""
         if self.ada is None and self.ada_offset is None:
-            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal))
+            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal, kv_len))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         mod = self.modulation(cond) if mod is None else mod  # (B, 6C) or (B, T, 6C)
         if mod.ndim == 2:
             mod = mod[:, None]  # (B, 1, 6C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + self.drop_path(gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, input_pos,
-                                                 is_causal))  # fmt: skip
+                                                 is_causal, kv_len))  # fmt: skip
         return x + self.drop_path(gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 

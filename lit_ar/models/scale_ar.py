@@ -192,13 +192,12 @@ class ScaleTransformer(nn.Module):
 
     def forward_scale(self, k: int, x: torch.Tensor, cond: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """One sampling step with the blocks' KV caches (set up for `seq_len` positions): scale k's embedded input
-        (B, s_k^2, C) is written to the caches at its positions and attends to them through scale k's rows of the
-        block-causal mask, which also hide the cache slots of later scales -> logits (B, s_k^2, V).
-        cond: the class embedding (B, C) (for the head); mods: `modulations(block_cond)`."""
+        (B, s_k^2, C) is written to the caches at its positions and attends to every position before the end of
+        scale k (what scale k's rows of the block-causal mask allow; the slots of later scales are never read)
+        -> logits (B, s_k^2, V). cond: the class embedding (B, C) (for the head); mods: `modulations(block_cond)`."""
         begin, end = self.bounds[k]
         input_pos = torch.arange(begin, end, device=x.device)  # (T,)
-        mask = self.attn_mask[begin:end]  # (T, L)
         rope = self.rope[begin:end] if self.rope is not None else None
         for block, mod in zip(self.blocks, mods):
-            x = block(x, rope, mask, input_pos, mod=mod)
+            x = block(x, rope, None, input_pos, mod=mod, kv_len=end)
         return self.logits(x, cond)
