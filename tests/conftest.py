@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -63,15 +64,61 @@ def config_for_run_path(ckpt_path: str) -> Path:
     return CONFIGS / parts[1] / f"{parts[2]}.yaml"
 
 
-def checkpoint_for_config(config: Path, root: Path, train: bool = False, extra: list[str] | None = None) -> Path:
-    """A Lightning checkpoint of the system a config builds, made once per session: trained with `lit_ar fit`
-    when `train` (use debug configs), else freshly initialised (enough to instantiate configs that depend on it)."""
+def configs_for_run_path(ckpt_path: str) -> list[Path]:
+    """The config files that made a checkpoint: one for runs/<group>/<name>/..., and for a tier's run
+    runs/<tier>/<group>/<name>/... the base config configs/<group>/<name>.yaml with the tier's overlay
+    configs/<tier>/<group>/<name>.yaml stacked on it."""
+    parts = Path(ckpt_path).parts
+    overlay = CONFIGS / parts[1] / parts[2] / f"{parts[3]}.yaml" if len(parts) > 4 and parts[0] == "runs" else None
+    if overlay is not None and overlay.is_file():
+        return [CONFIGS / parts[2] / f"{parts[3]}.yaml", overlay]
+    return [config_for_run_path(ckpt_path)]
+
+
+def stacked_configs(path: Path) -> list[Path]:
+    """The files a shipped config is used with, in order. A tier's overlay configs/<tier>/<group>/<name>.yaml goes
+    on configs/<group>/<name>.yaml; an evaluation file goes on a generator's config (llamagen_shapes, with the
+    tier's overlay of it for a tier's evaluation file)."""
+    parts = path.relative_to(CONFIGS).parts
+    stack = [CONFIGS / parts[1] / parts[2], path] if len(parts) == 3 else [path]
+    if "class_path" not in yaml.safe_load(stack[0].read_text())["model"]:  # configs/eval/generator_shapes.yaml
+        generator = [CONFIGS / "causal" / "llamagen_shapes.yaml"]
+        if len(parts) == 3:
+            generator.append(CONFIGS / parts[0] / "causal" / "llamagen_shapes.yaml")
+        stack = generator + stack
+    return stack
+
+
+def merged_yaml(stack: list[Path]) -> dict:
+    """The settings of config files stacked in order, as the CLI merges them: mappings merge, anything else (lists
+    included) is replaced by the later file's."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    merged: dict = {}
+    for path in stack:
+        merged = merge(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def checkpoint_for_config(
+    config: Path | list[Path], root: Path, train: bool = False, extra: list[str] | None = None
+) -> Path:
+    """A Lightning checkpoint of the system a config (or configs stacked in order) builds, made once per session:
+    trained with `lit_ar fit` when `train` (use debug configs), else freshly initialised (enough to instantiate
+    configs that depend on it)."""
     from lit_ar.cli import cli_main
 
-    key = (str(config), train)
+    configs = config if isinstance(config, list) else [config]
+    key = (tuple(map(str, configs)), train)
     if key not in _CHECKPOINTS:
-        run_dir = root / f"{config.parent.name}_{config.stem}_{'trained' if train else 'init'}"
-        args = ["--config", str(config), *run_dir_args(run_dir), *(extra or [])]
+        name = "_".join(f"{c.parent.name}_{c.stem}" for c in configs)
+        run_dir = root / f"{name}_{'trained' if train else 'init'}"
+        args = [arg for c in configs for arg in ("--config", str(c))] + [*run_dir_args(run_dir), *(extra or [])]
         if train:
             cli_main(["fit", *args])
             _CHECKPOINTS[key] = run_dir / "checkpoints" / "last.ckpt"

@@ -5,7 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, logged_scalars, run_dir_args, run_lit_ar
+from conftest import (
+    CONFIGS,
+    REPO,
+    checkpoint_for_config,
+    config_for_run_path,
+    configs_for_run_path,
+    logged_scalars,
+    run_dir_args,
+    run_lit_ar,
+    stacked_configs,
+)
 
 from lit_ar.cli import cli_main
 
@@ -13,19 +23,24 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer
 DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
 
 
-def config_overrides(path: Path, run_dir: Path, checkpoints_root: Path) -> list[str]:
-    """Settings a config needs to instantiate in a test: its run folder, any checkpoint it depends on (a freshly
-    initialised checkpoint of the config that would have made it), and the samples an evaluation config reads."""
-    init_args = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+def config_overrides(stack: list[Path], run_dir: Path, checkpoints_root: Path) -> list[str]:
+    """Settings stacked configs need to instantiate in a test: their run folder, any checkpoint they depend on (a
+    freshly initialised checkpoint of the configs that would have made it), and the samples an evaluation config
+    reads."""
+    init_args, data = {}, {}
+    for path in stack:
+        raw = yaml.safe_load(path.read_text())
+        init_args.update((raw.get("model") or {}).get("init_args") or {})
+        data.update(raw.get("data") or {})
     args = run_dir_args(run_dir)
     for key, value in init_args.items():
         if key.endswith("_ckpt") and isinstance(value, str):
-            ckpt = checkpoint_for_config(config_for_run_path(value), checkpoints_root)
+            ckpt = checkpoint_for_config(configs_for_run_path(value), checkpoints_root)
             args += [f"--model.init_args.{key}", str(ckpt)]
     if "samples_npz" in init_args:  # evaluation configs: an npz of samples
         import numpy as np
 
-        size = yaml.safe_load(path.read_text())["data"]["image_size"]
+        size = data["image_size"]
         np.savez(run_dir / "samples.npz", images=np.zeros((4, size, size, 3), np.uint8))
         args += ["--model.init_args.samples_npz", str(run_dir / "samples.npz")]
     return args
@@ -33,17 +48,23 @@ def config_overrides(path: Path, run_dir: Path, checkpoints_root: Path) -> list[
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tmp_path, checkpoints_root):
-    raw = yaml.safe_load(path.read_text())
+    stack = stacked_configs(path)
+    raw = yaml.safe_load(stack[0].read_text())
     assert isinstance(raw["seed_everything"], int), "every shipped config pins an integer seed"
-    if "class_path" not in raw["model"]:  # a config stacked on a family's (configs/eval/generator_shapes.yaml)
-        base = CONFIGS / "causal" / "llamagen_shapes.yaml"
-        args = ["--config", str(base), "--config", str(path), *config_overrides(base, tmp_path, checkpoints_root)]
-        assert cli_main(args, run=False).model.evaluator is not None
-        return
-    logger = raw["trainer"]["logger"]["init_args"]
-    assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
-    cli = cli_main(["--config", str(path), *config_overrides(path, tmp_path, checkpoints_root)], run=False)
+    parts, own = path.relative_to(CONFIGS).parts, yaml.safe_load(path.read_text())
+    logger = ((own.get("trainer") or {}).get("logger") or {}).get("init_args")
+    if len(parts) == 3 and logger is not None:  # a tier's run folder mirrors its overlay's path
+        assert logger["save_dir"] == f"runs/{parts[0]}/{parts[1]}/{path.stem}", "the run folder mirrors the config"
+    elif len(parts) < 3 and "class_path" in own["model"]:  # not an evaluation file (it keeps the generator's)
+        assert logger["save_dir"].startswith("runs/") and logger["version"] == "", "every config pins its run folder"
+    args = [arg for config in stack for arg in ("--config", str(config))]
+    cli = cli_main([*args, *config_overrides(stack, tmp_path, checkpoints_root)], run=False)
     assert cli.model is not None and cli.datamodule is not None
+    if path.parent.name == "eval":
+        assert cli.model.evaluator is not None
+    if len(parts) == 3:  # the overlay's settings win over its base's
+        data = yaml.safe_load(path.read_text()).get("data") or {}
+        assert all(cli.datamodule.hparams[key] == value for key, value in data.items() if key != "token_cache")
 
 
 def test_print_config_parses_back(tmp_path, capsys):
@@ -165,6 +186,6 @@ def test_checkpoint_for_config_builds_loadable_checkpoints(checkpoints_root):
 def test_step_based_validation_is_not_tied_to_epochs(path):
     """An integer val_check_interval larger than an epoch makes Lightning refuse to fit unless validation is
     counted in steps across epochs (check_val_every_n_epoch: null)."""
-    trainer = yaml.safe_load(path.read_text())["trainer"]
+    trainer = yaml.safe_load(path.read_text()).get("trainer") or {}
     if isinstance(trainer.get("val_check_interval"), int) and trainer["val_check_interval"] > 1:
         assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None

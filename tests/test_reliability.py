@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, checkpoint_for_config, config_for_run_path, run_dir_args
+from conftest import (
+    CONFIGS,
+    REPO,
+    checkpoint_for_config,
+    config_for_run_path,
+    merged_yaml,
+    run_dir_args,
+    stacked_configs,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ar.checkpoints import SafeCheckpointIO, atomic_save, load_checkpoint, load_system
@@ -291,7 +299,7 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_opts_into_safe_checkpoints_and_exact_resume(path):
-    trainer = yaml.safe_load(path.read_text())["trainer"]
+    trainer = merged_yaml(stacked_configs(path))["trainer"]  # a tier's overlay as stacked on its base
     plugins = [p["class_path"] if isinstance(p, dict) else p for p in trainer.get("plugins") or []]
     assert "lit_ar.checkpoints.SafeCheckpointIO" in plugins, "atomic, checked checkpoints (trainer.plugins)"
     callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in trainer["callbacks"]}
