@@ -71,7 +71,7 @@ def configs_for_run_path(ckpt_path: str) -> list[Path]:
     parts = Path(ckpt_path).parts
     overlay = CONFIGS / parts[1] / parts[2] / f"{parts[3]}.yaml" if len(parts) > 4 and parts[0] == "runs" else None
     if overlay is not None and overlay.is_file():
-        return [CONFIGS / parts[2] / f"{parts[3]}.yaml", overlay]
+        return stacked_configs(overlay)
     return [config_for_run_path(ckpt_path)]
 
 

@@ -12,6 +12,7 @@ from conftest import (
     config_for_run_path,
     configs_for_run_path,
     logged_scalars,
+    merged_yaml,
     run_dir_args,
     run_lit_ar,
     stacked_configs,
@@ -27,11 +28,8 @@ def config_overrides(stack: list[Path], run_dir: Path, checkpoints_root: Path) -
     """Settings stacked configs need to instantiate in a test: their run folder, any checkpoint they depend on (a
     freshly initialised checkpoint of the configs that would have made it), and the samples an evaluation config
     reads."""
-    init_args, data = {}, {}
-    for path in stack:
-        raw = yaml.safe_load(path.read_text())
-        init_args.update((raw.get("model") or {}).get("init_args") or {})
-        data.update(raw.get("data") or {})
+    merged = merged_yaml(stack)
+    init_args, data = (merged.get("model") or {}).get("init_args") or {}, merged.get("data") or {}
     args = run_dir_args(run_dir)
     for key, value in init_args.items():
         if key.endswith("_ckpt") and isinstance(value, str):
@@ -63,7 +61,7 @@ def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tm
     if path.parent.name == "eval":
         assert cli.model.evaluator is not None
     if len(parts) == 3:  # the overlay's settings win over its base's
-        data = yaml.safe_load(path.read_text()).get("data") or {}
+        data = own.get("data") or {}
         assert all(cli.datamodule.hparams[key] == value for key, value in data.items() if key != "token_cache")
 
 
@@ -186,6 +184,6 @@ def test_checkpoint_for_config_builds_loadable_checkpoints(checkpoints_root):
 def test_step_based_validation_is_not_tied_to_epochs(path):
     """An integer val_check_interval larger than an epoch makes Lightning refuse to fit unless validation is
     counted in steps across epochs (check_val_every_n_epoch: null)."""
-    trainer = yaml.safe_load(path.read_text()).get("trainer") or {}
+    trainer = merged_yaml(stacked_configs(path))["trainer"]  # a tier's overlay as stacked on its base
     if isinstance(trainer.get("val_check_interval"), int) and trainer["val_check_interval"] > 1:
         assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None
