@@ -31,10 +31,18 @@ def config_overrides(stack: list[Path], run_dir: Path, checkpoints_root: Path) -
     merged = merged_yaml(stack)
     init_args, data = (merged.get("model") or {}).get("init_args") or {}, merged.get("data") or {}
     args = run_dir_args(run_dir)
+    ckpts = {}
     for key, value in init_args.items():
         if key.endswith("_ckpt") and isinstance(value, str):
-            ckpt = checkpoint_for_config(configs_for_run_path(value), checkpoints_root)
-            args += [f"--model.init_args.{key}", str(ckpt)]
+            ckpts[key] = checkpoint_for_config(configs_for_run_path(value), checkpoints_root)
+            args += [f"--model.init_args.{key}", str(ckpts[key])]
+    if data.get("token_cache"):  # a small cache of the same data, encoded by the tokenizer checkpoint above
+        from lit_ar.data.datamodule import ImageDataModule
+        from lit_ar.data.token_cache import write_token_cache
+
+        small = {**data, "token_cache": None, "num_train": 8, "num_val": 4, "num_workers": 0}
+        cache = write_token_cache(str(ckpts["tokenizer_ckpt"]), str(run_dir / "cache"), ImageDataModule(**small))
+        args += ["--data.token_cache", str(cache)]
     if "samples_npz" in init_args:  # evaluation configs: an npz of samples
         import numpy as np
 
