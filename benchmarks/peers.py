@@ -8,6 +8,7 @@ are built from their own constructors with random weights (speed does not depend
 
     python -m benchmarks.peers --peer-root ~/src --families llamagen var mar --precisions fp32 bf16-autocast
     python -m benchmarks.peers --peer-root ~/src --families llamagen --compile   # + both sides compiled
+    python -m benchmarks.peers --peer-root ~/src --families llamagen-train       # GPT-B training steps, batch 8
 
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
@@ -75,6 +76,54 @@ def llamagen_rows(root: Path, device: str, precisions: list[str], compile: bool,
                 ours.generate(labels, cfg=cfg, generator=g)
 
         rows.append(pair("LlamaGen GPT-B", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat))
+        print_table(rows[-1:])
+    return rows
+
+
+def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, batch: int = 8
+                        ) -> list[dict]:  # fmt: skip
+    """One training step of GPT-B on random tokens, as LlamaGen's train_c2i.py makes it: forward with targets
+    (LlamaGen's own loss), backward, AdamW step; both sides with LlamaGen's training dropout (0.1 on tokens and on
+    each residual branch) and class dropout 0.1. `compile`: LlamaGen as train_c2i.py does by default
+    (`torch.compile(model)`), lit_ar with `compile: true` (each block in place)."""
+    from lit_ar.systems.causal_ar import CausalARSystem
+
+    on_path(root / "LlamaGen")
+    from autoregressive.models.gpt import GPT_B
+
+    torch.manual_seed(0)
+    peer = GPT_B(vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1, model_type="c2i").to(device)
+    ours = CausalARSystem(preset="GPT-B", vocab_size=16384, grid_size=16, num_classes=1000, image_size=256,
+                          token_dropout=0.1, resid_dropout=0.1, compile=compile).to(device)  # fmt: skip
+    peer.train(), ours.train()
+    peer_fn = torch.compile(peer) if compile else peer
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16384, (batch, 256), generator=g).to(device)  # (B, L)
+    labels = (torch.arange(batch) % 1000).to(device)
+    opts = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in (("peer", peer), ("ours", ours.model))}
+    rows = []
+    for precision in precisions:
+
+        def run_peer():
+            with precision_context(precision, device):
+                _, loss = peer_fn(cond_idx=labels, idx=tokens[:, :-1], targets=tokens)
+            loss.backward()
+            opts["peer"].step()
+            opts["peer"].zero_grad(set_to_none=True)
+
+        def run_ours():
+            with precision_context(precision, device):
+                logits, targets = ours.train_logits({"tokens": tokens, "label": labels}, 0)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())  # as training_step
+            loss.backward()
+            opts["ours"].step()
+            opts["ours"].zero_grad(set_to_none=True)
+
+        n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
+        row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat)
+        for side in ("peer", "lit_ar"):  # a training step's images are 256 tokens each
+            row[f"{side} tokens/s"] = row[f"{side} images/s"] * 256
+        rows.append(row)
         print_table(rows[-1:])
     return rows
 
@@ -207,10 +256,11 @@ def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, re
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-root", required=True, help="folder with the peers' checkouts: LlamaGen/, VAR/, mar/")
-    p.add_argument("--families", nargs="+", default=["llamagen", "var", "mar"], choices=["llamagen", "var", "mar"])
+    p.add_argument("--families", nargs="+", default=["llamagen", "var", "mar"],
+                   choices=["llamagen", "llamagen-train", "var", "mar"])  # fmt: skip
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16-autocast"],
                    choices=["fp32", "bf16-autocast", "bf16-weights"])  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="compile both sides (LlamaGen and lit_ar only)")
+    p.add_argument("--compile", action="store_true", help="compile both sides (LlamaGen and lit_ar rows only)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--mar-batch", type=int, default=2)
     p.add_argument("--flow-steps", type=int, default=25, help="lit_ar's flow-head ODE steps (MAR: 100 diffusion)")
@@ -225,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     if "llamagen" in args.families:
         rows += llamagen_rows(root, device, args.precisions, args.compile, args.repeat)
+    if "llamagen-train" in args.families:
+        rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat)
     if "var" in args.families:
         rows += var_rows(root, device, args.precisions, args.compile, args.repeat)
     if "mar" in args.families:
