@@ -101,6 +101,7 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
     tokens = torch.randint(0, 16384, (batch, 256), generator=g).to(device)  # (B, L)
     labels = (torch.arange(batch) % 1000).to(device)
     opts = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in (("peer", peer), ("ours", ours.model))}
+    n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
     rows = []
     for precision in precisions:
 
@@ -113,13 +114,11 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
 
         def run_ours():
             with precision_context(precision, device):
-                logits, targets = ours.train_logits({"tokens": tokens, "label": labels}, 0)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())  # as training_step
+                loss = ours.training_step({"tokens": tokens, "label": labels}, 0)
             loss.backward()
             opts["ours"].step()
             opts["ours"].zero_grad(set_to_none=True)
 
-        n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
         row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat)
         for side in ("peer", "lit_ar"):  # a training step's images are 256 tokens each
             row[f"{side} tokens/s"] = row[f"{side} images/s"] * 256
