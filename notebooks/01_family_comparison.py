@@ -26,10 +26,12 @@
 #
 # Sizes. With `LIT_AR_SMALL=1` (the tests) it runs the debug configs (16x16 images, tiny models, 32 steps each,
 # 4 samples per class): about a minute on 2 CPU cores, and the figures mean nothing beyond "the pipeline works".
-# Without it, it runs the shapes configs (64x64 images, 16x16 tokens) at 3000 steps of batch 32 per family and
-# evaluates 50 samples per class (500) against the 8000 training images (`LIT_AR_STEPS` changes the step budget).
-# Expected wall time on one H100: of the order of an hour or two (not measured yet; the classifier and three
-# tokenizers at 1500 steps, six families at 3000 steps, MAR and FlowAR the slowest); on a CPU, days.
+# `LIT_AR_TIER=shapes32` is the CPU tier behind the README's table: the shapes configs as shipped, at 32x32 images
+# (8x8 tokens; the `configs/shapes32/` overlays for the classifier and tokenizers), 1000 steps of batch 32 per
+# family and 50 samples per class. Without either, it runs the shapes configs at 64x64 (16x16 tokens), 3000 steps of
+# batch 32 per family, 50 samples per class: a GPU job (on a CPU, days). `LIT_AR_STEPS` changes the step budget.
+# Every `fit` runs with `--ckpt_path last`, so running the notebook again with the same `LIT_AR_RUN_DIR` continues
+# an interrupted run instead of starting over (finished runs are not retrained).
 # Set `LIT_AR_RUN_DIR` to keep the runs (default: a temporary folder).
 
 # %%
@@ -50,19 +52,27 @@ from lit_ar.data.datamodule import ImageDataModule
 from lit_ar.evaluation import EvaluationRecord, write_split_npz
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
+TIER = "small" if SMALL else os.environ.get("LIT_AR_TIER", "shapes")
+if TIER not in ("small", "shapes32", "shapes"):
+    raise ValueError(f"LIT_AR_TIER={TIER!r}; accepted: 'shapes32' (CPU) or 'shapes' (64x64, GPU)")
 RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook01_")))
 QUIET = ["--trainer.enable_progress_bar", "false"]
-STEPS, BATCH = (32, 16) if SMALL else (3000, 32)  # the equal training budget of every family
+STEPS, BATCH = {"small": (32, 16), "shapes32": (1000, 32), "shapes": (3000, 32)}[TIER]  # the equal budget
 STEPS = int(os.environ.get("LIT_AR_STEPS", STEPS))  # e.g. a shorter full-size run
 PER_CLASS = 4 if SMALL else 50  # samples of every class in the evaluation
 SAMPLE_SPEED_BATCH = 20 if SMALL else 100
 
 
-def fit(config: str, name: str, *extra: str) -> tuple[Path, float]:
-    """`lit_ar fit --config <config>` with the run folder under RUN_DIR; returns the last checkpoint and seconds."""
+def fit(configs: list[str], name: str, *extra: str) -> tuple[Path, float]:
+    """`lit_ar fit --config ... --ckpt_path last` with the run folder under RUN_DIR; returns the last checkpoint and
+    the training seconds, summed over the calls that continued the run (kept in `fit_seconds.json`)."""
     start = time.perf_counter()
-    cli_main(["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), *QUIET, *extra])
-    return RUN_DIR / name / "checkpoints" / "last.ckpt", time.perf_counter() - start
+    cli_main(["fit", *(arg for c in configs for arg in ("--config", c)), *QUIET, *extra,
+              "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), "--ckpt_path", "last"])  # fmt: skip
+    seconds_file = RUN_DIR / name / "fit_seconds.json"
+    seconds = time.perf_counter() - start + (json.loads(seconds_file.read_text()) if seconds_file.exists() else 0.0)
+    seconds_file.write_text(json.dumps(seconds))
+    return RUN_DIR / name / "checkpoints" / "last.ckpt", seconds
 
 
 # %% [markdown]
@@ -73,22 +83,26 @@ def fit(config: str, name: str, *extra: str) -> tuple[Path, float]:
 
 # %%
 debug = "configs/debug/"
+overlay = "configs/shapes32/" if TIER == "shapes32" else None  # the 32x32 overlays of the classifier and tokenizers
 if SMALL:  # 100 steps: a weak classifier (~20% on 16x16 shapes), but not a chance-level one
-    classifier_ckpt, _ = fit(debug + "classifier.yaml", "classifier", "--trainer.max_steps", "100")
+    classifier_ckpt, _ = fit([debug + "classifier.yaml"], "classifier", "--trainer.max_steps", "100")
 else:
-    last, _ = fit("configs/classifier/shapes.yaml", "classifier")
+    configs = ["configs/classifier/shapes.yaml"] + ([overlay + "classifier/shapes.yaml"] if overlay else [])
+    last, _ = fit(configs, "classifier")
     classifier_ckpt = last.parent / "best.ckpt"  # the best validation accuracy, as the eval config names
 tokenizer_budget = ["--trainer.max_steps", "8"] if SMALL else []
 tokenizers = {}
 for kind in ("vq", "msvq", "kl"):
-    config = f"{debug}tokenizer_{kind}.yaml" if SMALL else f"configs/tokenizer/{kind}_shapes.yaml"
-    tokenizers[kind], seconds = fit(config, f"tokenizer_{kind}", *tokenizer_budget)
+    configs = [f"{debug}tokenizer_{kind}.yaml"] if SMALL else [f"configs/tokenizer/{kind}_shapes.yaml"]
+    configs += [f"{overlay}tokenizer/{kind}_shapes.yaml"] if overlay else []
+    tokenizers[kind], seconds = fit(configs, f"tokenizer_{kind}", *tokenizer_budget)
     print(f"tokenizer {kind}: {seconds:.0f} s")
 
 # %% [markdown]
 # ## Every family at the same budget
-# Each family's config is used as shipped except for the budget (`max_steps`, `batch_size`), the tokenizer path and,
-# at small size, no validation. The learning-rate schedules follow `max_steps`.
+# Each family's config is used as shipped except for the budget (`max_steps`, `batch_size`), the tokenizer path,
+# at small size no validation, and in the shapes32 tier the image size (VAR then takes its tokenizer's scales, which
+# the multi-scale overlay rescales to the 8x8 grid). The learning-rate schedules follow `max_steps`.
 
 # %%
 FAMILIES = {  # name: (debug config, shapes config, tokenizer)
@@ -101,11 +115,15 @@ FAMILIES = {  # name: (debug config, shapes config, tokenizer)
 }
 budget = ["--trainer.max_steps", str(STEPS), "--data.batch_size", str(BATCH)]
 budget += ["--trainer.limit_val_batches", "0"] if SMALL else []
+tier_args = {name: [] for name in FAMILIES}
+if TIER == "shapes32":
+    tier_args = {name: ["--data.image_size", "32"] for name in FAMILIES}
+    tier_args["VAR"] += ["--model.init_args.scales", "null"]
 trained = {}
 for name, (small_config, config, tokenizer) in FAMILIES.items():
     config = debug + small_config if SMALL else config
-    tok = ["--model.init_args.tokenizer_ckpt", str(tokenizers[tokenizer])]
-    ckpt, seconds = fit(config, name, *tok, *budget)
+    tok = ["--model.init_args.tokenizer_ckpt", str(tokenizers[tokenizer]), *tier_args[name]]
+    ckpt, seconds = fit([config], name, *tok, *budget)
     trained[name] = (config, tok, ckpt, seconds)
     print(f"{name}: {STEPS} steps of batch {BATCH} in {seconds:.0f} s")
 
@@ -144,6 +162,7 @@ print(json.dumps({k: v for k, v in records["LlamaGen"].protocol.items()}, sort_k
 # %%
 floor_config = trained["LlamaGen"][0]
 data_settings = yaml.safe_load(Path(floor_config).read_text())["data"]
+data_settings["image_size"] = 32 if TIER == "shapes32" else data_settings["image_size"]
 val_npz = RUN_DIR / "floor" / "validation.npz"
 val_npz.parent.mkdir(parents=True, exist_ok=True)
 num_val = write_split_npz(ImageDataModule(**data_settings), "validation", val_npz)
