@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 01 — Every generator family on `shapes`, at one training budget, under one evaluation protocol
+# # 01 — Every generator family on `shapes` (and `digits`), at one training budget, under one evaluation protocol
 #
 # This notebook reproduces the family-comparison table of the README. It
 # 1. trains the shapes classifier (the FID feature extractor) and the three tokenizers the families need: VQ for
@@ -29,7 +29,9 @@
 # `LIT_AR_TIER=shapes32` is the CPU tier behind the README's table: the shapes configs as shipped, at 32x32 images
 # (8x8 tokens; the `configs/shapes32/` overlays for the classifier and tokenizers), 1000 steps of batch 32 per
 # family and 50 samples per class. Without either, it runs the shapes configs at 64x64 (16x16 tokens), 3000 steps of
-# batch 32 per family, 50 samples per class: a GPU job (on a CPU, days). `LIT_AR_STEPS` changes the step budget.
+# batch 32 per family, 50 samples per class: a GPU job (on a CPU, days). `LIT_AR_TIER=digits` runs the families that
+# have a `*_digits` config (LlamaGen, MaskGIT, VAR, MAR) on scikit-learn's real digits (32x32, one channel) with the
+# digits classifier and tokenizers, at the shapes32 budget. `LIT_AR_STEPS` changes the step budget.
 # Every `fit` runs with `--ckpt_path last`, so running the notebook again with the same `LIT_AR_RUN_DIR` continues
 # an interrupted run instead of starting over (finished runs are not retrained).
 # Set `LIT_AR_RUN_DIR` to keep the runs (default: a temporary folder).
@@ -53,11 +55,13 @@ from lit_ar.evaluation import EvaluationRecord, write_split_npz
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
 TIER = "small" if SMALL else os.environ.get("LIT_AR_TIER", "shapes")
-if TIER not in ("small", "shapes32", "shapes"):
-    raise ValueError(f"LIT_AR_TIER={TIER!r}; accepted: 'shapes32' (CPU) or 'shapes' (64x64, GPU)")
+if TIER not in ("small", "shapes32", "shapes", "digits"):
+    raise ValueError(f"LIT_AR_TIER={TIER!r}; accepted: 'shapes32' (CPU), 'digits' (CPU) or 'shapes' (64x64, GPU)")
+DATASET = "digits" if TIER == "digits" else "shapes"
 RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook01_")))
 QUIET = ["--trainer.enable_progress_bar", "false"]
-STEPS, BATCH = {"small": (32, 16), "shapes32": (1000, 32), "shapes": (3000, 32)}[TIER]  # the equal budget
+BUDGETS = {"small": (32, 16), "shapes32": (1000, 32), "digits": (1000, 32), "shapes": (3000, 32)}  # steps, batch
+STEPS, BATCH = BUDGETS[TIER]  # the equal training budget of every family
 STEPS = int(os.environ.get("LIT_AR_STEPS", STEPS))  # e.g. a shorter full-size run
 PER_CLASS = 4 if SMALL else 50  # samples of every class in the evaluation
 SAMPLE_SPEED_BATCH = 20 if SMALL else 100
@@ -87,13 +91,13 @@ overlay = "configs/shapes32/" if TIER == "shapes32" else None  # the 32x32 overl
 if SMALL:  # 100 steps: a weak classifier (~20% on 16x16 shapes), but not a chance-level one
     classifier_ckpt, _ = fit([debug + "classifier.yaml"], "classifier", "--trainer.max_steps", "100")
 else:
-    configs = ["configs/classifier/shapes.yaml"] + ([overlay + "classifier/shapes.yaml"] if overlay else [])
+    configs = [f"configs/classifier/{DATASET}.yaml"] + ([overlay + "classifier/shapes.yaml"] if overlay else [])
     last, _ = fit(configs, "classifier")
     classifier_ckpt = last.parent / "best.ckpt"  # the best validation accuracy, as the eval config names
 tokenizer_budget = ["--trainer.max_steps", "8"] if SMALL else []
 tokenizers = {}
 for kind in ("vq", "msvq", "kl"):
-    configs = [f"{debug}tokenizer_{kind}.yaml"] if SMALL else [f"configs/tokenizer/{kind}_shapes.yaml"]
+    configs = [f"{debug}tokenizer_{kind}.yaml"] if SMALL else [f"configs/tokenizer/{kind}_{DATASET}.yaml"]
     configs += [f"{overlay}tokenizer/{kind}_shapes.yaml"] if overlay else []
     tokenizers[kind], seconds = fit(configs, f"tokenizer_{kind}", *tokenizer_budget)
     print(f"tokenizer {kind}: {seconds:.0f} s")
@@ -101,27 +105,33 @@ for kind in ("vq", "msvq", "kl"):
 # %% [markdown]
 # ## Every family at the same budget
 # Each family's config is used as shipped except for the budget (`max_steps`, `batch_size`), the tokenizer path,
-# at small size no validation, and in the shapes32 tier the image size (VAR then takes its tokenizer's scales, which
-# the multi-scale overlay rescales to the 8x8 grid). The learning-rate schedules follow `max_steps`.
+# RAR's random-order anneal (kept at the same fractions of training as shipped), at small size no validation, and in
+# the shapes32 tier the image size (VAR then takes its tokenizer's scales, which the multi-scale overlay rescales to
+# the 8x8 grid). The learning-rate schedules follow `max_steps`.
 
 # %%
-FAMILIES = {  # name: (debug config, shapes config, tokenizer)
-    "LlamaGen": ("causal.yaml", "configs/causal/llamagen_shapes.yaml", "vq"),
-    "RAR": ("rar.yaml", "configs/causal/rar_shapes.yaml", "vq"),
-    "MaskGIT": ("masked.yaml", "configs/masked/maskgit_shapes.yaml", "vq"),
-    "VAR": ("scale.yaml", "configs/scale/var_shapes.yaml", "msvq"),
-    "MAR": ("flow_mar.yaml", "configs/flow/mar_shapes.yaml", "kl"),
-    "FlowAR": ("flow_flowar.yaml", "configs/flow/flowar_shapes.yaml", "kl"),
+FAMILIES = {  # name: (debug config, config without its `_<dataset>.yaml` ending, tokenizer)
+    "LlamaGen": ("causal.yaml", "configs/causal/llamagen", "vq"),
+    "RAR": ("rar.yaml", "configs/causal/rar", "vq"),
+    "MaskGIT": ("masked.yaml", "configs/masked/maskgit", "vq"),
+    "VAR": ("scale.yaml", "configs/scale/var", "msvq"),
+    "MAR": ("flow_mar.yaml", "configs/flow/mar", "kl"),
+    "FlowAR": ("flow_flowar.yaml", "configs/flow/flowar", "kl"),
 }
+if TIER == "digits":  # RAR and FlowAR have no digits config
+    FAMILIES = {name: f for name, f in FAMILIES.items() if Path(f"{f[1]}_digits.yaml").exists()}
 budget = ["--trainer.max_steps", str(STEPS), "--data.batch_size", str(BATCH)]
 budget += ["--trainer.limit_val_batches", "0"] if SMALL else []
 tier_args = {name: [] for name in FAMILIES}
+if "RAR" in FAMILIES and not SMALL:  # RAR's anneal at the shipped fractions of training (1/4 to 3/4), not its steps
+    tier_args["RAR"] += ["--model.init_args.rar_anneal_start", str(STEPS // 4)]
+    tier_args["RAR"] += ["--model.init_args.rar_anneal_end", str(3 * STEPS // 4)]
 if TIER == "shapes32":
-    tier_args = {name: ["--data.image_size", "32"] for name in FAMILIES}
+    tier_args = {name: [*args, "--data.image_size", "32"] for name, args in tier_args.items()}
     tier_args["VAR"] += ["--model.init_args.scales", "null"]
 trained = {}
 for name, (small_config, config, tokenizer) in FAMILIES.items():
-    config = debug + small_config if SMALL else config
+    config = debug + small_config if SMALL else f"{config}_{DATASET}.yaml"
     tok = ["--model.init_args.tokenizer_ckpt", str(tokenizers[tokenizer]), *tier_args[name]]
     ckpt, seconds = fit([config], name, *tok, *budget)
     trained[name] = (config, tok, ckpt, seconds)
@@ -235,7 +245,7 @@ assert (table["images/s"].iloc[:-1] > 0).all()
 fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 12))
 for ax, (name, model) in zip(axes, models.items()):
     images = draw(model, torch.arange(num_classes, device=device).repeat_interleave(2))  # (2 * num_classes, C, H, W)
-    assert images.shape == (2 * num_classes, 3, model.hparams.image_size, model.hparams.image_size)
+    assert images.shape[0] == 2 * num_classes and images.shape[-1] == model.hparams.image_size
     ax.imshow(make_grid(images, nrow=2).permute(1, 2, 0))
     ax.set_title(name)
     ax.axis("off")
