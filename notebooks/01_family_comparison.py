@@ -179,7 +179,7 @@ print(json.dumps({k: v for k, v in records[first].protocol.items()}, sort_keys=T
 # %%
 floor_config = trained[first][0]
 data_settings = yaml.safe_load(Path(floor_config).read_text())["data"]
-data_settings["image_size"] = 32 if TIER == "shapes32" else data_settings["image_size"]
+data_settings["image_size"] = models[first].hparams.image_size  # the tier's size, as the families were trained
 val_npz = RUN_DIR / "floor" / "validation.npz"
 val_npz.parent.mkdir(parents=True, exist_ok=True)
 num_val = write_split_npz(ImageDataModule(**data_settings), "validation", val_npz)
@@ -252,7 +252,8 @@ assert (table["images/s"].iloc[:-1] > 0).all()
 fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 12))
 for ax, (name, model) in zip(axes, models.items()):
     images = draw(model, torch.arange(num_classes, device=device).repeat_interleave(2))  # (2 * num_classes, C, H, W)
-    assert images.shape[0] == 2 * num_classes and images.shape[-1] == model.hparams.image_size
+    size, channels = model.hparams.image_size, model.hparams.channels
+    assert images.shape == (2 * num_classes, channels, size, size)
     ax.imshow(make_grid(images, nrow=2).permute(1, 2, 0))
     ax.set_title(name)
     ax.axis("off")
