@@ -72,11 +72,15 @@ def fit(configs: list[str], name: str, *extra: str) -> tuple[Path, float]:
     """`lit_ar fit --config ... --ckpt_path last` with the run folder under RUN_DIR; returns the last checkpoint and
     the training seconds, summed over the calls that continued the run (kept in `fit_seconds.json`)."""
     start = time.perf_counter()
-    cli_main(["fit", *(arg for c in configs for arg in ("--config", c)), *QUIET, *extra,
-              "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), "--ckpt_path", "last"])  # fmt: skip
     seconds_file = RUN_DIR / name / "fit_seconds.json"
-    seconds = time.perf_counter() - start + (json.loads(seconds_file.read_text()) if seconds_file.exists() else 0.0)
-    seconds_file.write_text(json.dumps(seconds))
+    try:
+        cli_main(["fit", *(arg for c in configs for arg in ("--config", c)), *QUIET, *extra,
+                  "--trainer.logger.init_args.save_dir", str(RUN_DIR / name), "--ckpt_path", "last"])  # fmt: skip
+    finally:  # a pre-empted call (SIGTERM ends it with SystemExit) counts too: the next call continues its run
+        before = json.loads(seconds_file.read_text()) if seconds_file.exists() else 0.0
+        seconds = time.perf_counter() - start + before
+        seconds_file.parent.mkdir(parents=True, exist_ok=True)
+        seconds_file.write_text(json.dumps(seconds))
     return RUN_DIR / name / "checkpoints" / "last.ckpt", seconds
 
 
