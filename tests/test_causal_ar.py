@@ -249,6 +249,17 @@ def test_labels_outside_the_classes_are_refused():
         tiny_system().sample(torch.tensor([-1, 1]))
 
 
+def test_labels_of_any_integer_dtype_sample_alike_and_other_labels_are_refused():
+    system, g = tiny_system(), torch.Generator
+    int32 = system.generate(torch.tensor([0, 2], dtype=torch.int32), cfg=2.0, generator=g().manual_seed(0))
+    torch.testing.assert_close(int32, system.generate(torch.tensor([0, 2]), cfg=2.0, generator=g().manual_seed(0)))
+    refused = [(torch.tensor([0.0, 1.0]), r"torch.float32 \(2,\)"), (torch.tensor([True]), r"torch.bool \(1,\)"),
+               (torch.tensor([[0], [1]]), r"torch.int64 \(2, 1\)"), ([0, 1], r"\[0, 1\]")]  # fmt: skip
+    for labels, got in refused:
+        with pytest.raises(ValueError, match=r"labels must be a 1D integer tensor of class indices; got " + got):
+            system.sample(labels)
+
+
 def test_cfg_without_class_dropout_is_refused():
     with pytest.raises(ValueError, match=r"cfg=2.0 asks for classifier-free guidance.*class_dropout=0"):
         tiny_system(class_dropout=0.0).sample(torch.tensor([0]), cfg=2.0)

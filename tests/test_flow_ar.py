@@ -236,6 +236,14 @@ def test_bad_sampling_inputs_are_refused():
         mar.sample_tokens(labels, sampler="dopri5")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         mar.sample_tokens(torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"labels must be a 1D integer tensor of class indices; got torch.float32"):
+        flowar.sample_tokens(labels.float())
+    g = torch.Generator
+    for system in (mar, flowar):  # any integer dtype samples alike
+        int32 = system.sample_tokens(labels.int(), cfg=2.0, flow_steps=2, generator=g().manual_seed(0))
+        torch.testing.assert_close(
+            int32, system.sample_tokens(labels, cfg=2.0, flow_steps=2, generator=g().manual_seed(0))
+        )
 
 
 def test_bad_settings_are_refused():

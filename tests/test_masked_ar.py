@@ -344,8 +344,14 @@ def test_sampling_bad_inputs_are_refused_before_any_work():
         system.sample(torch.tensor([0, 7]))
     with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
         system.sample(labels, top_p=1.5)
-    with pytest.raises(ValueError, match=r"labels must be a 1D tensor of class indices; got torch.Size\(\[2, 1\]\)"):
+    with pytest.raises(ValueError, match=r"labels must be a 1D integer tensor of class indices; got torch.int64 "
+                                         r"\(2, 1\)"):  # fmt: skip
         system.sample(labels[:, None])
+    with pytest.raises(ValueError, match=r"labels must be a 1D integer tensor of class indices; got torch.float32"):
+        system.sample(labels.float())
+    g = torch.Generator
+    int32 = system.generate(labels.int(), cfg=2.0, generator=g().manual_seed(0))  # any integer dtype samples alike
+    torch.testing.assert_close(int32, system.generate(labels, cfg=2.0, generator=g().manual_seed(0)))
     with pytest.raises(ValueError, match=r"cfg_interval=\(0.8, 0.2\)"):
         system.sample(labels, cfg=2.0, cfg_schedule="interval", cfg_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match=r"cfg=2.0 asks for classifier-free guidance, .*class_dropout=0"):

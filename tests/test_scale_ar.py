@@ -316,7 +316,11 @@ def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):
     labels = torch.tensor([0, 1])
     bad = [
         (dict(labels=torch.tensor([0, 10])), r"labels must lie in \[0, 10\)"),
-        (dict(labels=torch.tensor([0.0, 1.0])), r"labels must be a 1D long tensor"),
+        (
+            dict(labels=torch.tensor([0.0, 1.0])),
+            r"labels must be a 1D integer tensor of class indices; got "
+            r"torch.float32 \(2,\)",
+        ),
         (dict(temperature=0.0), r"temperature=0.0 must be > 0"),
         (dict(top_k=0), r"top_k=0 must be >= 1"),
         (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),

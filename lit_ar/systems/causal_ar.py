@@ -211,13 +211,8 @@ class CausalARSystem(GeneratorSystem):
         n = L if num_tokens is None else num_tokens
         check_sampling_args(temperature, top_k, top_p, cfg)
         check_cfg_schedule(cfg_schedule, tuple(cfg_interval))
-        self.check_cfg(cfg)
-        if labels.ndim != 1:
-            raise ValueError(f"labels must be a 1D tensor of class indices; got shape {tuple(labels.shape)}")
-        self.check_labels(labels)
-        labels = labels.to(self.device)
+        labels, cond = self.sampling_labels(labels, cfg)  # (B,), (B,) or (2B,) [labels; null] under CFG
         guided = cfg != 1.0
-        cond = torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)]) if guided else labels  # (B'|2B,)
         if use_cache:
             autocast = torch.is_autocast_enabled(self.device.type)
             dtype = torch.get_autocast_dtype(self.device.type) if autocast else m.output.weight.dtype

@@ -263,8 +263,7 @@ class FlowARSystem(GeneratorSystem):
         min(64, L), cosine schedule); `flowar` and `causal` take one step per scale or token (leave null).
         flow_steps: ODE/SDE steps of the head. sampler: `euler`, `heun` (2 head calls a step) or
         `euler_maruyama` (SDE). guidance_interval: flow times [low, high] where CFG is applied (1 outside)."""
-        self.check_labels(labels)
-        self.check_cfg(cfg)
+        labels, rows = self.sampling_labels(labels, cfg)  # (B,), (B,) or (2B,) [labels; null] under CFG
         check_sampling_args(temperature, cfg=cfg)
         if top_k is not None or top_p is not None:
             raise ValueError(f"top_k={top_k}, top_p={top_p}: filters of discrete logits; continuous tokens take "
@@ -277,8 +276,8 @@ class FlowARSystem(GeneratorSystem):
         flow = dict(temperature=temperature, flow_steps=flow_steps, sampler=sampler,
                     guidance_interval=tuple(guidance_interval), generator=generator)  # fmt: skip
         if self.hparams.backbone == "mar":
-            return self.sample_mar(labels, cfg, cfg_schedule, steps, flow)
-        return self.sample_groups(labels, cfg, cfg_schedule, steps, flow)
+            return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
+        return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)
 
     def head_sample(self, cond: torch.Tensor, B: int, cfg: float, flow: dict) -> torch.Tensor:
         """Conditions (B, n, C), or (2B, n, C) rows [cond; uncond] under CFG -> tokens (B, n, D) (fp32)."""
@@ -291,24 +290,19 @@ class FlowARSystem(GeneratorSystem):
                         flow["guidance_interval"], g)  # fmt: skip
         return x.view(B, n, self.token_dim)
 
-    def with_null(self, labels: torch.Tensor, cfg: float) -> torch.Tensor:
-        """(B,) -> (2B,) [labels; null class] when guiding, else the labels."""
-        if cfg == 1.0:
-            return labels
-        return torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
-
-    def sample_mar(self, labels: torch.Tensor, cfg: float, schedule: str, steps: int | None, flow: dict):
-        B, L, D = labels.shape[0], self.grid_size**2, self.token_dim
+    def sample_mar(self, rows: torch.Tensor, cfg: float, schedule: str, steps: int | None, flow: dict):
+        """rows: the conditioning labels, (B,) or (2B,) [labels; null class] under CFG."""
+        B, L, D = rows.shape[0] // (2 if cfg != 1.0 else 1), self.grid_size**2, self.token_dim
         steps = min(64, L) if steps is None else steps
         counts = tokens_to_reveal("cosine", L, steps)  # refuses steps outside [1, L]
         tokens = torch.zeros(B, L, D, device=self.device)  # (B, L, D)
         mask = torch.ones(B, L, dtype=torch.bool, device=self.device)  # True = still unknown
         g = flow["generator"]
         order = torch.rand(B, L, generator=g, device=self.device).argsort(dim=1)  # (B, L)
-        labels2, done = self.with_null(labels, cfg), 0
+        done = 0
         for n in counts:
             twice = (lambda x: torch.cat([x, x])) if cfg != 1.0 else (lambda x: x)
-            cond = self.core(twice(tokens), twice(mask), labels2)  # (B or 2B, L, C)
+            cond = self.core(twice(tokens), twice(mask), rows)  # (B or 2B, L, C)
             pos = order[:, done : done + n]  # (B, n) the next n tokens of each order
             done += n
             cond = cond.gather(1, twice(pos)[..., None].expand(-1, -1, cond.shape[-1]))  # (B or 2B, n, C)
@@ -318,20 +312,20 @@ class FlowARSystem(GeneratorSystem):
             mask = mask.scatter(1, pos, False)
         return tokens
 
-    def sample_groups(self, labels: torch.Tensor, cfg: float, schedule: str, steps: int | None, flow: dict):
-        core, B = self.core, labels.shape[0]
+    def sample_groups(self, rows: torch.Tensor, cfg: float, schedule: str, steps: int | None, flow: dict):
+        """rows: the conditioning labels, (B,) or (2B,) [labels; null class] under CFG."""
+        core, B = self.core, rows.shape[0] // (2 if cfg != 1.0 else 1)
         K = len(core.sizes)
         if steps is not None and steps != K:
             raise ValueError(f"steps={steps}: backbone={self.hparams.backbone!r} takes one step per "
                              f"{'scale' if core.order == 'scale' else 'token'} ({K}); leave steps null")  # fmt: skip
-        labels2 = self.with_null(labels, cfg)
         use_autocast = torch.is_autocast_enabled(self.device.type)
         dtype = torch.get_autocast_dtype(self.device.type) if use_autocast else core.pos.dtype
-        core.setup_cache(labels2.shape[0], dtype, self.device)
+        core.setup_cache(rows.shape[0], dtype, self.device)
         try:
             groups, inputs = [], None
             for k in range(K):
-                cond = core.step(k, inputs, labels2)  # (B or 2B, size_k, C)
+                cond = core.step(k, inputs, rows)  # (B or 2B, size_k, C)
                 # VAR's ramp over scales (k / (K - 1)); in raster order the fraction of tokens drawn
                 progress = k / max(K - 1, 1) if core.order == "scale" else (k + 1) / K
                 x = self.head_sample(cond, B, cfg_scale(schedule, cfg, progress), flow)  # (B, size_k, D)

@@ -18,6 +18,8 @@ from lit_ar.evaluation import GeneratorEvaluator
 from lit_ar.models.layers import Block
 from lit_ar.systems.lr_schedule import warmup_cosine
 
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # class labels
+
 
 def enable_activation_checkpointing(root: nn.Module) -> int:
     """Recompute each transformer block's activations in the backward pass instead of storing them (memory for
@@ -140,6 +142,21 @@ class GeneratorSystem(L.LightningModule):
                 f"cfg={cfg} asks for classifier-free guidance, but this model was trained with "
                 "model.init_args.class_dropout=0 and so never saw the null class; sample with cfg=1.0"
             )
+
+    def sampling_labels(self, labels: torch.Tensor, cfg: float, allow_null: bool = False):
+        """Every family's first check of a sampling call, before any work: labels (B,) of integer class indices in
+        range, and a cfg the model was trained for. Returns the labels (B,) long on this device and the rows the
+        model is conditioned on: the labels, or under CFG (2B,) [labels; null class], so that one batch computes
+        the conditional and the unconditional prediction."""
+        self.check_cfg(cfg)
+        if not (isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.dtype in INTEGER_DTYPES):
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else repr(labels)
+            raise ValueError(f"labels must be a 1D integer tensor of class indices; got {got}")
+        self.check_labels(labels, allow_null)
+        labels = labels.to(self.device, torch.long)
+        if cfg == 1.0:
+            return labels, labels
+        return labels, torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
 
     # -- data ------------------------------------------------------------------------------------------------
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:

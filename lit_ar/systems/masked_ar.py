@@ -221,13 +221,11 @@ class MaskedARSystem(GeneratorSystem):
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def check_sample_args(self, labels, cfg, temperature, top_k, top_p, steps, mask_schedule, mask_power,
-                          choice_temperature, cfg_schedule, cfg_interval, order) -> list[int]:  # fmt: skip
-        """Refuse bad settings before any work; returns the number of tokens each step reveals."""
+                          choice_temperature, cfg_schedule, cfg_interval, order):  # fmt: skip
+        """Refuse bad settings before any work; returns the number of tokens each step reveals and `sampling_labels`'
+        (labels, conditioning rows)."""
         check_sampling_args(temperature, top_k, top_p, cfg)
-        self.check_cfg(cfg)
-        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
-            raise ValueError(f"labels must be a 1D tensor of class indices; got {getattr(labels, 'shape', labels)}")
-        self.check_labels(labels, allow_null=self.hparams.class_dropout > 0)
+        labels, rows = self.sampling_labels(labels, cfg, allow_null=self.hparams.class_dropout > 0)
         check_cfg_schedule(cfg_schedule, tuple(cfg_interval))
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not known; known orders: {ORDERS}")
@@ -236,7 +234,7 @@ class MaskedARSystem(GeneratorSystem):
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps={steps!r} must be an integer between 1 and the number of tokens")
         # raises on steps outside [1, L] and on an unknown mask_schedule (listing the known ones)
-        return tokens_to_reveal(mask_schedule, self.model.num_tokens, steps, power=mask_power)
+        return tokens_to_reveal(mask_schedule, self.model.num_tokens, steps, power=mask_power), labels, rows
 
     @torch.no_grad()
     def generate(
@@ -260,21 +258,20 @@ class MaskedARSystem(GeneratorSystem):
         """labels (B,) -> tokens (B, L). See `sample` for the settings. With return_trace, also a dict of the grid
         before each step and after the last: `masked` (steps + 1, B, L) bool (True = not yet revealed) and
         `tokens` (steps + 1, B, L) long (mask_token where masked)."""
-        counts = self.check_sample_args(labels, cfg, temperature, top_k, top_p, steps, mask_schedule, mask_power,
-                                        choice_temperature, cfg_schedule, cfg_interval, order)  # fmt: skip
+        counts, labels, rows = self.check_sample_args(labels, cfg, temperature, top_k, top_p, steps, mask_schedule,
+                                                      mask_power, choice_temperature, cfg_schedule, cfg_interval,
+                                                      order)  # fmt: skip
         with eval_mode(self.model):  # dropout off; the previous mode comes back even on error
-            labels = labels.to(self.device)
             B, L = labels.shape[0], self.model.num_tokens
             tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
             masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed
             if order == "random":  # MAR: a random generation order per sample, revealed chunk by chunk
                 perm = torch.rand(B, L, generator=generator, device=self.device).argsort(-1)  # (B, L) positions
-            null = torch.full_like(labels, self.hparams.num_classes)
             trace, done = {"masked": [masked], "tokens": [tokens]}, 0
             for step, k in enumerate(counts):
                 progress = (done + k) / L  # fraction revealed once this step is done (MAR's CFG progress)
                 if cfg != 1.0:  # one batch of 2B: conditional and unconditional
-                    cond, uncond = self.model(tokens.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
+                    cond, uncond = self.model(tokens.repeat(2, 1), rows).float().chunk(2)
                     logits = guide(cond, uncond, cfg_scale(cfg_schedule, cfg, progress, tuple(cfg_interval), cfg_power))
                 else:
                     logits = self.model(tokens, labels).float()  # (B, L, V)

@@ -151,22 +151,15 @@ class ScaleARSystem(GeneratorSystem):
         map f_hat (B, Cv, G, G) after each scale. See `sample` for the arguments."""
         check_sampling_args(temperature, top_k, top_p, cfg)
         check_cfg_schedule(cfg_schedule, cfg_interval)
-        self.check_cfg(cfg)
-        if labels.ndim != 1 or labels.dtype != torch.long:
-            raise ValueError(f"labels must be a 1D long tensor of class indices; got {labels.dtype} "
-                             f"{tuple(labels.shape)}")  # fmt: skip
-        self.check_labels(labels)
+        labels, rows = self.sampling_labels(labels, cfg)  # (B,), (B,) or (2B,) [labels; null] under CFG
         model, quantizer = self.model, self.tokenizer.quantizer
-        labels = labels.to(self.device)
         B, K, guided = len(labels), len(self.scales), cfg != 1.0
-        if guided:  # one batch of 2B rows: conditional, then unconditional (null class)
-            labels = torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
         device_type = self.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else model.head.weight.dtype)  # fmt: skip
-        setup_kv_caches(model.blocks, len(labels), model.seq_len, dtype, self.device)
+        setup_kv_caches(model.blocks, len(rows), model.seq_len, dtype, self.device)
         try:
-            cond, block_cond = model.condition(labels)  # (2B, C), (2B, C | 6C)
+            cond, block_cond = model.condition(rows)  # (2B, C), (2B, C | 6C)
             mods = model.modulations(block_cond)  # per block (2B, 6C), fixed over the scales
             x = model.start_tokens(cond)  # (2B, s_1^2, C)
             f_hat, indices, f_hats = None, [], []
