@@ -123,8 +123,6 @@ FAMILIES = {  # name: (debug config, config without its `_<dataset>.yaml` ending
     "MAR": ("flow_mar.yaml", "configs/flow/mar", "kl"),
     "FlowAR": ("flow_flowar.yaml", "configs/flow/flowar", "kl"),
 }
-if TIER == "digits":  # the families with a digits config (all six ship one)
-    FAMILIES = {name: f for name, f in FAMILIES.items() if Path(f"{f[1]}_digits.yaml").exists()}
 if os.environ.get("LIT_AR_FAMILIES"):  # a subset, e.g. LIT_AR_FAMILIES=LlamaGen,VAR
     chosen = os.environ["LIT_AR_FAMILIES"].split(",")
     if unknown := sorted(set(chosen) - set(FAMILIES)):
