@@ -5,6 +5,7 @@ token grid, VAR-d16 against VAR's own sampler, training throughput, peak memory.
     python -m benchmarks.scale_ar --d16            # + VAR-d16, batch 2, CFG 1.5, fp32 and bf16 autocast (minutes)
     python -m benchmarks.scale_ar --d16-causal     # + the causal model of VAR-d16's size at the same settings
     python -m benchmarks.scale_ar --compile        # also with the blocks compiled (minutes on a small CPU)
+    python -m benchmarks.scale_ar --precisions fp32 bf16-autocast   # mid-size sampling in both precisions
 
 Sampling numbers are token generation only, the tokenizer's decode excluded, as in the VAR anchors:
 `ScaleARSystem.sample_tokens` (K cached scale steps, each followed by the tokenizer's `next_scale_input`) and
@@ -142,6 +143,13 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=1.5, help="guidance of the mid-size runs (both models double)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also with compiled blocks")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16-autocast"],
+        help="sampling precisions of the mid-size comparison (training rows are fp32)",
+    )
     p.add_argument("--no-causal", action="store_true", help="skip the causal family")
     p.add_argument("--d16", action="store_true", help="VAR-d16 against VAR's own sampler (minutes)")
     p.add_argument("--d16-causal", action="store_true", help="also the causal model of VAR-d16's size (minutes)")
@@ -166,25 +174,28 @@ def main() -> None:
         var = make_var(mid_ckpt, args.depth, 10, 64, compile, device)
         n = parameter_count(var.model)
         name = f"VAR depth {args.depth} ({n / 1e6:.1f}M) {tag}"
-        s = sampling_row(var, args.batch, args.cfg, "fp32", args.repeat)
-        rows.append({"run": name, "what": f"sample b{args.batch} CFG {args.cfg} fp32 (images/s)",
-                     "value": s["images/s"], "peak MB": s["peak MB"]})  # fmt: skip
+        samples = {}  # precision -> VAR's sampling row
+        for precision in args.precisions:
+            s = samples[precision] = sampling_row(var, args.batch, args.cfg, precision, args.repeat)
+            rows.append({"run": name, "what": f"sample b{args.batch} CFG {args.cfg} {precision} (images/s)",
+                         "value": s["images/s"], "peak MB": s["peak MB"]})  # fmt: skip
         t = training_row(var, args.batch, "fp32", args.repeat)
         rows.append({"run": name, "what": f"train b{args.batch} fp32 (images/s)", "value": t["images/s"],
                      "peak MB": t["peak MB"]})  # fmt: skip
-        print_table(rows[-2:])
+        print_table(rows[-len(args.precisions) - 1 :])
         if causal_available:
             causal = make_causal(args.vocab, 16, var.model.dim, var.model.blocks[0].attn.n_heads, n, 10, compile,
                                  device)  # fmt: skip
             cname = f"causal {causal.hparams.n_layer} layers ({parameter_count(causal.model) / 1e6:.1f}M) {tag}"
-            c = sampling_row(causal, args.batch, args.cfg, "fp32", 1)
-            rows.append({"run": cname, "what": f"sample b{args.batch} CFG {args.cfg} fp32 (images/s)",
-                         "value": c["images/s"], "peak MB": c["peak MB"],
-                         "VAR speed-up": s["images/s"] / c["images/s"]})  # fmt: skip
+            for precision in args.precisions:
+                c = sampling_row(causal, args.batch, args.cfg, precision, 1)
+                rows.append({"run": cname, "what": f"sample b{args.batch} CFG {args.cfg} {precision} (images/s)",
+                             "value": c["images/s"], "peak MB": c["peak MB"],
+                             "VAR speed-up": samples[precision]["images/s"] / c["images/s"]})  # fmt: skip
             ct = training_row(causal, args.batch, "fp32", args.repeat)
             rows.append({"run": cname, "what": f"train b{args.batch} fp32 (images/s)", "value": ct["images/s"],
                          "peak MB": ct["peak MB"]})  # fmt: skip
-            print_table(rows[-2:])
+            print_table(rows[-len(args.precisions) - 1 :])
             del causal
         del var
 

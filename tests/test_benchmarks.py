@@ -57,3 +57,21 @@ def test_harness_refuses_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_scale_benchmark_compares_var_with_causal_in_each_precision(tmp_path, monkeypatch):
+    from benchmarks import scale_ar
+
+    out = tmp_path / "scale.json"
+    argv = ["scale_ar", "--depth", "1", "--vocab", "64", "--batch", "1", "--repeat", "1",
+            "--precisions", "fp32", "bf16-autocast", "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    scale_ar.main()
+    rows = json.loads(out.read_text())["rows"]
+    for precision in ("fp32", "bf16-autocast"):
+        var = [r for r in rows if r["run"].startswith("VAR") and f"CFG 1.5 {precision}" in r["what"]]
+        causal = [r for r in rows if r["run"].startswith("causal") and f"CFG 1.5 {precision}" in r["what"]]
+        assert len(var) == 1 and len(causal) == 1, precision
+        assert var[0]["value"] > 0 and causal[0]["value"] > 0
+        assert causal[0]["VAR speed-up"] == pytest.approx(var[0]["value"] / causal[0]["value"])
+    assert sum("train" in r["what"] for r in rows) == 2  # one fp32 training row per family
