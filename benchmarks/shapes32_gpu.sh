@@ -54,12 +54,14 @@ for f in $FAMILIES; do
 done
 wait; stamp "training done"
 E="--model.init_args.evaluator.init_args."
-for f in $FAMILIES; do
+evaluate() {
   # shellcheck disable=SC2086
-  ( python -m lit_ar test --config "$OUT_DIR/$f/config.yaml" --config configs/eval/generator_shapes.yaml \
-      ${E}extractor_ckpt "$CLASSIFIER" ${E}reference_dir "$REFERENCES" $Q $EXTRA_EVAL \
-      --trainer.logger.init_args.save_dir "$OUT_DIR/$f" --ckpt_path "$OUT_DIR/$f/checkpoints/last.ckpt" \
-      > "$OUT_DIR/$f.eval.log" 2>&1
-    stamp "$f eval rc=$? $(grep -E 'test/(class_accuracy|fid|precision|recall)' "$OUT_DIR/$f.eval.log" | tr -s ' │\n' ' ')" ) &
-done
+  python -m lit_ar test --config "$OUT_DIR/$1/config.yaml" --config configs/eval/generator_shapes.yaml \
+    ${E}extractor_ckpt "$CLASSIFIER" ${E}reference_dir "$REFERENCES" $Q $EXTRA_EVAL \
+    --trainer.logger.init_args.save_dir "$OUT_DIR/$1" --ckpt_path "$OUT_DIR/$1/checkpoints/last.ckpt" \
+    > "$OUT_DIR/$1.eval.log" 2>&1
+  stamp "$1 eval rc=$? $(grep -E 'test/(class_accuracy|fid|precision|recall)' "$OUT_DIR/$1.eval.log" | tr -s ' │\n' ' ')"; }
+read -r first others <<< "$FAMILIES"
+evaluate "$first"  # alone: it computes and caches the reference statistics that the others then read
+for f in $others; do evaluate "$f" & done
 wait; stamp "evaluation done: $OUT_DIR/<family>/eval/evaluation.json"
