@@ -111,10 +111,10 @@ def random_batch(family: str, system, batch: int) -> dict:
 
 
 def train_seconds(family: str, system, batch: int, precision: str, steps: int) -> float:
-    """Median seconds of one training step: the system's own training_step (loss), backward, AdamW step."""
+    """Median seconds of one training step: the system's own training_step (loss), backward and optimizer step
+    (its own AdamW, fused where it can be)."""
     data = random_batch(family, system, batch)
-    params = [p for n, p in system.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = system.make_optimizer()
     system.train()
 
     def step():

@@ -92,10 +92,10 @@ def decode_step_times(system: CausalARSystem, batch: int, repeat: int = 20) -> t
 
 
 def training_row(system: CausalARSystem, batch: int, repeat: int) -> dict:
-    """Forward + backward + AdamW step on random tokens (fp32), as LlamaGen's training loop."""
+    """Forward + backward + the system's AdamW step on random tokens (fp32), as LlamaGen's training loop."""
     system.train()
     m, L = system.model, system.model.num_tokens
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    opt = system.make_optimizer()
     tokens = torch.randint(0, m.vocab_size, (batch, L), device=system.device)
     data = {"tokens": tokens, "label": torch.arange(batch, device=system.device) % system.hparams.num_classes}
 

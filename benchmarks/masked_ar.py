@@ -44,7 +44,7 @@ def causal_system(size: dict, args, device: str):
 def train_tokens_per_s(system, batch: int, args, device: str, dtype: torch.dtype) -> float:
     """Forward, backward and AdamW step on random tokens; tokens/s = batch * L / seconds per step."""
     L = args.grid**2
-    opt = torch.optim.AdamW(system.parameters(), lr=1e-4)
+    opt = system.make_optimizer()
     g = torch.Generator(device=device).manual_seed(0)
     data = {"tokens": torch.randint(0, args.vocab, (batch, L), generator=g, device=device),
             "label": torch.randint(0, args.num_classes, (batch,), generator=g, device=device)}  # fmt: skip

@@ -105,7 +105,7 @@ def training_row(system, batch: int, precision: str, repeat: int) -> dict:
     system.train()
     device, num_classes = system.device, system.hparams.num_classes
     labels = torch.arange(batch, device=device) % num_classes
-    opt = torch.optim.AdamW(system.model.parameters(), lr=1e-4)
+    opt = system.make_optimizer()
     if isinstance(system, ScaleARSystem):
         vocab = system.model.vocab_size
         indices = [torch.randint(0, vocab, (batch, s * s), device=device) for s in system.scales]
