@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lit_ar.models.classifier import CNNClassifier
-from lit_ar.systems.optimization import adamw, uses_grad_scaler, warmup_cosine
+from lit_ar.systems.lr_schedule import warmup_cosine
 
 
 class ClassifierSystem(L.LightningModule):
@@ -74,7 +74,6 @@ class ClassifierSystem(L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        opt = adamw([{"params": self.parameters(), "weight_decay": self.hparams.weight_decay}], lr=self.hparams.lr,
-                    grad_scaler=uses_grad_scaler(self._trainer))  # fmt: skip
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         sched = warmup_cosine(opt, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from lit_ar.metrics import perplexity, psnr, ssim
 from lit_ar.models.autoencoder import PRESETS, Autoencoder, PatchDiscriminator
-from lit_ar.systems.optimization import adamw, uses_grad_scaler, warmup_cosine
+from lit_ar.systems.lr_schedule import warmup_cosine
 
 # TokenizerSystem settings that build the Autoencoder (load_tokenizer rebuilds it from a checkpoint's hparams)
 AUTOENCODER_ARGS = (
@@ -368,7 +368,7 @@ class TokenizerSystem(L.LightningModule):
         if self.discriminator is not None:
             disc = list(self.discriminator.parameters())
             groups.append({"params": disc, "lr": h.disc_lr or h.lr, "weight_decay": 0.0})
-        opt = adamw(groups, lr=h.lr, betas=tuple(h.betas), grad_scaler=uses_grad_scaler(self._trainer))
+        opt = torch.optim.AdamW(groups, betas=tuple(h.betas))
         sched = warmup_cosine(opt, h.warmup_steps, int(self.trainer.estimated_stepping_batches), h.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
