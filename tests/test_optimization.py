@@ -9,7 +9,8 @@ from lit_ar.systems.causal_ar import CausalARSystem
 
 
 def test_make_optimizer_decays_matrices_only_and_leaves_the_tokenizer_out(debug_tokenizer):
-    system = CausalARSystem(tokenizer_ckpt=str(debug_tokenizer), preset="GPT-nano", weight_decay=0.05)
+    system = CausalARSystem(tokenizer_ckpt=str(debug_tokenizer), preset="GPT-nano", weight_decay=0.05,
+                            image_size=16)  # fmt: skip
     decay, no_decay = system.make_optimizer().param_groups
     trainable = {id(p) for n, p in system.named_parameters() if not n.startswith("tokenizer.")}
     assert {id(p) for p in decay["params"] + no_decay["params"]} == trainable
