@@ -112,7 +112,7 @@ def random_batch(family: str, system, batch: int) -> dict:
 
 def train_seconds(family: str, system, batch: int, precision: str, steps: int) -> float:
     """Median seconds of one training step: the system's own training_step (loss), backward and optimizer step
-    (its own AdamW, fused where it can be)."""
+    (the AdamW its configure_optimizers returns)."""
     data = random_batch(family, system, batch)
     opt = system.make_optimizer()
     system.train()

@@ -23,8 +23,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> float:
-    """Median wall seconds of fn() after `warmup` untimed calls."""
+def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3, fastest: bool = False) -> float:
+    """Median (or, with `fastest`, the least) wall seconds of fn() after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     sync()
@@ -34,7 +34,7 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> flo
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -67,16 +67,7 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> fl
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync()
-    fastest = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        fastest = min(fastest, time.perf_counter() - start)
-    return 2 * n**3 / fastest
+    return 2 * n**3 / time_call(lambda: a @ b, warmup=2, repeat=repeat, fastest=True)
 
 
 def print_table(rows: list[dict], title: str = "") -> None:

@@ -101,7 +101,7 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
     tokens = torch.randint(0, 16384, (batch, 256), generator=g).to(device)  # (B, L)
     labels = (torch.arange(batch) % 1000).to(device)
     # each side's own optimizer: LlamaGen's train_c2i.py decays matrices only (weight decay 0.05, betas 0.9/0.95)
-    # and uses the fused AdamW wherever torch has one; lit_ar's system builds its own (fused on CPU and CUDA)
+    # and uses the fused AdamW wherever torch has one; lit_ar's the one its configure_optimizers returns
     decay, no_decay = [p for p in peer.parameters() if p.dim() >= 2], [p for p in peer.parameters() if p.dim() < 2]
     peer_groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     opts = {"peer": torch.optim.AdamW(peer_groups, lr=1e-4, betas=(0.9, 0.95), fused=True),
