@@ -22,6 +22,16 @@ pytestmark = pytest.mark.gpu
 DEBUG_GENERATORS = ["causal", "rar", "masked", "scale", "flow_mar", "flow_flowar"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Every test starts with empty torch.compile caches. Dynamo caps the graphs kept per function (recompile_limit,
+    8) across all models of a process; this file builds dozens of them (sizes, families, sampling lengths), so
+    without the reset the shared block `forward` hit the cap during the compiled-sampling tests and the compiled
+    training-speed tests after them silently ran eager (first H200 run: masked and mar "compiled" 1.2x slower)."""
+    torch._dynamo.reset()
+    yield
+
+
 class LossRecorder(L.Callback):
     """Keeps every training step's loss (as a float) and the grad scaler's scale at the start of training."""
 
