@@ -68,7 +68,7 @@ RESUME_CASES = [
     pytest.param(CONFIGS / "debug" / "causal.yaml", 5, 12,
                  ["--model.init_args.tokenizer_ckpt", "@tokenizer_ckpt", "--data.num_train", "128",
                   "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
-                  callback("lightning.pytorch.callbacks.EMAWeightAveraging", decay=0.9)],
+                  callback("lit_ar.ema.WarmupEMA", decay=0.9)],
                  id="debug/causal+ema"),
 ]  # fmt: skip
 
@@ -115,7 +115,7 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(config, stop, total, extr
         elif tag.startswith("val/"):
             assert got[tag] == ref[tag], f"{tag} differs"
     a, b = load_checkpoint(whole / "checkpoints" / "last.ckpt"), load_checkpoint(parts / "checkpoints" / "last.ckpt")
-    if any("EMAWeightAveraging" in arg for arg in extra):  # the EMA is in the checkpoint, apart from the weights
+    if any("EMA" in arg for arg in extra):  # the EMA is in the checkpoint, apart from the weights
         assert {"current_model_state", "averaging_state"} <= a.keys() and a["averaging_state"]["n_averaged"] == total
         assert any(not torch.equal(a["state_dict"][k], a["current_model_state"][k]) for k in a["state_dict"])
     for key in ("state_dict", "current_model_state"):  # EMA weights, then the trained weights
