@@ -30,7 +30,7 @@ def warmup_ema_update(decay: float) -> Callable[[torch.Tensor, torch.Tensor, tor
     def update(average: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         if not average.is_floating_point():
             return current
-        d = ((1.0 + n.double()) / (10.0 + n.double())).clamp(max=decay).float()  # () on the average's device
+        d = ((1 + n) / (10 + n)).clamp(max=decay)  # () float32 on the average's device (n is an integer count)
         return average + (current - average) * (1.0 - d)
 
     return update
