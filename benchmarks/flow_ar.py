@@ -10,12 +10,13 @@ image, small next to 64 AR steps). Untrained weights: speed does not depend on t
 """
 
 import argparse
+import itertools
 import os
 import time
 
 import torch
 
-from benchmarks.common import machine, parameter_count, print_table, sync, time_call, write_json
+from benchmarks.common import machine, parameter_count, precision_context, print_table, sync, time_call, write_json
 from lit_ar.systems.flow_ar import FlowARSystem
 
 MAR_ANCHOR_IMAGES_PER_S = 0.009  # MAR-B, 64 AR steps, 100 diffusion steps, batch 2, CFG 2.9 linear, fp32 (issue 7)
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mar-b-flow-steps", type=int, nargs="+", default=[25])
     p.add_argument("--skip-small", action="store_true", help="skip the small-preset tables")
     p.add_argument("--mar-b-ar-steps", type=int, nargs="+", default=[64])
+    p.add_argument("--mar-b-preset", default="mar_b", choices=sorted(PRESETS), help="the size of the --mar-b rows")
+    p.add_argument("--mar-b-precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16-autocast"],
+                   help="MAR-B rows in fp32 (the anchor's precision) and/or under bf16 autocast")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
@@ -116,18 +120,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table([r for r in rows if r["table"] == "head_fraction"], "fraction of MAR sampling time in the flow head")
 
     if args.mar_b:
-        system = build("mar", "mar_b", args.device)
+        system = build("mar", args.mar_b_preset, args.device)
         total, head = parameter_count(system), parameter_count(system.head)
         print(f"\nMAR-B preset: {total:,} parameters (MAR-B: {MAR_B_PARAMS:,}), head {head:,} (MAR-B's diffusion "
               f"head: {MAR_B_HEAD_PARAMS:,}; ours predicts a velocity, not a learned variance too)")  # fmt: skip
-        for ar_steps, flow_steps in [(a, f) for a in args.mar_b_ar_steps for f in args.mar_b_flow_steps]:
+        for precision, ar_steps, flow_steps in itertools.product(
+            args.mar_b_precisions, args.mar_b_ar_steps, args.mar_b_flow_steps
+        ):
             kw = {**sample_kw, "flow_steps": flow_steps}
-            seconds, frac = head_fraction(system, 2, steps=ar_steps, **kw)
-            rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", batch=2, ar_steps=ar_steps,
-                             flow_steps=flow_steps, params=total, head_params=head, images_per_s=2 / seconds,
-                             vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S, head_fraction=frac))  # fmt: skip
+            with precision_context(precision, args.device):  # the head's time, loss and ODE updates stay fp32
+                seconds, frac = head_fraction(system, 2, steps=ar_steps, **kw)
+            rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", precision=precision, batch=2,
+                             ar_steps=ar_steps, flow_steps=flow_steps, params=total, head_params=head,
+                             images_per_s=2 / seconds, vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S,
+                             head_fraction=frac))  # fmt: skip
         print_table([r for r in rows if r["table"] == "mar_b"],
-                    f"MAR-B size, batch 2, CFG {args.cfg} linear, fp32, load average {os.getloadavg()[0]:.1f} "
+                    f"MAR-B size, batch 2, CFG {args.cfg} linear, load average {os.getloadavg()[0]:.1f} "
                     f"(anchor: MAR-B {MAR_ANCHOR_IMAGES_PER_S} images/s with 100 diffusion steps)")  # fmt: skip
     if args.json:
         write_json(rows, args.json)

@@ -21,17 +21,26 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 
-def warmup_ema_update(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The `avg_fn` of torch's AveragedModel: (average, current, number of updates so far n >= 1) -> new average,
-    with the decay min(decay, (1 + n) / (10 + n)). Integer buffers (counters) take the current value."""
+def warmup_ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The `multi_avg_fn` of torch's AveragedModel: updates a group of averages (one device, one dtype) in place
+    towards the current weights, given the number of updates so far n >= 1, with the decay
+    min(decay, (1 + n) / (10 + n)). Integer buffers (counters) take the current value.
+
+    One multi-tensor lerp per group and step, where a per-tensor `avg_fn` launches its small ops once per parameter:
+    that launch cost is what a small model on a GPU pays for its EMA (`python -m benchmarks.ema`)."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"WarmupEMA decay={decay!r} must be in [0, 1) (e.g. 0.999 or 0.9999)")
 
-    def update(average: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        if not average.is_floating_point():
-            return current
-        d = ((1 + n) / (10 + n)).clamp(max=decay)  # () float32 on the average's device (n is an integer count)
-        return average + (current - average) * (1.0 - d)
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not averages[0].is_floating_point():  # AveragedModel groups the tensors by dtype
+            torch._foreach_copy_(averages, currents)
+            return
+        # Reading the count waits for the device, but AveragedModel has just waited on the same count
+        # (`n_averaged == 0`) in this update, so nothing new is queued behind it.
+        updates = int(n)
+        weight = 1.0 - min(decay, (1 + updates) / (10 + updates))
+        torch._foreach_lerp_(averages, currents, weight)
 
     return update
 
@@ -43,4 +52,5 @@ class WarmupEMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, **kwargs):
         update = warmup_ema_update(decay)  # checks the decay first: Lightning's own check names no setting
         super().__init__(decay=decay, **kwargs)
-        self._kwargs["avg_fn"] = update  # replaces the fixed-decay update Lightning set
+        # replaces the fixed-decay per-tensor update Lightning set; AveragedModel uses multi_avg_fn only without avg_fn
+        self._kwargs.update(avg_fn=None, multi_avg_fn=update)

@@ -75,3 +75,28 @@ def test_scale_benchmark_compares_var_with_causal_in_each_precision(tmp_path, mo
         assert var[0]["value"] > 0 and causal[0]["value"] > 0
         assert causal[0]["VAR speed-up"] == pytest.approx(var[0]["value"] / causal[0]["value"])
     assert sum("train" in r["what"] for r in rows) == 2  # one fp32 training row per family
+
+
+def test_ema_benchmark_times_each_update_rule_per_preset(tmp_path):
+    from benchmarks import ema
+
+    out = tmp_path / "ema.json"
+    ema.main(["--presets", "GPT-nano", "--repeat", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rule"] for r in rows] == list(ema.RULES)
+    assert all(r["preset"] == "GPT-nano" and r["ms/update"] > 0 and r["tensors"] > 0 for r in rows)
+
+
+def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
+    from benchmarks import flow_ar
+
+    out = tmp_path / "flow.json"
+    argv = ["--skip-small", "--mar-b", "--mar-b-preset", "tiny", "--mar-b-ar-steps", "2", "4", "--mar-b-flow-steps",
+            "1", "--mar-b-precisions", "fp32", "bf16-autocast", "--json", str(out)]  # fmt: skip
+    flow_ar.main(argv)
+    rows = json.loads(out.read_text())["rows"]
+    expected = [(p, a) for p in ("fp32", "bf16-autocast") for a in (2, 4)]
+    assert [(r["precision"], r["ar_steps"]) for r in rows] == expected
+    for r in rows:
+        assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1
+        assert r["vs_anchor"] == pytest.approx(r["images_per_s"] / flow_ar.MAR_ANCHOR_IMAGES_PER_S)

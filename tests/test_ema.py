@@ -39,13 +39,13 @@ def test_ema_is_off_by_default_and_the_documented_flag_turns_it_on(name, tmp_pat
     assert others == [type(c) for c in plain.trainer.callbacks], "the flag appends; the config's callbacks stay"
 
 
-def averaged_after(avg_fn, updates: int) -> tuple[float, int]:
+def averaged_after(updates: int, **average_fn) -> tuple[float, int]:
     """An AveragedModel of a module whose weight starts at 0 and is 1 from the first update on, and whose integer
     buffer counts the updates: (the averaged weight, the averaged counter) after `updates` updates."""
     module = torch.nn.Linear(1, 1, bias=False)
     module.register_buffer("count", torch.tensor(0))
     torch.nn.init.zeros_(module.weight)
-    average = AveragedModel(module, avg_fn=avg_fn, use_buffers=True)
+    average = AveragedModel(module, use_buffers=True, **average_fn)
     average.update_parameters(module)  # the first update copies the weights: the start of training
     for _ in range(updates):
         with torch.no_grad():
@@ -56,8 +56,8 @@ def averaged_after(avg_fn, updates: int) -> tuple[float, int]:
 
 
 def test_warmup_ema_forgets_the_initial_weights_where_a_fixed_decay_keeps_them():
-    fixed, _ = averaged_after(get_ema_avg_fn(0.999), 100)  # Lightning's EMAWeightAveraging
-    warm, count = averaged_after(warmup_ema_update(0.999), 100)
+    fixed, _ = averaged_after(100, avg_fn=get_ema_avg_fn(0.999))  # Lightning's EMAWeightAveraging
+    warm, count = averaged_after(100, multi_avg_fn=warmup_ema_update(0.999))
     assert fixed == pytest.approx(1 - 0.999**100, rel=1e-4)  # 90% of the initial weights are still in it
     keep = 1.0  # the initial weights' share: the product of the decays min(0.999, (1 + n) / (10 + n)), n = 1..100
     for n in range(1, 101):
@@ -69,9 +69,12 @@ def test_warmup_ema_forgets_the_initial_weights_where_a_fixed_decay_keeps_them()
 @pytest.mark.parametrize("n,decay,moved", [(1, 0.9, 1 - 2 / 11), (5, 0.9, 1 - 6 / 15), (200, 0.9, 0.1), (80, 0.9, 0.1)])
 def test_warmup_ema_moves_by_one_minus_the_warmed_up_decay(n, decay, moved):
     # one update from 0 towards 1 after n earlier updates moves 1 - min(decay, (1 + n) / (10 + n)) of the way
-    update = warmup_ema_update(decay)
-    got = update(torch.zeros(3), torch.ones(3), torch.tensor(n))
-    torch.testing.assert_close(got, torch.full((3,), moved), rtol=1e-6, atol=1e-7)
+    averages, counters = [torch.zeros(3), torch.zeros(2, 2)], [torch.tensor(0), torch.tensor(0)]
+    warmup_ema_update(decay)(averages, [torch.ones(3), torch.ones(2, 2)], torch.tensor(n))  # in place, as a group
+    for average in averages:
+        torch.testing.assert_close(average, torch.full_like(average, moved), rtol=1e-6, atol=1e-7)
+    warmup_ema_update(decay)(counters, [torch.tensor(n), torch.tensor(n + 1)], torch.tensor(n))
+    assert [int(c) for c in counters] == [n, n + 1], "an integer group takes the current values"
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
@@ -84,4 +87,27 @@ def test_warmup_ema_rejects_a_decay_outside_0_1(decay):
 def test_flow_configs_average_with_the_warmup_ema(name, tmp_path, checkpoints_root):
     cli = instantiate(name, tmp_path, checkpoints_root, [])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EMAWeightAveraging)]
-    assert isinstance(callback, WarmupEMA) and callback._kwargs["avg_fn"].__qualname__.startswith("warmup_ema_update")
+    assert isinstance(callback, WarmupEMA) and callback._kwargs["avg_fn"] is None
+    assert callback._kwargs["multi_avg_fn"].__qualname__.startswith("warmup_ema_update")
+
+
+def test_the_multi_tensor_update_equals_the_per_tensor_rule_on_a_transformer():
+    # WarmupEMA's one multi-tensor lerp per group against the rule written per tensor (benchmarks/ema.py)
+    from benchmarks.ema import warmup_per_tensor
+    from lit_ar.models.causal_ar import CausalTransformer
+
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab_size=32, grid_size=4, num_classes=3, dim=32, n_layer=2, n_head=4)
+    model.register_buffer("count", torch.tensor(0))
+    multi = AveragedModel(model, use_buffers=True, multi_avg_fn=warmup_ema_update(0.99))
+    per_tensor = AveragedModel(model, use_buffers=True, avg_fn=warmup_per_tensor(0.99))
+    for _ in range(30):
+        for average in (multi, per_tensor):
+            average.update_parameters(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model.count += 1
+    for (name, a), b in zip(multi.module.state_dict().items(), per_tensor.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(multi.module.count) == 29
