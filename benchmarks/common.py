@@ -37,6 +37,16 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3, fastes
     return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
+def aten_calls(fn: Callable[[], object]) -> int:
+    """Top-level aten operator calls (each one dispatch; on a GPU at small batch, each one launch-bound) made by one
+    call of fn, counted with torch's CPU profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

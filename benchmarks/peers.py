@@ -30,7 +30,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, parameter_count, precision_context, print_table, time_call, write_json
+from benchmarks.common import (
+    aten_calls,
+    machine,
+    parameter_count,
+    precision_context,
+    print_table,
+    time_call,
+    write_json,
+)
 
 
 def maybe_bf16(module: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -133,7 +141,8 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
 
 
 # ---------------------------------------------------------------------------------------------------- VAR-d16
-def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int) -> list[dict]:
+def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int,
+             count_calls: bool = False) -> list[dict]:  # fmt: skip
     from benchmarks.scale_ar import make_var, tokenizer_ckpt
 
     ckpt = tokenizer_ckpt(Path(tempfile.mkdtemp(prefix="lit_ar_peers_")), "var_msvq16", 256, 4096, 32)
@@ -178,7 +187,8 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
             with precision_context(precision, device):
                 ours.sample_tokens(labels, cfg=cfg, top_k=900, top_p=0.96, generator=g)
 
-        rows.append(pair("VAR-d16", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat))
+        rows.append(pair("VAR-d16", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat,
+                         count_calls))  # fmt: skip
         print_table(rows[-1:])
     return rows
 
@@ -234,9 +244,10 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_st
     return rows
 
 
-def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat) -> dict:
+def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat, count_calls=False) -> dict:
     """Time both samplers, interleaved (peer, ours, peer, ours, ...) after a warm-up (and compile) of each. A side
-    that fails (e.g. LlamaGen's fp32 KV cache under bf16 autocast) is reported with its error, not timed."""
+    that fails (e.g. LlamaGen's fp32 KV cache under bf16 autocast) is reported with its error, not timed. With
+    `count_calls`, one more call of each side counts its aten calls (the eager cost on a launch-bound GPU)."""
     times, errors = {"peer": [], "ours": []}, {}
     runs = {"peer": run_peer, "ours": run_ours}
     for side, fn in runs.items():
@@ -252,6 +263,9 @@ def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, re
     row = {"model": name, "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
            "compiled": compile, "batch": batch, "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
            "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+    if count_calls:
+        for side, label in (("peer", "peer aten calls"), ("ours", "lit_ar aten calls")):
+            row[label] = aten_calls(runs[side]) if side not in errors else float("nan")
     if errors:
         row["failed"] = "; ".join(f"{'peer' if s == 'peer' else 'lit_ar'}: {e}" for s, e in errors.items())
     return row
@@ -266,6 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    choices=["fp32", "bf16-autocast", "bf16-weights"])  # fmt: skip
     p.add_argument("--compile", action="store_true", help="compile both sides (LlamaGen and lit_ar rows only)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--count-calls", action="store_true", help="VAR rows: also count each side's aten calls")
     p.add_argument("--mar-batch", type=int, default=2)
     p.add_argument("--flow-steps", type=int, default=25, help="lit_ar's flow-head ODE steps (MAR: 100 diffusion)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -282,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "llamagen-train" in args.families:
         rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat)
     if "var" in args.families:
-        rows += var_rows(root, device, args.precisions, args.compile, args.repeat)
+        rows += var_rows(root, device, args.precisions, args.compile, args.repeat, args.count_calls)
     if "mar" in args.families:
         rows += mar_rows(root, device, args.precisions, args.mar_batch, args.flow_steps, args.repeat)
     print_table(rows, "lit_ar vs the peers' own samplers (token generation; ratio > 1: lit_ar faster)")

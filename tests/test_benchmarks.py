@@ -100,3 +100,13 @@ def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
     for r in rows:
         assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1
         assert r["vs_anchor"] == pytest.approx(r["images_per_s"] / flow_ar.MAR_ANCHOR_IMAGES_PER_S)
+
+
+def test_aten_calls_counts_top_level_operator_calls():
+    import torch
+
+    from benchmarks.common import aten_calls
+
+    x = torch.ones(3)
+    assert aten_calls(lambda: x + 1) == 1
+    assert aten_calls(lambda: torch.nn.functional.normalize(x + 1, dim=0)) > 2  # its inner calls count once each

@@ -1,7 +1,10 @@
 """Shared transformer layers: the static KV cache reproduces the full forward, RoPE, GQA, AdaLN, cosine attention."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lit_ar.models.layers import (
@@ -56,7 +59,7 @@ def test_rope_tables_and_rotation():
     # the row half depends only on the row, the column half only on the column
     assert torch.equal(t2[0, :4], t2[3, :4]) and not torch.equal(t2[0, 4:], t2[3, 4:])
     assert torch.equal(t2[0, 4:], t2[4, 4:]) and not torch.equal(t2[0, :4], t2[4, :4])
-    x = torch.randn(2, 16, 3, 16)
+    x = torch.randn(2, 3, 16, 16)  # (B, nh, T, hd)
     y = apply_rope(x, t2)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps norms
     # relative: <R(p)q, R(p')k> depends only on p - p' (1D)
@@ -124,3 +127,35 @@ def test_activation_checkpointing_keeps_gradients_and_names():
     for n, p in blocks.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], msg=n)
     assert list(dict(blocks.state_dict())) == names
+
+
+def test_var_attention_equals_its_reference_computation():
+    """q/v biases added by the projection, heads split by views, cosine attention with the clamped learned scale."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, bias=True, qv_bias=True, cosine_attn=True).eval()
+    with torch.no_grad():
+        for p in (attn.q_bias, attn.v_bias, attn.logit_scale):
+            p.normal_()
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.wqkv(x).split([32, 32, 32], -1)
+    q, v = q + attn.q_bias, v + attn.v_bias
+    q, k, v = (t.view(2, 5, 4, 8).transpose(1, 2) for t in (q, k, v))
+    cosine = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)  # (B, nh, T, T)
+    logits = cosine * attn.logit_scale.clamp(max=math.log(100)).exp()
+    ref = torch.softmax(logits, -1) @ v
+    torch.testing.assert_close(attn(x), attn.wo(ref.transpose(1, 2).reshape(2, 5, 32)))
+
+
+def test_an_eval_block_makes_no_no_op_calls():
+    """Sampling on a GPU at small batch is bound by the number of aten calls (VAR-d16 eager against VAR's sampler):
+    no inactive dropout, no cast to the dtype a tensor already has, no unfused AdaLN arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = Block(32, 4, mlp="gelu", norm="layer", cosine_attn=True, bias=True, qv_bias=True, cond_dim=32).eval()
+    x, mod = torch.randn(2, 5, 32), torch.randn(2, 6 * 32)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x, mod=mod)
+    calls = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    assert not {"aten::dropout", "aten::to", "aten::type_as"} & set(calls), calls
+    assert calls.count("aten::addcmul") == 4 and "aten::add" in calls  # AdaLN twice, gated residual twice
+    assert len(calls) <= 40, f"{len(calls)} aten calls for one block forward: {calls}"

@@ -40,6 +40,12 @@ def make_norm(kind: Literal["rms", "layer"], dim: int, eps: float, affine: bool 
 # MLPs
 
 
+def dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at p = 0: an inactive nn.Dropout still makes an aten call per forward, and sampling on a
+    GPU at small batch is bound by the count of such calls, not by arithmetic."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
     """LlamaGen's SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up to a multiple of `multiple_of`."""
     hidden = int(2 * 4 * dim / 3)
@@ -49,23 +55,23 @@ def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, p: float = 0.0, bias: bool = False):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=bias)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=bias)  # value
         self.w2 = nn.Linear(hidden, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class GELUMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, dim: int, hidden: int, p: float = 0.0, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
@@ -104,12 +110,17 @@ def _with_prefix(table: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x (B, T, nh, hd), table (T, hd/2, 2) or (B, T, hd/2, 2) -> x rotated, same dtype."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, nh, hd/2, 2)
-    t = table.unsqueeze(-3) if table.ndim == 4 else table[None, :, None]  # broadcast over heads (and batch)
+    """x (B, nh, T, hd), table (T, hd/2, 2) or (B, T, hd/2, 2) -> x rotated, same dtype."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hd/2, 2)
+    t = table.unsqueeze(1) if table.ndim == 4 else table  # broadcast over heads (and batch)
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 1] * cos + xf[..., 0] * sin], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, with no call at all when it already is (`.to` to the same dtype is still one aten call)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,8 +142,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hd) at positions `input_pos` (T,); return the whole cache (B, nkv, S, hd)."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        self.k.index_copy_(2, input_pos, cast(k, self.k.dtype))
+        self.v.index_copy_(2, input_pos, cast(v, self.v.dtype))
         return self.k, self.v
 
 
@@ -167,12 +178,14 @@ class Attention(nn.Module):
         # softmax ignores, so it is left out (and wqkv then has no bias of its own)
         self.q_bias = nn.Parameter(torch.zeros(n_heads * self.head_dim)) if qv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(n_kv_heads * self.head_dim)) if qv_bias else None
+        if qv_bias:  # k's place in the projection's bias, always zero (not a parameter, not in checkpoints)
+            self.register_buffer("k_bias", torch.zeros(n_kv_heads * self.head_dim), persistent=False)
         self.wo = nn.Linear(dim, dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         # VAR's cosine attention: logits = scale * cos(q, k), scale learned per head, clamped at 100
         self.logit_scale = nn.Parameter(torch.full((n_heads, 1, 1), math.log(4.0))) if cosine_attn else None
-        self.attn_dropout, self.resid_dropout = attn_dropout, nn.Dropout(resid_dropout)
+        self.attn_dropout, self.resid_dropout = attn_dropout, dropout(resid_dropout)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -188,23 +201,22 @@ class Attention(nn.Module):
         cache through `mask`; `kv_len` instead restricts them to the first kv_len cache positions, all visible (a
         scale or group that may see everything written so far: no mask, and no work on the empty tail)."""
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        if self.q_bias is not None:
-            q, v = q + self.q_bias, v + self.v_bias
-        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.q_bias is None:
+            qkv = self.wqkv(x)  # (B, T, (nh + 2 nkv) hd)
+        else:  # VAR's q and v biases, added by the projection itself
+            qkv = F.linear(x, self.wqkv.weight, torch.cat([self.q_bias, self.k_bias, self.v_bias]))
+        # views, no copies: (B, T, nh + 2 nkv, hd) -> (B, nh + 2 nkv, T, hd) -> q (B, nh, T, hd), k, v (B, nkv, T, hd)
+        q, k, v = qkv.view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         scale = None
-        if self.logit_scale is not None:
-            q = F.normalize(q.float(), dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
-            q, k, scale = q.type_as(v), F.normalize(k.float(), dim=-1).type_as(v), 1.0
+        if self.logit_scale is not None:  # normalised in fp32, then back to v's dtype for the attention kernel
+            q = F.normalize(cast(q, torch.float32), dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
+            k = F.normalize(cast(k, torch.float32), dim=-1)
+            q, k, scale = cast(q, v.dtype), cast(k, v.dtype), 1.0
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (the positions being written)")
@@ -239,8 +251,8 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN: x (B, T, C), shift/scale (B, 1, C) or (B, T, C)."""
-    return x * (1 + scale) + shift
+    """AdaLN: x (B, T, C), shift/scale (B, 1, C) or (B, T, C) -> x * (1 + scale) + shift, fused in one call."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class DropPath(nn.Module):
@@ -327,9 +339,10 @@ class Block(nn.Module):
         if mod.ndim == 2:
             mod = mod[:, None]  # (B, 1, 6C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + self.drop_path(gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, input_pos,
-                                                 is_causal, kv_len))  # fmt: skip
-        return x + self.drop_path(gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        # x + gate * branch, fused (one call instead of two: see `dropout` for why calls count)
+        x = torch.addcmul(x, gate1, self.drop_path(self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask,
+                                                             input_pos, is_causal, kv_len)))  # fmt: skip
+        return torch.addcmul(x, gate2, self.drop_path(self.mlp(modulate(self.norm2(x), shift2, scale2))))
 
 
 def setup_kv_caches(blocks: nn.ModuleList, batch_size: int, max_seq_len: int, dtype: torch.dtype,
