@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=8, help="batch of the per-generator table")
     p.add_argument("--ar-steps", type=int, default=64, help="MAR's AR steps")
     p.add_argument("--flow-steps", type=int, default=25, help="ODE steps of the head")
+    p.add_argument("--sampler", default="euler", choices=["euler", "heun", "euler_maruyama"],
+                   help="the head's ODE/SDE sampler (heun: two head calls per step)")  # fmt: skip
     p.add_argument("--cfg", type=float, default=2.9)
     p.add_argument("--fraction-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--fraction-ar-steps", type=int, default=16, help="MAR AR steps of the head-fraction runs")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}")
-    sample_kw = dict(cfg=args.cfg, cfg_schedule="linear", flow_steps=args.flow_steps, sampler="euler")
+    sample_kw = dict(cfg=args.cfg, cfg_schedule="linear", flow_steps=args.flow_steps, sampler=args.sampler)
     rows = []
 
     for backbone in () if args.skip_small else ("mar", "flowar", "causal"):
@@ -131,9 +133,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with precision_context(precision, args.device):  # the head's time, loss and ODE updates stay fp32
                 seconds, frac = head_fraction(system, 2, steps=ar_steps, **kw)
             rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", precision=precision, batch=2,
-                             ar_steps=ar_steps, flow_steps=flow_steps, params=total, head_params=head,
-                             images_per_s=2 / seconds, vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S,
-                             head_fraction=frac))  # fmt: skip
+                             ar_steps=ar_steps, sampler=args.sampler, flow_steps=flow_steps, params=total,
+                             head_params=head, images_per_s=2 / seconds,
+                             vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S, head_fraction=frac))  # fmt: skip
         print_table([r for r in rows if r["table"] == "mar_b"],
                     f"MAR-B size, batch 2, CFG {args.cfg} linear, load average {os.getloadavg()[0]:.1f} "
                     f"(anchor: MAR-B {MAR_ANCHOR_IMAGES_PER_S} images/s with 100 diffusion steps)")  # fmt: skip

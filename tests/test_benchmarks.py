@@ -92,13 +92,13 @@ def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
 
     out = tmp_path / "flow.json"
     argv = ["--skip-small", "--mar-b", "--mar-b-preset", "tiny", "--mar-b-ar-steps", "2", "4", "--mar-b-flow-steps",
-            "1", "--mar-b-precisions", "fp32", "bf16-autocast", "--json", str(out)]  # fmt: skip
+            "1", "--mar-b-precisions", "fp32", "bf16-autocast", "--sampler", "heun", "--json", str(out)]  # fmt: skip
     flow_ar.main(argv)
     rows = json.loads(out.read_text())["rows"]
     expected = [(p, a) for p in ("fp32", "bf16-autocast") for a in (2, 4)]
     assert [(r["precision"], r["ar_steps"]) for r in rows] == expected
     for r in rows:
-        assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1
+        assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1 and r["sampler"] == "heun"
         assert r["vs_anchor"] == pytest.approx(r["images_per_s"] / flow_ar.MAR_ANCHOR_IMAGES_PER_S)
 
 
