@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ar-steps", type=int, default=64, help="MAR's AR steps")
     p.add_argument("--flow-steps", type=int, default=25, help="ODE steps of the head")
     p.add_argument("--sampler", default="euler", choices=["euler", "heun", "euler_maruyama"],
-                   help="the head's ODE/SDE sampler (heun: two head calls per step)")  # fmt: skip
+                   help="the head's ODE/SDE sampler (heun: two head calls per step, one in the last)")  # fmt: skip
     p.add_argument("--cfg", type=float, default=2.9)
     p.add_argument("--fraction-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--fraction-ar-steps", type=int, default=16, help="MAR AR steps of the head-fraction runs")

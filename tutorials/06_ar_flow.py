@@ -105,8 +105,9 @@ for c in range(2):
 
 # %% [markdown]
 # ## 2. Steps vs quality
-# Each AR step of MAR calls the head `flow_steps` times (twice that with Heun). MAR's diffusion head used 100
-# DDPM steps; a rectified-flow head gets close with far fewer. Below: the distance of few-step samples to a
+# Each AR step of MAR calls the head `flow_steps` times (with Heun twice that, less one: its last step is Euler,
+# since the velocity at t = 1 is singular). MAR's diffusion head used 100 DDPM steps; a rectified-flow head gets
+# close with far fewer. Below: the distance of few-step samples to a
 # 128-step Heun reference from the same noise, and the standard deviation of the condition-1 samples against
 # the truth (0.5, 0.25). Few Euler steps shrink the spread: the first step follows the velocity averaged over
 # everything the noise could become, pulling samples to the middle; Heun's corrector recovers the spread within a

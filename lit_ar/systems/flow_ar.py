@@ -261,7 +261,7 @@ class FlowARSystem(GeneratorSystem):
         the AR steps (`linear`: 1 -> cfg, MAR's and VAR's). temperature: scales the head's starting noise (and
         nothing else). top_k / top_p: discrete-token filters; refused here. steps: AR steps of `mar` (default
         min(64, L), cosine schedule); `flowar` and `causal` take one step per scale or token (leave null).
-        flow_steps: ODE/SDE steps of the head. sampler: `euler`, `heun` (2 head calls a step) or
+        flow_steps: ODE/SDE steps of the head. sampler: `euler`, `heun` (2 head calls a step, 1 in the last) or
         `euler_maruyama` (SDE). guidance_interval: flow times [low, high] where CFG is applied (1 outside)."""
         labels, rows = self.sampling_labels(labels, cfg)  # (B,), (B,) or (2B,) [labels; null] under CFG
         check_sampling_args(temperature, cfg=cfg)
