@@ -251,7 +251,7 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN: x (B, T, C), shift/scale (B, 1, C) or (B, T, C) -> x * (1 + scale) + shift, fused in one call."""
+    """AdaLN: x (B, T, C), shift/scale (B, 1, C) or (B, T, C) -> x * (1 + scale) + shift (two calls, not three)."""
     return torch.addcmul(shift, x, 1 + scale)
 
 
