@@ -10,6 +10,7 @@ from torch import nn
 from lit_ar.models.layers import (
     Attention,
     Block,
+    KVCache,
     apply_rope,
     clear_kv_caches,
     llama_hidden_dim,
@@ -159,3 +160,18 @@ def test_an_eval_block_makes_no_no_op_calls():
     assert not {"aten::dropout", "aten::to", "aten::type_as"} & set(calls), calls
     assert calls.count("aten::addcmul") == 4 and "aten::add" in calls  # AdaLN twice, gated residual twice
     assert len(calls) <= 40, f"{len(calls)} aten calls for one block forward: {calls}"
+
+
+def test_an_fp32_llamagen_block_with_a_kv_cache_makes_no_same_dtype_casts():
+    """The causal family's decode step (RMSNorm, qk-norm, RoPE, one query against the KV cache) in fp32: no cast
+    to the dtype a tensor already has, and no inactive dropout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = Block(32, 4, qk_norm=True).eval()
+    block.attn.kv_cache = KVCache(2, 8, 4, 8, torch.float32)
+    x, rope = torch.randn(2, 1, 32), rope_1d(8, 8)[3:4]
+    input_pos, mask = torch.tensor([3]), torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x, rope=rope, input_pos=input_pos, mask=mask)
+    calls = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    assert not {"aten::dropout", "aten::to", "aten::type_as"} & set(calls), calls

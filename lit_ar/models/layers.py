@@ -1,6 +1,6 @@
 """Transformer layers shared by every lit_ar generator: norms, MLPs, RoPE, attention with a static KV cache, AdaLN.
 
-Read top to bottom: norms, MLPs, rotary embeddings, the KV cache, attention, conditioning, the block.
+Read top to bottom: a dtype helper, norms, MLPs, rotary embeddings, the KV cache, attention, conditioning, the block.
 Variants (norm, MLP, qk-norm, AdaLN, cosine attention) are constructor fields, not subclasses.
 """
 
@@ -10,6 +10,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dtypes
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, with no call at all when it already is (`.to` to the same dtype is still one aten call)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Norms
@@ -23,8 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32: the mean of squares overflows/underflows in half precision
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        y = y.type_as(x)
+        xf = cast(x, torch.float32)
+        y = cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
         return y * self.weight if self.weight is not None else y
 
 
@@ -111,16 +120,11 @@ def _with_prefix(table: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x (B, nh, T, hd), table (T, hd/2, 2) or (B, T, hd/2, 2) -> x rotated, same dtype."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hd/2, 2)
+    xf = cast(x, torch.float32).reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hd/2, 2)
     t = table.unsqueeze(1) if table.ndim == 4 else table  # broadcast over heads (and batch)
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 1] * cos + xf[..., 0] * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
-def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`, with no call at all when it already is (`.to` to the same dtype is still one aten call)."""
-    return x if x.dtype == dtype else x.to(dtype)
+    return cast(out.flatten(-2), x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,10 +244,11 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                              scale: float | None) -> torch.Tensor:  # fmt: skip
     """One decoding query against the whole cache: q (B, nh, 1, hd), k/v (B, nh, S, hd) -> (B, nh, 1, hd).
     Two small matmuls with the softmax in fp32; the fused CPU kernel is about 7x slower for one bf16 query."""
-    att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, nh, 1, S)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    att = cast(q @ k.transpose(-2, -1), torch.float32) * scale  # (B, nh, 1, S)
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
-    return att.softmax(-1).type_as(v) @ v
+    return cast(att.softmax(-1), v.dtype) @ v
 
 
 # ---------------------------------------------------------------------------------------------------------------
