@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kw = {**sample_kw, "flow_steps": flow_steps}
             with precision_context(precision, args.device):  # the head's time, loss and ODE updates stay fp32
                 seconds, frac = head_fraction(system, 2, steps=ar_steps, **kw)
-            rows.append(dict(table="mar_b", preset="mar_b", backbone="mar", precision=precision, batch=2,
+            rows.append(dict(table="mar_b", preset=args.mar_b_preset, backbone="mar", precision=precision, batch=2,
                              ar_steps=ar_steps, sampler=args.sampler, flow_steps=flow_steps, params=total,
                              head_params=head, images_per_s=2 / seconds,
                              vs_anchor=2 / seconds / MAR_ANCHOR_IMAGES_PER_S, head_fraction=frac))  # fmt: skip

@@ -98,7 +98,7 @@ def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
     expected = [(p, a) for p in ("fp32", "bf16-autocast") for a in (2, 4)]
     assert [(r["precision"], r["ar_steps"]) for r in rows] == expected
     for r in rows:
-        assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1 and r["sampler"] == "heun"
+        assert r["images_per_s"] > 0 and 0 < r["head_fraction"] < 1 and (r["sampler"], r["preset"]) == ("heun", "tiny")
         assert r["vs_anchor"] == pytest.approx(r["images_per_s"] / flow_ar.MAR_ANCHOR_IMAGES_PER_S)
 
 
