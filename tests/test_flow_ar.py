@@ -301,15 +301,9 @@ GOLDEN = Path(__file__).parent / "golden" / "flow.json"
 
 @pytest.fixture(scope="session")
 def kl_tokenizer(checkpoints_root) -> Path:
-    """The debug KL tokenizer, trained once per session (the debug configs point at its run folder)."""
-    # trained here, single-threaded, rather than taken from the shared cache: the golden curves below depend on its
-    # exact weights, and the thread count changes CPU float reductions
-    config = config_for_run_path("runs/debug/tokenizer_kl/checkpoints/last.ckpt")
-    run_dir = checkpoints_root / "flow_tokenizer_kl"
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        with single_thread():
-            cli_main(["fit", "--config", str(config), *run_dir_args(run_dir)])
-    return run_dir / "checkpoints" / "last.ckpt"
+    """The debug KL tokenizer that the debug configs point at, freshly initialised: see the note above
+    conftest.debug_tokenizer (test_tokenizer.py trains it)."""
+    return checkpoint_for_config(config_for_run_path("runs/debug/tokenizer_kl/checkpoints/last.ckpt"), checkpoints_root)
 
 
 @pytest.fixture(scope="session")

@@ -145,8 +145,9 @@ GOLDEN = Path(__file__).parent / "golden" / "scale.json"
 
 @pytest.fixture(scope="session")
 def msvq_ckpt(checkpoints_root) -> Path:
-    """The debug multi-scale VQ tokenizer, trained once per session (configs/debug/tokenizer_msvq.yaml)."""
-    return checkpoint_for_config(CONFIGS / "debug" / "tokenizer_msvq.yaml", checkpoints_root, train=True)
+    """The debug multi-scale VQ tokenizer (configs/debug/tokenizer_msvq.yaml), freshly initialised: see the note
+    above conftest.debug_tokenizer (test_tokenizer.py trains it)."""
+    return checkpoint_for_config(CONFIGS / "debug" / "tokenizer_msvq.yaml", checkpoints_root)
 
 
 @pytest.fixture(scope="session")
