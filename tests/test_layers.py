@@ -175,3 +175,25 @@ def test_an_fp32_llamagen_block_with_a_kv_cache_makes_no_same_dtype_casts():
         block(x, rope=rope, input_pos=input_pos, mask=mask)
     calls = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
     assert not {"aten::dropout", "aten::to", "aten::type_as"} & set(calls), calls
+
+
+def test_gelu_mlps_use_the_gelu_of_the_peer_they_follow():
+    """MAR's blocks are timm's (nn.GELU, the exact erf form); VAR's FFN uses the tanh approximation. The two differ
+    by up to about 1e-3 per activation, so a block with the wrong one is a different network from the peer's."""
+    from lit_ar.models.mar import MARTransformer
+    from lit_ar.models.scale_ar import ScaleTransformer
+
+    def gelu_of(mlp, approximate):
+        x = torch.linspace(-4, 4, 64)[:, None].expand(64, mlp.fc1.in_features)
+        ref = mlp.fc2(F.gelu(mlp.fc1(x), approximate=approximate))
+        other = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh" if approximate == "none" else "none"))
+        assert not torch.allclose(ref, other, rtol=0, atol=1e-6)  # the input tells the two apart
+        return torch.equal(mlp(x), ref)
+
+    torch.manual_seed(0)
+    mar = MARTransformer(token_dim=4, seq_len=16, num_classes=3, dim=32, depth=1, n_heads=2, buffer_size=4).eval()
+    assert all(gelu_of(b.mlp, "none") for b in mar.blocks)
+    var = ScaleTransformer(num_classes=3, vocab_size=16, codebook_dim=4, scales=(1, 2), depth=1, dim=32, n_heads=2)
+    assert all(gelu_of(b.mlp, "tanh") for b in var.blocks)
+    with pytest.raises(ValueError, match=r"gelu_approximate='erf' is not supported; use 'tanh' or 'none'"):
+        Block(32, 4, mlp="gelu", gelu_approximate="erf")

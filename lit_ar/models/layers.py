@@ -76,14 +76,19 @@ class SwiGLU(nn.Module):
 
 
 class GELUMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, p: float = 0.0, bias: bool = True):
+    """approximate: F.gelu's `tanh` (VAR's FFN, GPT-2) or `none`, the exact erf form (timm's nn.GELU, so MAR's)."""
+
+    def __init__(self, dim: int, hidden: int, p: float = 0.0, bias: bool = True, approximate: str = "tanh"):
         super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"gelu_approximate={approximate!r} is not supported; use 'tanh' or 'none' (exact)")
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.dropout = dropout(p)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,6 +303,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         qv_bias: bool = False,
         shared_ada: bool = False,
+        gelu_approximate: Literal["tanh", "none"] = "tanh",
     ):
         super().__init__()
         self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm, cosine_attn, bias, attn_dropout, resid_dropout,
@@ -306,7 +312,7 @@ class Block(nn.Module):
         if mlp == "swiglu":
             self.mlp = SwiGLU(dim, hidden, resid_dropout, bias)
         elif mlp == "gelu":
-            self.mlp = GELUMLP(dim, hidden, resid_dropout, bias=True)
+            self.mlp = GELUMLP(dim, hidden, resid_dropout, bias=True, approximate=gelu_approximate)
         else:
             raise ValueError(f"mlp={mlp!r} is not supported; use 'swiglu' or 'gelu'")
         # under AdaLN the modulation replaces the norms' own affine parameters

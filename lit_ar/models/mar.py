@@ -46,9 +46,10 @@ class MARTransformer(nn.Module):
         self.token_dim, self.seq_len, self.num_classes, self.buffer_size = token_dim, seq_len, num_classes, buffer_size
         self.dim, self.decoder_dim = dim, decoder_dim
 
-        def block(width: int, heads: int) -> Block:  # timm's ViT block, as MAR uses: LayerNorm, GELU, biases
+        def block(width: int, heads: int) -> Block:  # timm's ViT block, as MAR uses: LayerNorm, exact GELU, biases
             return Block(width, heads, mlp="gelu", mlp_hidden=int(width * mlp_ratio), norm="layer", norm_eps=1e-6,
-                         bias=True, attn_dropout=attn_dropout, resid_dropout=proj_dropout)  # fmt: skip
+                         bias=True, attn_dropout=attn_dropout, resid_dropout=proj_dropout,
+                         gelu_approximate="none")  # fmt: skip
 
         # encoder: class embedding (row num_classes is the null class of CFG) in the buffer, known tokens after it
         self.class_emb = nn.Embedding(num_classes + 1, dim)
