@@ -12,10 +12,12 @@ are built from their own constructors with random weights (speed does not depend
 
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
-on both sides; MAR-B, batch 2 (`--mar-batch`), 64 AR steps, CFG 2.9 linear, MAR's 100 diffusion steps against
-lit_ar's flow head at `--flow-steps`. Token generation only (no decode to pixels) on every row. MAR's sampler calls
-`.cuda()` on the tensors it makes; on a CPU-only machine that call is made a no-op while MAR samples (its code stays
-as it is). MAR imports timm, which needs torchvision: run MAR's rows from an environment where both import.
+on both sides; MAR-B, batch 2 (`--mar-batch`), CFG 2.9 linear, MAR at 64 AR steps and its 100 diffusion steps against
+lit_ar at each `--mar-settings` entry (AR steps, flow-head sampler and steps; default 64:euler:25). Token
+generation only (no decode to pixels) on every row. MAR's sampler calls `.cuda()` on the tensors it makes; on a
+CPU-only machine that call is made a no-op while MAR samples (its code stays as it is). MAR imports timm, which needs
+torchvision, which does not import beside this project's torch 2.13 CPU build: run MAR's rows from another
+environment, e.g. `pip install torch==2.14.1 torchvision==0.29.1 timm && pip install -e .`.
 
 Precisions: `fp32`; `bf16-autocast` (both under torch.autocast); `bf16-weights` (both models cast to bfloat16, as
 LlamaGen's sample script does). `--compile`: LlamaGen as its sample script compiles (`torch.compile(model,
@@ -208,10 +210,25 @@ def cuda_calls_stay_on(device: str):
         torch.Tensor.cuda = original
 
 
-def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_steps: int, repeat: int) -> list[dict]:
+def mar_setting(text: str) -> tuple[int, str, int]:
+    """'AR_STEPS:SAMPLER:FLOW_STEPS' (e.g. 64:euler:25) -> (64, 'euler', 25)."""
+    try:
+        ar, sampler, flow = text.split(":")
+        return int(ar), sampler, int(flow)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mar-settings {text!r}: expected AR_STEPS:SAMPLER:FLOW_STEPS, "
+                                         "e.g. 64:euler:25 or 32:heun:4") from None  # fmt: skip
+
+
+def mar_rows(root: Path, device: str, precisions: list[str], batch: int, settings: list[tuple[int, str, int]],
+             repeat: int, preset: str = "mar_b") -> list[dict]:  # fmt: skip
+    """MAR-B's own `sample_tokens` at the flow issue's anchor setting (64 AR steps, its 100 diffusion steps, CFG 2.9
+    linear) against lit_ar's MAR-B-size preset at each of `settings` (AR steps, head sampler, head steps), all timed
+    in turn in each repeat. One MAR-B call takes minutes on a CPU, so each side's warm-up is a 2-step call. `preset`:
+    lit_ar's size (benchmarks.flow_ar.PRESETS; the tests use a tiny one)."""
     from benchmarks.flow_ar import build
 
-    ours = build("mar", "mar_b", device)
+    ours = build("mar", preset, device)
     on_path(root / "mar")
     from models import mar
 
@@ -226,21 +243,34 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, flow_st
     for precision in precisions:
         peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
 
-        def run_peer():
+        def run_peer(num_iter=64):
             with torch.no_grad(), precision_context(precision, device), cuda_calls_stay_on(device):
-                peer.sample_tokens(bsz=batch, num_iter=64, cfg=2.9, cfg_schedule="linear", labels=labels,
+                peer.sample_tokens(bsz=batch, num_iter=num_iter, cfg=2.9, cfg_schedule="linear", labels=labels,
                                    temperature=1.0)  # fmt: skip
 
-        def run_ours():
+        def run_ours(ar_steps, sampler, flow_steps):
             g = torch.Generator(device).manual_seed(0)
             with precision_context(precision, device):
-                ours.sample_tokens(labels, steps=64, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps,
-                                   sampler="euler", generator=g)  # fmt: skip
+                ours.sample_tokens(labels, steps=ar_steps, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps,
+                                   sampler=sampler, generator=g)  # fmt: skip
 
-        row = pair("MAR-B", n_peer, n_ours, precision, False, batch, run_peer, run_ours, repeat)
-        row["setting"] = f"MAR 100 diffusion steps vs lit_ar {flow_steps} flow steps"
-        rows.append(row)
-        print_table(rows[-1:])
+        run_peer(num_iter=2)
+        run_ours(2, "euler", 2)
+        times = {key: [] for key in ["peer", *settings]}
+        for _ in range(repeat):
+            times["peer"].append(time_call(run_peer, warmup=0, repeat=1))
+            for setting in settings:
+                times[setting].append(time_call(lambda: run_ours(*setting), warmup=0, repeat=1))
+        peer_ips = batch / sorted(times["peer"])[repeat // 2]
+        for setting in settings:
+            ours_ips = batch / sorted(times[setting])[repeat // 2]
+            ar_steps, sampler, flow_steps = setting
+            rows.append({"model": "MAR-B", "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
+                         "compiled": False, "batch": batch,
+                         "setting": f"MAR 64 AR, 100 diffusion steps; lit_ar {ar_steps} AR, {sampler} {flow_steps}",
+                         "peer images/s": peer_ips, "lit_ar images/s": ours_ips,
+                         "lit_ar / peer": ours_ips / peer_ips})  # fmt: skip
+        print_table(rows[-len(settings) :])
     return rows
 
 
@@ -282,7 +312,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--count-calls", action="store_true", help="VAR rows: also count each side's aten calls")
     p.add_argument("--mar-batch", type=int, default=2)
-    p.add_argument("--flow-steps", type=int, default=25, help="lit_ar's flow-head ODE steps (MAR: 100 diffusion)")
+    p.add_argument("--mar-preset", default="mar_b", help=argparse.SUPPRESS)  # lit_ar's size; tests use "tiny"
+    p.add_argument("--mar-settings", nargs="+", type=mar_setting, default=[(64, "euler", 25)],
+                   help="lit_ar's MAR-B sampling: AR_STEPS:SAMPLER:FLOW_STEPS ... (MAR: 64 AR, 100 steps)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -299,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "var" in args.families:
         rows += var_rows(root, device, args.precisions, args.compile, args.repeat, args.count_calls)
     if "mar" in args.families:
-        rows += mar_rows(root, device, args.precisions, args.mar_batch, args.flow_steps, args.repeat)
+        rows += mar_rows(root, device, args.precisions, args.mar_batch, args.mar_settings, args.repeat, args.mar_preset)
     print_table(rows, "lit_ar vs the peers' own samplers (token generation; ratio > 1: lit_ar faster)")
     if args.json:
         write_json(rows, args.json, args=vars(args))

@@ -3,6 +3,7 @@ the numbers are only checked to be positive and consistent with each other."""
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -110,3 +111,41 @@ def test_aten_calls_counts_top_level_operator_calls():
     x = torch.ones(3)
     assert aten_calls(lambda: x + 1) == 1
     assert aten_calls(lambda: torch.nn.functional.normalize(x + 1, dim=0)) > 2  # its inner calls count once each
+
+
+def test_peers_mar_rows_time_the_peer_once_against_each_lit_ar_setting(tmp_path, monkeypatch):
+    """MAR's own sampler is stood in for by a module at the path the real checkout has (models/mar.py), so the rows'
+    logic runs without MAR's code: one row per (precision, setting), each against the same peer timing."""
+    from benchmarks import peers
+
+    fake = tmp_path / "mar" / "models"
+    fake.mkdir(parents=True)
+    (fake / "mar.py").write_text(
+        "import torch\n"
+        "class Stand(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = torch.nn.Linear(4, 4)\n"
+        "        self.calls = []\n"
+        "    def sample_tokens(self, bsz, num_iter, cfg, cfg_schedule, labels, temperature):\n"
+        "        self.calls.append(num_iter)\n"
+        "        return torch.zeros(bsz, 4).cuda()\n"  # MAR's .cuda() calls stay on the CPU here
+        "def mar_base(**kw):\n"
+        "    return Stand()\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "models", None)  # undone after the test, with the stand-in's modules below
+    rows = peers.main(["--peer-root", str(tmp_path), "--families", "mar", "--precisions", "fp32", "bf16-autocast",
+                       "--repeat", "1", "--mar-preset", "tiny", "--mar-settings", "2:euler:2", "1:heun:2",
+                       "--json", str(tmp_path / "mar.json")])  # fmt: skip
+    assert [(r["precision"], r["setting"].split("; ")[1]) for r in rows] == [
+        ("fp32", "lit_ar 2 AR, euler 2"), ("fp32", "lit_ar 1 AR, heun 2"),
+        ("bf16-autocast", "lit_ar 2 AR, euler 2"), ("bf16-autocast", "lit_ar 1 AR, heun 2"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["peer images/s"] > 0 and r["lit_ar / peer"] == pytest.approx(r["lit_ar images/s"] / r["peer images/s"])
+    assert rows[0]["peer images/s"] == rows[1]["peer images/s"]  # one peer timing per precision
+    assert json.loads((tmp_path / "mar.json").read_text())["rows"][0]["model"] == "MAR-B"
+    with pytest.raises(SystemExit):
+        peers.main(["--peer-root", str(tmp_path), "--families", "mar", "--mar-settings", "64-euler-25"])
+    monkeypatch.delitem(sys.modules, "models.mar", raising=False)
