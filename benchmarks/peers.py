@@ -10,6 +10,9 @@ are built from their own constructors with random weights (speed does not depend
     python -m benchmarks.peers --peer-root ~/src --families llamagen --compile   # + both sides compiled
     python -m benchmarks.peers --peer-root ~/src --families llamagen-train       # GPT-B training steps, batch 8
 
+Training rows (`llamagen-train`) run each side in processes of its own, in turn (`--isolate N`, default 2 a side):
+one process holding both models slows lit_ar's side on a 2-core CPU (see `llamagen_train_rows`).
+
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
 on both sides; MAR-B, batch 2 (`--mar-batch`), CFG 2.9 linear, MAR at 64 AR steps and its 100 diffusion steps against
@@ -26,6 +29,8 @@ mode="reduce-overhead", fullgraph=True)`), lit_ar with `compile: true`; VAR and 
 
 import argparse
 import contextlib
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,56 +95,110 @@ def llamagen_rows(root: Path, device: str, precisions: list[str], compile: bool,
     return rows
 
 
-def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, batch: int = 8
-                        ) -> list[dict]:  # fmt: skip
-    """One training step of GPT-B on random tokens, as LlamaGen's train_c2i.py makes it: forward with targets
+def llamagen_train_step(root: Path, device: str, side: str, compile: bool, batch: int, preset: str = "GPT-B"):
+    """One side's training step of GPT-B on random tokens, as LlamaGen's train_c2i.py makes it: forward with targets
     (LlamaGen's own loss), backward, AdamW step; both sides with LlamaGen's training dropout (0.1 on tokens and on
     each residual branch) and class dropout 0.1. `compile`: LlamaGen as train_c2i.py does by default
-    (`torch.compile(model)`), lit_ar with `compile: true` (each block in place)."""
-    from lit_ar.systems.causal_ar import CausalARSystem
-
-    on_path(root / "LlamaGen")
-    from autoregressive.models.gpt import GPT_B
-
+    (`torch.compile(model)`), lit_ar with `compile: true` (each block in place). Returns (step(precision), params).
+    `preset` sizes lit_ar's side (tests use a tiny one; the peer's side is always its GPT_B)."""
     torch.manual_seed(0)
-    peer = GPT_B(vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1, model_type="c2i").to(device)
-    ours = CausalARSystem(preset="GPT-B", vocab_size=16384, grid_size=16, num_classes=1000, image_size=256,
-                          token_dropout=0.1, resid_dropout=0.1, compile=compile).to(device)  # fmt: skip
-    peer.train(), ours.train()
-    peer_fn = torch.compile(peer) if compile else peer
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 16384, (batch, 256), generator=g).to(device)  # (B, L)
     labels = (torch.arange(batch) % 1000).to(device)
-    # each side's own optimizer: LlamaGen's train_c2i.py decays matrices only (weight decay 0.05, betas 0.9/0.95)
-    # and uses the fused AdamW wherever torch has one; lit_ar's the one its configure_optimizers returns
-    decay, no_decay = [p for p in peer.parameters() if p.dim() >= 2], [p for p in peer.parameters() if p.dim() < 2]
-    peer_groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    opts = {"peer": torch.optim.AdamW(peer_groups, lr=1e-4, betas=(0.9, 0.95), fused=True),
-            "ours": ours.make_optimizer()}  # fmt: skip
-    n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
+    if side == "peer":
+        on_path(root / "LlamaGen")
+        from autoregressive.models.gpt import GPT_B
+
+        model = GPT_B(vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1, model_type="c2i").to(device)
+        model.train()
+        fn = torch.compile(model) if compile else model
+        # LlamaGen's train_c2i.py decays matrices only (weight decay 0.05, betas 0.9/0.95) and uses the fused AdamW
+        # wherever torch has one
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+        def loss_of():
+            return fn(cond_idx=labels, idx=tokens[:, :-1], targets=tokens)[1]
+    else:
+        from lit_ar.systems.causal_ar import CausalARSystem
+
+        model = CausalARSystem(preset=preset, vocab_size=16384, grid_size=16, num_classes=1000, image_size=256,
+                               token_dropout=0.1, resid_dropout=0.1, compile=compile).to(device)  # fmt: skip
+        model.train()
+        opt = model.make_optimizer()  # what its configure_optimizers returns
+
+        def loss_of():
+            return model.training_step({"tokens": tokens, "label": labels}, 0)
+
+    def step(precision: str) -> None:
+        with precision_context(precision, device):
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, parameter_count(model if side == "peer" else model.model)
+
+
+def train_side_times(root: Path, device: str, side: str, precision: str, compile: bool, repeat: int, batch: int,
+                     preset: str) -> dict:  # fmt: skip
+    """Seconds of each of `repeat` training steps of one side, after two warm-up steps (compilation, allocator,
+    the optimizer's state)."""
+    step, params = llamagen_train_step(root, device, side, compile, batch, preset)
+    step(precision), step(precision)
+    return {"times": [time_call(lambda: step(precision), warmup=0, repeat=1) for _ in range(repeat)],
+            "params": params}  # fmt: skip
+
+
+def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, isolate: int,
+                        batch: int = 8, preset: str = "GPT-B") -> list[dict]:  # fmt: skip
+    """GPT-B training, LlamaGen's step against lit_ar's (see `llamagen_train_step`).
+
+    isolate = N > 0 (the default): each side trains in a process of its own, N processes a side, started in turn
+    (peer, lit_ar, peer, ...), each timing `repeat` steps; the row gives the median over all of a side's steps. A
+    training run holds one model, and sharing one process changes a side's speed: on a 2-core CPU, lit_ar's
+    compiled GPT-B beside LlamaGen's compiled one took 2-4x the page faults per step it takes alone, and ran 10-20%
+    slower. isolate = 0: both in this process, interleaved step by step (as the sampling rows are)."""
     rows = []
+    if not isolate:
+        sides = {s: llamagen_train_step(root, device, s, compile, batch, preset) for s in ("peer", "ours")}
     for precision in precisions:
-
-        def run_peer():
-            with precision_context(precision, device):
-                _, loss = peer_fn(cond_idx=labels, idx=tokens[:, :-1], targets=tokens)
-            loss.backward()
-            opts["peer"].step()
-            opts["peer"].zero_grad(set_to_none=True)
-
-        def run_ours():
-            with precision_context(precision, device):
-                loss = ours.training_step({"tokens": tokens, "label": labels}, 0)
-            loss.backward()
-            opts["ours"].step()
-            opts["ours"].zero_grad(set_to_none=True)
-
-        row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat)
+        if isolate:
+            times, params = {"peer": [], "ours": []}, {}
+            for _ in range(isolate):
+                for side in ("peer", "ours"):
+                    out = run_train_side(root, side, precision, compile, repeat, batch, preset)
+                    times[side] += out["times"]
+                    params[side] = out["params"]
+            ips = {s: batch / sorted(t)[len(t) // 2] for s, t in times.items()}
+            row = {"model": "LlamaGen GPT-B train", "params peer / lit_ar": f"{params['peer']:,} / {params['ours']:,}",
+                   "precision": precision, "compiled": compile, "batch": batch, "processes": f"{isolate} a side",
+                   "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
+                   "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+        else:
+            (run_peer, n_peer), (run_ours, n_ours) = sides["peer"], sides["ours"]
+            row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch,
+                       lambda: run_peer(precision), lambda: run_ours(precision), repeat)  # fmt: skip
+            row["processes"] = "one, shared"
         for side in ("peer", "lit_ar"):  # a training step's images are 256 tokens each
             row[f"{side} tokens/s"] = row[f"{side} images/s"] * 256
         rows.append(row)
         print_table(rows[-1:])
     return rows
+
+
+def run_train_side(root: Path, side: str, precision: str, compile: bool, repeat: int, batch: int, preset: str
+                   ) -> dict:  # fmt: skip
+    """`train_side_times` in a fresh Python process; its last line of output is the JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.peers", "--peer-root", str(root), "--families", "llamagen-train",
+           "--precisions", precision, "--repeat", str(repeat), "--train-side", side, "--train-batch", str(batch),
+           "--train-preset", preset] + (["--compile"] if compile else [])  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} training process failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------- VAR-d16
@@ -315,6 +374,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mar-preset", default="mar_b", help=argparse.SUPPRESS)  # lit_ar's size; tests use "tiny"
     p.add_argument("--mar-settings", nargs="+", type=mar_setting, default=[(64, "euler", 25)],
                    help="lit_ar's MAR-B sampling: AR_STEPS:SAMPLER:FLOW_STEPS ... (MAR: 64 AR, 100 steps)")  # fmt: skip
+    p.add_argument("--isolate", type=int, default=2, metavar="N",
+                   help="llamagen-train: N processes a side, each alone (0: both in one process)")  # fmt: skip
+    p.add_argument("--train-batch", type=int, default=8, help=argparse.SUPPRESS)  # llamagen-train's batch
+    p.add_argument("--train-preset", default="GPT-B", help=argparse.SUPPRESS)  # lit_ar's size; tests use GPT-nano
+    p.add_argument("--train-side", choices=["peer", "ours"], default=None, help=argparse.SUPPRESS)  # a worker
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -322,12 +386,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(args.peer_root).expanduser()
+    if args.train_side:  # one side of a llamagen-train row, in a process of its own (see llamagen_train_rows)
+        out = train_side_times(root, device, args.train_side, args.precisions[0], args.compile, args.repeat,
+                               args.train_batch, args.train_preset)  # fmt: skip
+        print(json.dumps(out))
+        return []
     print(f"machine: {machine()}")
     rows = []
     if "llamagen" in args.families:
         rows += llamagen_rows(root, device, args.precisions, args.compile, args.repeat)
     if "llamagen-train" in args.families:
-        rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat)
+        rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat, args.isolate,
+                                    args.train_batch, args.train_preset)  # fmt: skip
     if "var" in args.families:
         rows += var_rows(root, device, args.precisions, args.compile, args.repeat, args.count_calls)
     if "mar" in args.families:

@@ -149,3 +149,38 @@ def test_peers_mar_rows_time_the_peer_once_against_each_lit_ar_setting(tmp_path,
     with pytest.raises(SystemExit):
         peers.main(["--peer-root", str(tmp_path), "--families", "mar", "--mar-settings", "64-euler-25"])
     monkeypatch.delitem(sys.modules, "models.mar", raising=False)
+
+
+def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
+    """LlamaGen's GPT_B is stood in for by a small module at the path the real checkout has
+    (autoregressive/models/gpt.py). With --isolate, every timed step ran in a worker process holding one side only."""
+    from benchmarks import peers
+
+    fake = tmp_path / "LlamaGen" / "autoregressive" / "models"
+    fake.mkdir(parents=True)
+    (fake / "gpt.py").write_text(
+        "import torch, torch.nn.functional as F\n"
+        "class Stand(torch.nn.Module):\n"
+        "    def __init__(self, vocab_size):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(vocab_size, 8)\n"
+        "        self.out = torch.nn.Linear(8, vocab_size)\n"
+        "    def forward(self, cond_idx, idx, targets):\n"
+        "        logits = self.out(self.emb(torch.cat([cond_idx[:, None], idx], 1)))\n"
+        "        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())\n"
+        "def GPT_B(vocab_size, **kw):\n"
+        "    return Stand(vocab_size)\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    common = ["--peer-root", str(tmp_path), "--families", "llamagen-train", "--precisions", "fp32", "--repeat", "2",
+              "--train-batch", "2", "--train-preset", "GPT-nano"]  # fmt: skip
+    isolated = peers.main(common + ["--isolate", "1"])
+    shared = peers.main(common + ["--isolate", "0"])
+    for rows, processes in ((isolated, "1 a side"), (shared, "one, shared")):
+        (row,) = rows
+        assert row["processes"] == processes
+        peer_params, ours_params = (int(n.replace(",", "")) for n in row["params peer / lit_ar"].split(" / "))
+        assert peer_params == 2 * 16384 * 8 + 16384  # the stand-in's, so the peer side ran the checkout's GPT_B
+        assert ours_params > peer_params
+        assert row["peer tokens/s"] > 0 and row["lit_ar tokens/s"] == pytest.approx(256 * row["lit_ar images/s"])
+    monkeypatch.delitem(sys.modules, "autoregressive.models.gpt", raising=False)
