@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
 from torch import nn
 
@@ -338,6 +339,26 @@ def test_compiled_blocks_and_decode_step_equal_eager():
     a = eager.generate(labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
     b = compiled.generate(labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
     assert compiled._compiled_decode is not None and torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_head_and_loss_equal_eager_with_their_gradients():
+    """With `compile`, training_step's head and cross-entropy run as one compiled graph: the same loss, and the same
+    gradients for the hidden states and for the head's weights, as the eager pair."""
+    eager, compiled = tiny_system(n_layer=1), tiny_system(n_layer=1, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    hidden = torch.randn(4, eager.model.num_tokens, eager.model.dim)
+    targets = torch.randint(0, V, (4, eager.model.num_tokens))
+    grads = []
+    for system in (eager, compiled):
+        h = hidden.clone().requires_grad_()
+        loss = system.token_loss(h, targets)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, system.model.output.weight.grad, system.model.norm.weight.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    batch = token_batch(4)  # and training_step is the cross-entropy of the logits, compiled or not
+    expected = F.cross_entropy(eager.train_logits(batch, 0)[0].flatten(0, 1), batch["tokens"].flatten())
+    torch.testing.assert_close(compiled.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ prefix into a static KV cache, then L - 1 one-token decode steps with fixed shap
 `compile`), CFG by batch doubling with a schedule over tokens, temperature, top-k and top-p, seeded by a generator.
 """
 
+import functools
 from typing import Literal
 
 import torch
@@ -143,8 +144,9 @@ class CausalARSystem(GeneratorSystem):
             )
         return tokens, batch["label"]
 
-    def train_logits(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training forward: labels dropped, tokens permuted (RAR) -> logits (B, L, V) and targets (B, L)."""
+    def train_inputs(self, batch: dict, batch_idx: int):
+        """The training draw: labels dropped, tokens permuted (RAR) -> the fed tokens (B, L - 1), labels (B,), the
+        order (B, L) or None (raster), and the targets (B, L)."""
         tokens, labels = self._tokens_labels(batch)
         B, L = tokens.shape
         g = self._step_generator(batch_idx)
@@ -159,15 +161,27 @@ class CausalARSystem(GeneratorSystem):
             raster = torch.arange(L, device=tokens.device).expand(B, L)
             order = torch.where(shuffled[:, None], random_order, raster)  # at r = 0: the raster order everywhere
             tokens = tokens.gather(1, order)  # (B, L) in the order they are predicted
-        return self.model(tokens[:, :-1], labels, order), tokens
+        return tokens[:, :-1], labels, order, tokens
+
+    def train_logits(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward: logits (B, L, V) and targets (B, L) of `train_inputs`' draw."""
+        fed, labels, order, targets = self.train_inputs(batch, batch_idx)
+        return self.model(fed, labels, order), targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits, targets = self.train_logits(batch, batch_idx)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        fed, labels, order, targets = self.train_inputs(batch, batch_idx)
+        loss = self.token_loss(self.model.hidden(fed, labels, order), targets)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         if self.hparams.rar:
             self.log("train/rar_ratio", self.rar_ratio(self.global_step))
         return loss
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits for hidden (B, L, C) against targets (B, L). With `compile`, the
+        head and the loss are compiled as one graph: eager, the (B, L, V) logits are written out in fp32 and read
+        again by the log-softmax and by each of their backward passes; compiled, those passes fuse."""
+        loss_fn = compiled_head_cross_entropy() if self.hparams.compile else head_cross_entropy
+        return loss_fn(self.model, hidden, targets)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         tokens, labels = self._tokens_labels(batch)
@@ -263,3 +277,15 @@ class CausalARSystem(GeneratorSystem):
         tokens = self.generate(labels, cfg, temperature, top_k, top_p, generator, cfg_schedule, cfg_interval,
                                cfg_power, use_cache)  # fmt: skip
         return self.decode(tokens)
+
+
+def head_cross_entropy(model: CausalTransformer, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden (B, L, C), targets (B, L) -> the mean next-token cross-entropy of the model's head."""
+    return F.cross_entropy(model.head(hidden).flatten(0, 1), targets.flatten())
+
+
+@functools.cache
+def compiled_head_cross_entropy():
+    """One compiled function for every model: it takes the model as an argument, so no compiled graph holds a
+    system (a copy of the system, e.g. for EMA, would otherwise train through the original's head)."""
+    return torch.compile(head_cross_entropy)
