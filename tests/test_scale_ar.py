@@ -280,6 +280,28 @@ def test_cfg_over_scales(system, monkeypatch, schedule):
         torch.testing.assert_close(used, both[3:] + g * (both[:3] - both[3:]))
 
 
+@pytest.mark.slow
+def test_compiled_system_trains_like_eager(msvq_ckpt):
+    """With `compile`, the blocks and the AdaLN head with its weighted, label-smoothed loss run compiled: the same
+    loss and gradients as eager."""
+    from lit_ar.systems import ScaleARSystem
+
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])}
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2, class_dropout=0.0,
+              label_smoothing=0.1, scale_loss_weights=[1, 2, 3, 4])  # fmt: skip
+    eager, compiled = ScaleARSystem(**kw).train(), ScaleARSystem(compile=True, **kw).train()
+    compiled.load_state_dict(eager.state_dict())
+    losses = []
+    for system in (eager, compiled):
+        loss = system.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_scale_loss_weights_select_scales(msvq_ckpt):
     from lit_ar.systems import ScaleARSystem
 
@@ -289,13 +311,14 @@ def test_scale_loss_weights_select_scales(msvq_ckpt):
     only_last = ScaleARSystem(scale_loss_weights=[0, 0, 0, 1], **kw).eval()
     uniform = ScaleARSystem(**kw).eval()
     uniform.load_state_dict(only_last.state_dict())
-    loss, logits, target = only_last.shared_step(batch)
+    hidden, cond, target = only_last.shared_step(batch)
+    logits = only_last.model.logits(hidden, cond)  # (B, L, V)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L)
-    torch.testing.assert_close(loss, ce[:, -16:].mean())
-    torch.testing.assert_close(uniform.shared_step(batch)[0], ce.mean())
+    torch.testing.assert_close(only_last.training_step(batch, 0), ce[:, -16:].mean())
+    torch.testing.assert_close(uniform.training_step(batch, 0), ce.mean())
     # a token cache serving the pyramid concatenated (B, L) gives the same loss
     cached = {"tokens": torch.cat(uniform.encode(batch["image"]), dim=1), "label": batch["label"]}
-    torch.testing.assert_close(uniform.shared_step(cached)[0], ce.mean())
+    torch.testing.assert_close(uniform.training_step(cached, 0), ce.mean())
 
 
 def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):

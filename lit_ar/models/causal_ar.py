@@ -118,15 +118,15 @@ class CausalTransformer(nn.Module):
         tokens (B, T) long, T <= L - 1; in raster order, or in `order` (B, L): tokens[:, i] sits at grid position
         order[:, i]. labels (B,). Returns logits (B, T + 1, V) in fp32; logits[:, j] predicts token j of the order.
         """
-        return self.head(self.hidden(tokens, labels, order))
+        return self.logits(self.hidden(tokens, labels, order))
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Last-layer states (..., C) -> logits (..., V) in fp32."""
         return self.output(self.norm(h)).float()
 
     def hidden(self, tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` up to the head: the last layer's states (B, T + 1, C) at the slots that predict tokens 0..T.
-        Apart so that training can compile the head with its loss."""
+        Apart so that training can compile `logits` with its loss."""
         B, T = tokens.shape
         P, L = self.cls_token_num, self.num_tokens
         if T > L - 1:
@@ -203,4 +203,4 @@ class CausalTransformer(nn.Module):
         rope = self.rope[input_pos]  # (T, hd/2, 2)
         for layer in self.layers:
             x = layer(x, rope, mask=mask, input_pos=input_pos)
-        return self.head(x)  # (B, T, V)
+        return self.logits(x)  # (B, T, V)

@@ -104,6 +104,15 @@ class MaskedTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) long in [0, vocab_size] (vocab_size = masked), labels (B,) long in [0, num_classes]
         (num_classes = null class) -> logits (B, L, vocab_size) at every grid position."""
+        return self.logits(self.hidden(tokens, labels))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last-layer states (..., C) -> logits (..., vocab_size)."""
+        return self.head(self.norm(h))
+
+    def hidden(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`forward` up to the head: the last layer's states (B, L, C). Apart so that training computes logits at
+        the masked positions only, and can compile `logits` with its loss."""
         B, L = tokens.shape
         x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(tokens)], dim=1)  # (B, 1+L, C)
         if self.pos is not None:
@@ -111,4 +120,4 @@ class MaskedTransformer(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope=self.rope)  # no mask: every token attends to every token
-        return self.head(self.norm(x[:, 1:]))  # (B, L, V)
+        return x[:, 1:]  # (B, L, C)

@@ -176,6 +176,11 @@ class ScaleTransformer(nn.Module):
         """Teacher-forced forward over the whole pyramid.
         labels (B,) (already with the dropped ones set to the null class); x_BLCv (B, L - s_1^2, Cv), the
         tokenizer's inputs of scales 2..K -> logits (B, L, V) of every scale's tokens."""
+        return self.logits(*self.hidden(labels, x_BLCv))
+
+    def hidden(self, labels: torch.Tensor, x_BLCv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` up to the head: the last block's states (B, L, C) and the class embedding (B, C) the head is
+        conditioned on. Apart so that training can compile `logits` with its loss."""
         cond, block_cond = self.condition(labels)
         words = self.word_embed(x_BLCv)  # (B, L - s_1^2, C)
         lvl_pos = self.pos_1LC[0] + self.lvl_embed(self.levels)  # (L, C)
@@ -183,7 +188,7 @@ class ScaleTransformer(nn.Module):
         x = torch.cat([start, words], dim=1) + lvl_pos  # (B, L, C)
         for block in self.blocks:
             x = block(x, self.rope, self.attn_mask, cond=block_cond)
-        return self.logits(x, cond)
+        return x, cond
 
     def modulations(self, block_cond: torch.Tensor) -> list[torch.Tensor]:
         """Every block's AdaLN modulation (B, 6C): the class is fixed over a sample's scales, so sampling computes

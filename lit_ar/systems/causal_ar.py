@@ -7,7 +7,6 @@ prefix into a static KV cache, then L - 1 one-token decode steps with fixed shap
 `compile`), CFG by batch doubling with a schedule over tokens, temperature, top-k and top-p, seeded by a generator.
 """
 
-import functools
 from typing import Literal
 
 import torch
@@ -176,13 +175,6 @@ class CausalARSystem(GeneratorSystem):
             self.log("train/rar_ratio", self.rar_ratio(self.global_step))
         return loss
 
-    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the head's logits for hidden (B, L, C) against targets (B, L). With `compile`, the
-        head and the loss are compiled as one graph: eager, the (B, L, V) logits are written out in fp32 and read
-        again by the log-softmax and by each of their backward passes; compiled, those passes fuse."""
-        loss_fn = compiled_head_cross_entropy() if self.hparams.compile else head_cross_entropy
-        return loss_fn(self.model, hidden, targets)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         tokens, labels = self._tokens_labels(batch)
         logits = self.model(tokens[:, :-1], labels)  # raster, true labels: what sampling sees
@@ -277,15 +269,3 @@ class CausalARSystem(GeneratorSystem):
         tokens = self.generate(labels, cfg, temperature, top_k, top_p, generator, cfg_schedule, cfg_interval,
                                cfg_power, use_cache)  # fmt: skip
         return self.decode(tokens)
-
-
-def head_cross_entropy(model: CausalTransformer, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """hidden (B, L, C), targets (B, L) -> the mean next-token cross-entropy of the model's head."""
-    return F.cross_entropy(model.head(hidden).flatten(0, 1), targets.flatten())
-
-
-@functools.cache
-def compiled_head_cross_entropy():
-    """One compiled function for every model: it takes the model as an argument, so no compiled graph holds a
-    system (a copy of the system, e.g. for EMA, would otherwise train through the original's head)."""
-    return torch.compile(head_cross_entropy)

@@ -189,24 +189,27 @@ class MaskedARSystem(GeneratorSystem):
             self._checked_token_range = True
         return tokens.long()
 
-    def _masked_loss(self, tokens: torch.Tensor, labels: torch.Tensor, noise: dict, label_smoothing: float):
-        """Mask, predict, cross-entropy on masked positions. Returns (loss, logits (M, V), targets (M,))."""
+    def _masked_states(self, tokens: torch.Tensor, labels: torch.Tensor, noise: dict):
+        """Mask and run the core -> its last-layer states at the masked positions (M, C) and their targets (M,)."""
         rank_in_row = noise["order"].argsort(-1).argsort(-1)  # (B, L): a random permutation per sample
         masked = rank_in_row < noise["n_masked"][:, None]  # (B, L) bool, n_masked[i] True per row
-        logits = self.model(tokens.masked_fill(masked, self.model.mask_token), labels)  # (B, L, V)
-        logits, targets = logits[masked].float(), tokens[masked]  # (M, V), (M,)
-        ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
+        hidden = self.model.hidden(tokens.masked_fill(masked, self.model.mask_token), labels)  # (B, L, C)
+        return hidden[masked], tokens[masked]  # (M, C), (M,): the head runs where the loss is taken, nowhere else
+
+    def _global_mean(self, ce_sum: torch.Tensor, noise: dict) -> torch.Tensor:
         # Mean over the masked tokens of the GLOBAL batch: DDP averages the ranks' gradients, so each rank divides
         # its sum by (global count / world); the result equals one process's mean over the same samples.
         world, _ = self._world()
-        return ce * world / noise["global_masked"], logits, targets
+        return ce_sum * world / noise["global_masked"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         tokens, labels = self._tokens(batch), batch["label"]
         seed = self._train_seed if self._train_seed is not None else torch.initial_seed()
         noise = self._noise(_mix(seed, self.current_epoch, batch_idx), tokens.shape[0])
         labels = torch.where(noise["drop"] < self.hparams.class_dropout, self.hparams.num_classes, labels)
-        loss, _, _ = self._masked_loss(tokens, labels, noise, self.hparams.label_smoothing)
+        hidden, targets = self._masked_states(tokens, labels, noise)
+        ce = self.token_loss(hidden, targets, reduction="sum", label_smoothing=self.hparams.label_smoothing)
+        loss = self._global_mean(ce, noise)
         # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
@@ -214,7 +217,9 @@ class MaskedARSystem(GeneratorSystem):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         tokens, labels = self._tokens(batch), batch["label"]
         noise = self._noise(_mix(_VAL_SEED, batch_idx), tokens.shape[0])
-        loss, logits, targets = self._masked_loss(tokens, labels, noise, label_smoothing=0.0)
+        hidden, targets = self._masked_states(tokens, labels, noise)
+        logits = self.model.logits(hidden).float()  # (M, V)
+        loss = self._global_mean(F.cross_entropy(logits, targets, reduction="sum"), noise)
         self.val_token_acc.update((logits.argmax(-1) == targets).float())
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/token_acc", self.val_token_acc)

@@ -107,25 +107,33 @@ class ScaleARSystem(GeneratorSystem):
         return tokens
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher-forced pass -> the core's last-block states (B, L, C), the head's class embedding (B, C) and
+        the targets (B, L)."""
         indices = self.scale_tokens(batch)
         with torch.no_grad():
             x_BLCv = self.tokenizer.quantizer.teacher_forcing_inputs(indices)  # (B, L - s_1^2, Cv), fp32
         labels = self.drop_labels(batch["label"])
-        logits = self.model(labels, x_BLCv)  # (B, L, V)
-        target = torch.cat(indices, dim=1)  # (B, L)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none",
-                             label_smoothing=self.hparams.label_smoothing).view_as(target)  # fmt: skip
-        loss = (ce * self.token_weights).sum(1).mean()
-        return loss, logits, target
+        hidden, cond = self.model.hidden(labels, x_BLCv)  # (B, L, C), (B, C)
+        return hidden, cond, torch.cat(indices, dim=1)  # targets (B, L)
+
+    def weighted_loss(self, ce: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (B * L,) -> each sample's weighted sum over its tokens, averaged."""
+        return (ce.view_as(target) * self.token_weights).sum(1).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _, _ = self.shared_step(batch)
+        hidden, cond, target = self.shared_step(batch)
+        ce = self.token_loss(hidden, target, cond, reduction="none", label_smoothing=self.hparams.label_smoothing)
+        loss = self.weighted_loss(ce, target)
         # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logits, target = self.shared_step(batch)
+        hidden, cond, target = self.shared_step(batch)
+        logits = self.model.logits(hidden, cond).float()  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
+                             label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+        loss = self.weighted_loss(ce, target)
         correct = (logits.argmax(-1) == target).float()  # (B, L)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/token_acc", correct.mean(), sync_dist=True)
