@@ -184,3 +184,16 @@ def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_pat
         assert ours_params > peer_params
         assert row["peer tokens/s"] > 0 and row["lit_ar tokens/s"] == pytest.approx(256 * row["lit_ar images/s"])
     monkeypatch.delitem(sys.modules, "autoregressive.models.gpt", raising=False)
+
+
+def test_head_loss_benchmark_times_eager_and_compiled_per_precision(tmp_path):
+    from benchmarks import head_loss
+
+    out = tmp_path / "head_loss.json"
+    rows = head_loss.main(["--presets", "GPT-nano", "--vocab", "64", "--grid", "4", "--batch", "2", "--repeat", "1",
+                           "--json", str(out)])  # fmt: skip
+    assert [(r["precision"], r["form"]) for r in rows] == [
+        ("fp32", "eager"), ("fp32", "compiled"), ("bf16-autocast", "eager"), ("bf16-autocast", "compiled"),
+    ]  # fmt: skip
+    assert all(r["ms"] > 0 and r["vocab"] == 64 for r in rows)
+    assert len(json.loads(out.read_text())["rows"]) == 4
