@@ -3,7 +3,9 @@ the numbers are only checked to be positive and consistent with each other."""
 
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +199,11 @@ def test_head_loss_benchmark_times_eager_and_compiled_per_precision(tmp_path):
     ]  # fmt: skip
     assert all(r["ms"] > 0 and r["vocab"] == 64 for r in rows)
     assert len(json.loads(out.read_text())["rows"]) == 4
+
+
+@pytest.mark.parametrize("script", ["shapes32_gpu.sh", "gpu_speed.sh"])
+def test_gpu_scripts_parse(script):
+    """The GPU scripts cannot run here; they must at least parse, so a lent GPU's minutes are not lost to a typo."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
