@@ -176,16 +176,6 @@ class GeneratorSystem(L.LightningModule):
         return labels, torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
 
     # -- data ------------------------------------------------------------------------------------------------
-    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,
-                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
-        """Cross-entropy of the core's logits for `hidden` (..., C) against targets (...): `head_cross_entropy`. With
-        `compile`, the head and the loss run as one compiled graph. Eager, the logits (..., V) are written out, cast
-        to fp32, and read again by the log-softmax and by each of their backward passes; compiled, those passes
-        fuse (GPT-B training shapes on a 2-core CPU: 180 against 314 ms for the pair's forward and backward in
-        bf16 autocast)."""
-        loss_fn = compiled_head_cross_entropy() if self.hparams.compile else head_cross_entropy
-        return loss_fn(self.model, hidden, targets, *head_args, reduction=reduction, label_smoothing=label_smoothing)
-
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace labels by the null class with probability class_dropout (training only)."""
         if not self.training or self.hparams.class_dropout == 0.0:
@@ -216,6 +206,17 @@ class GeneratorSystem(L.LightningModule):
         if self.tokenizer is not None:
             self.tokenizer.eval()  # frozen: its norms and quantizer statistics never switch to training
         return self
+
+    # -- training loss ---------------------------------------------------------------------------------------
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,
+                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+        """Cross-entropy of the core's logits for `hidden` (..., C) against targets (...): `head_cross_entropy`. With
+        `compile`, the head and the loss run as one compiled graph. Eager, the logits (..., V) are written out, cast
+        to fp32, and read again by the log-softmax and by each of their backward passes; compiled, those passes
+        fuse (GPT-B training shapes on a 2-core CPU: 180 against 314 ms for the pair's forward and backward in
+        bf16 autocast)."""
+        loss_fn = compiled_head_cross_entropy() if self.hparams.compile else head_cross_entropy
+        return loss_fn(self.model, hidden, targets, *head_args, reduction=reduction, label_smoothing=label_smoothing)
 
     # -- optimisation ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
