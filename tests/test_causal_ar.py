@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
 from torch import nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from lit_ar.cli import cli_main
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.systems.causal_ar import CausalARSystem
+from lit_ar.systems.generator import head_cross_entropy
 
 V, G, NC = 32, 4, 3  # tiny vocab, 4x4 grid, 3 classes
 
@@ -345,6 +347,7 @@ def test_compiled_blocks_and_decode_step_equal_eager():
 def test_compiled_head_and_loss_equal_eager_with_their_gradients():
     """With `compile`, training_step's head and cross-entropy run as one compiled graph: the same loss, and the same
     gradients for the hidden states and for the head's weights, as the eager pair."""
+    torch._dynamo.reset()  # so the cache entry counted below is this test's
     eager, compiled = tiny_system(n_layer=1), tiny_system(n_layer=1, compile=True)
     compiled.load_state_dict(eager.state_dict())
     hidden = torch.randn(4, eager.model.num_tokens, eager.model.dim)
@@ -356,6 +359,7 @@ def test_compiled_head_and_loss_equal_eager_with_their_gradients():
         loss.backward()
         grads.append((loss.detach(), h.grad, system.model.output.weight.grad, system.model.norm.weight.grad))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert _debug_get_cache_entry_list(head_cross_entropy.__code__), "the compiled path ran through dynamo"
     batch = token_batch(4)  # and training_step is the cross-entropy of the logits, compiled or not
     expected = F.cross_entropy(eager.train_logits(batch, 0)[0].flatten(0, 1), batch["tokens"].flatten())
     torch.testing.assert_close(compiled.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
