@@ -100,14 +100,14 @@ def training_row(system: CausalARSystem, batch: int, repeat: int) -> dict:
     data = {"tokens": tokens, "label": torch.arange(batch, device=system.device) % system.hparams.num_classes}
 
     def step():
-        with warnings.catch_warnings():  # training_step outside a Trainer logs nothing, and says so
-            warnings.filterwarnings("ignore", message=".*self.log.*")
-            system.training_step(data, 0).backward()  # with `compile`, its head and loss run compiled
+        system.training_step(data, 0).backward()  # with `compile`, its head and loss run compiled
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     reset_peak_memory()
-    seconds = time_call(step, warmup=1, repeat=repeat)
+    with warnings.catch_warnings():  # training_step outside a Trainer logs nothing, and says so
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        seconds = time_call(step, warmup=1, repeat=repeat)
     system.eval()
     return {"tokens/s": batch * L / seconds, "s/step": seconds, "peak MB": peak_memory_mb()}
 

@@ -173,10 +173,8 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
                     times[side] += out["times"]
                     params[side] = out["params"]
             ips = {s: batch / sorted(t)[len(t) // 2] for s, t in times.items()}
-            row = {"model": "LlamaGen GPT-B train", "params peer / lit_ar": f"{params['peer']:,} / {params['ours']:,}",
-                   "precision": precision, "compiled": compile, "batch": batch, "processes": f"{isolate} a side",
-                   "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
-                   "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+            row = ratio_row("LlamaGen GPT-B train", params["peer"], params["ours"], precision, compile, batch, ips)
+            row["processes"] = f"{isolate} a side"
         else:
             (run_peer, n_peer), (run_ours, n_ours) = sides["peer"], sides["ours"]
             row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch,
@@ -333,6 +331,13 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
     return rows
 
 
+def ratio_row(name, n_peer, n_ours, precision, compile, batch, ips: dict) -> dict:
+    """A table row from each side's images/s (`ips`: {"peer": ..., "ours": ...})."""
+    return {"model": name, "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
+            "compiled": compile, "batch": batch, "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
+            "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+
+
 def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat, count_calls=False) -> dict:
     """Time both samplers, interleaved (peer, ours, peer, ours, ...) after a warm-up (and compile) of each. A side
     that fails (e.g. LlamaGen's fp32 KV cache under bf16 autocast) is reported with its error, not timed. With
@@ -349,9 +354,7 @@ def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, re
             if side not in errors:
                 times[side].append(time_call(fn, warmup=0, repeat=1))
     ips = {s: batch / sorted(t)[repeat // 2] if t else float("nan") for s, t in times.items()}
-    row = {"model": name, "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
-           "compiled": compile, "batch": batch, "peer images/s": ips["peer"], "lit_ar images/s": ips["ours"],
-           "lit_ar / peer": ips["ours"] / ips["peer"]}  # fmt: skip
+    row = ratio_row(name, n_peer, n_ours, precision, compile, batch, ips)
     if count_calls:
         for side, label in (("peer", "peer aten calls"), ("ours", "lit_ar aten calls")):
             row[label] = aten_calls(runs[side]) if side not in errors else float("nan")
