@@ -3,8 +3,10 @@
 # the shipped shapes configs (and the configs/shapes32/ overlays) at a GPU batch, then `lit_ar test` with
 # configs/eval/generator_shapes.yaml. The families named in FAMILIES train side by side, one process each; every
 # process is stopped by its step budget or by MAXT, whichever comes first. Results: benchmarks/RESULTS.md
-# ("Generator sample quality on shapes32 on one GPU"). Needs the 32x32 classifier and tokenizers, e.g. notebook 01's:
-#   LIT_AR_TIER=shapes32 LIT_AR_RUN_DIR=runs/nb01 python notebooks/01_family_comparison.py   # (or their fits alone)
+# ("Generator sample quality on shapes32 on one GPU"). It needs the 32x32 classifier and the tokenizers that FAMILIES
+# use, in RUNS (notebook 01's layout: LIT_AR_TIER=shapes32 LIT_AR_RUN_DIR=runs/nb01 python notebooks/01_family_comparison.py
+# trains them on a CPU in about an hour); those missing are first trained here, side by side, with the shipped
+# configs and their configs/shapes32/ overlays (a minute or two on a GPU; PREP_ARGS adds arguments to those fits).
 #   bash benchmarks/shapes32_gpu.sh                                          # the six families side by side
 #   FAMILIES=LlamaGen NTRAIN=100000 STEPS=3500 MAXT=00:00:02:00 bash benchmarks/shapes32_gpu.sh   # one, alone
 # Run folders, logs and a one-line summary per family (`status`) go to OUT_DIR.
@@ -27,6 +29,17 @@ needs() {  # the tokenizer kind of a family
     *) echo "FAMILIES names '$1'; accepted: LlamaGen RAR MaskGIT VAR MAR FlowAR" >&2; exit 2 ;; esac; }
 for f in $FAMILIES; do needs "$f" > /dev/null || exit 2; done
 kinds=$(for f in $FAMILIES; do needs "$f"; done | sort -u)
+prep() {  # prep NAME CHECKPOINT CONFIG: train what CHECKPOINT holds with CONFIG and its 32x32 overlay, if missing
+  [ -f "$2" ] && return 0
+  # shellcheck disable=SC2086  # PREP_ARGS is a list of arguments
+  python -m lit_ar fit --config "configs/$3" --config "configs/shapes32/$3" --trainer.enable_progress_bar false \
+    --trainer.logger.init_args.save_dir "$(dirname "$(dirname "$2")")" ${PREP_ARGS:-} > "$OUT_DIR/prep_$1.log" 2>&1
+  [ -f "$2" ] && stamp "$1 trained: $2" || stamp "$1 failed, no $2: $OUT_DIR/prep_$1.log"; }
+prep classifier "$CLASSIFIER" classifier/shapes.yaml &
+for k in $kinds; do prep "tokenizer_$k" "${TOKENIZER[$k]}" "tokenizer/${k}_shapes.yaml" & done
+wait
+for f in "$CLASSIFIER" $(for k in $kinds; do echo "${TOKENIZER[$k]}"; done); do
+  [ -f "$f" ] || { stamp "missing $f: stopping"; exit 1; }; done
 for k in $kinds; do  # encode every image once (and mirrored): training then reads codes, not pixels
   python -m lit_ar.data.token_cache --tokenizer_ckpt "${TOKENIZER[$k]}" --output "$OUT_DIR/cache_$k" \
     --data.dataset shapes $D --data.num_workers 4 --batch_size 500 --device "$DEVICE" > "$OUT_DIR/cache_$k.log" 2>&1 \

@@ -207,3 +207,36 @@ def test_gpu_scripts_parse(script):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / script
     done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_shapes32_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/shapes32_gpu.sh at a toy budget on the CPU, from nothing: it trains the classifier and the three
+    tokenizers that the families need, caches tokens, trains one family per tokenizer side by side and evaluates
+    each. What a lent GPU then runs is this, at the real budget."""
+    root = Path(__file__).resolve().parent.parent
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    toy = {
+        "DEVICE": "cpu",
+        "FAMILIES": "MaskGIT VAR FlowAR",
+        "STEPS": "2",
+        "BATCH": "8",
+        "NTRAIN": "64",
+        "MAXT": "00:00:02:00",
+        "PREP_ARGS": "--trainer.max_steps 2 --data.num_train 64 --data.num_val 32",
+    }
+    # 20 samples against 64 references: fewer than the classifier's features, so FID needs `force`
+    evaluate = " ".join(f"--model.init_args.evaluator.init_args.{a}" for a in ("per_class 2", "force true"))
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path), "RUNS": str(runs),
+           "OUT_DIR": str(out), "EXTRA_EVAL": evaluate, **toy}  # fmt: skip
+    done = subprocess.run(["bash", "benchmarks/shapes32_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    status = (out / "status").read_text()
+    assert done.returncode == 0, status + done.stderr
+    for name in ("classifier", "tokenizer_vq", "tokenizer_msvq", "tokenizer_kl"):
+        assert f"{name} trained" in status
+    assert (runs / "classifier" / "checkpoints" / "best.ckpt").is_file()
+    for family in ("MaskGIT", "VAR", "FlowAR"):
+        assert f"{family} fit rc=0" in status and f"{family} eval rc=0" in status, status
+        record = json.loads((out / family / "eval" / "evaluation.json").read_text())
+        assert record["num_samples"] == 20 and 0.0 <= record["metrics"]["class_accuracy"] <= 1.0, record
