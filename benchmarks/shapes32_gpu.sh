@@ -13,6 +13,7 @@
 set -u
 FAMILIES=${FAMILIES:-"LlamaGen RAR MaskGIT VAR MAR FlowAR"}
 STEPS=${STEPS:-6000}; BATCH=${BATCH:-256}; NTRAIN=${NTRAIN:-40000}; MAXT=${MAXT:-00:00:04:30}; DEVICE=${DEVICE:-cuda}
+COMPILE=${COMPILE:-false}  # true: compiled blocks in training (the evaluation samples eager either way)
 RUNS=${RUNS:-runs/nb01}  # where the classifier and the three tokenizers were trained
 VQ=${VQ:-$RUNS/tokenizer_vq/checkpoints/last.ckpt}
 MSVQ=${MSVQ:-$RUNS/tokenizer_msvq/checkpoints/last.ckpt}
@@ -59,7 +60,8 @@ Q="--trainer.enable_progress_bar false --model.init_args.compile false"
 for f in $FAMILIES; do
   k=$(needs "$f")
   # shellcheck disable=SC2086  # ARGS and D are lists of arguments
-  ( python -m lit_ar fit ${ARGS[$f]} $D $Q --model.init_args.tokenizer_ckpt "${TOKENIZER[$k]}" \
+  ( python -m lit_ar fit ${ARGS[$f]} $D $Q --model.init_args.compile "$COMPILE" \
+      --model.init_args.tokenizer_ckpt "${TOKENIZER[$k]}" \
       --data.token_cache "$OUT_DIR/cache_$k" --data.batch_size "$BATCH" --data.num_workers 2 \
       --trainer.max_steps "$STEPS" --trainer.max_time "$MAXT" --trainer.logger.init_args.save_dir "$OUT_DIR/$f" \
       > "$OUT_DIR/$f.fit.log" 2>&1
