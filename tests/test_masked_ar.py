@@ -73,6 +73,7 @@ class FakeCore(nn.Module):
         super().__init__()
         self.fn, self.calls = fn, []
         self.vocab_size, self.grid_size, self.num_tokens, self.mask_token = V, G, L, V
+        self.blocks = nn.ModuleList()  # no weights to cast for sampling
 
     def forward(self, tokens, labels):
         return self.logits(self.hidden(tokens, labels))

@@ -30,7 +30,7 @@ from lit_ar.models.flow_head import (
 from lit_ar.models.flowar import FlowARTransformer
 from lit_ar.models.mar import MARTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, tokens_to_reveal
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
 
 BACKBONES = ("mar", "flowar", "causal")
 FLOW_CFG_SCHEDULES = ("constant", "linear", "power_cosine")
@@ -275,9 +275,12 @@ class FlowARSystem(GeneratorSystem):
         check_cfg_schedule(cfg_schedule)
         flow = dict(temperature=temperature, flow_steps=flow_steps, sampler=sampler,
                     guidance_interval=tuple(guidance_interval), generator=generator)  # fmt: skip
-        if self.hparams.backbone == "mar":
-            return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
-        return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)
+        # the backbone blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype). Not the
+        # head's: it samples inside an fp32 island.
+        with linears_in_autocast_dtype(self.core.blocks, self.device.type):
+            if self.hparams.backbone == "mar":
+                return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
+            return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)
 
     def head_sample(self, cond: torch.Tensor, B: int, cfg: float, flow: dict) -> torch.Tensor:
         """Conditions (B, n, C), or (2B, n, C) rows [cond; uncond] under CFG -> tokens (B, n, D) (fp32)."""

@@ -27,7 +27,7 @@ from lit_ar.sampling import (
     sample_logits,
     tokens_to_reveal,
 )
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
 
 ORDERS = ("confidence", "random")
 _VAL_SEED = 20240917  # validation masks are the same at every validation run, so val/loss curves are comparable
@@ -266,7 +266,9 @@ class MaskedARSystem(GeneratorSystem):
         counts, labels, rows = self.check_sample_args(labels, cfg, temperature, top_k, top_p, steps, mask_schedule,
                                                       mask_power, choice_temperature, cfg_schedule, cfg_interval,
                                                       order)  # fmt: skip
-        with eval_mode(self.model):  # dropout off; the previous mode comes back even on error
+        # dropout off, the previous mode back even on error; the blocks' linear weights cast once for the call
+        # (exact; see linears_in_autocast_dtype)
+        with eval_mode(self.model), linears_in_autocast_dtype(self.model.blocks, self.device.type):
             B, L = labels.shape[0], self.model.num_tokens
             tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
             masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
 
 
 class ScaleARSystem(GeneratorSystem):
@@ -165,27 +165,29 @@ class ScaleARSystem(GeneratorSystem):
         device_type = self.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else model.head.weight.dtype)  # fmt: skip
-        setup_kv_caches(model.blocks, len(rows), model.seq_len, dtype, self.device)
-        try:
-            cond, block_cond = model.condition(rows)  # (2B, C), (2B, C | 6C)
-            mods = model.modulations(block_cond)  # per block (2B, 6C), fixed over the scales
-            x = model.start_tokens(cond)  # (2B, s_1^2, C)
-            f_hat, indices, f_hats = None, [], []
-            for k in range(K):
-                logits = model.forward_scale(k, x, cond, mods)  # (2B, s_k^2, V)
-                if guided:
-                    scale = cfg_scale(cfg_schedule, cfg, k / max(1, K - 1), cfg_interval, cfg_power)
-                    logits = guide(logits[:B].float(), logits[B:].float(), scale)  # (B, s_k^2, V)
-                idx = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, s_k^2)
-                # the same quantizer function that built the teacher-forcing inputs builds the next input
-                f_hat, nxt = quantizer.next_scale_input(k, f_hat, idx)  # (B, Cv, G, G), (B, s_{k+1}^2, Cv)
-                indices.append(idx)
-                f_hats.append(f_hat)
-                if nxt is not None:
-                    x = model.embed_scale(k + 1, nxt)  # (B, s_{k+1}^2, C)
-                    x = torch.cat([x, x]) if guided else x
-        finally:
-            clear_kv_caches(model.blocks)
+        # the blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype)
+        with linears_in_autocast_dtype(model.blocks, device_type):
+            setup_kv_caches(model.blocks, len(rows), model.seq_len, dtype, self.device)
+            try:
+                cond, block_cond = model.condition(rows)  # (2B, C), (2B, C | 6C)
+                mods = model.modulations(block_cond)  # per block (2B, 6C), fixed over the scales
+                x = model.start_tokens(cond)  # (2B, s_1^2, C)
+                f_hat, indices, f_hats = None, [], []
+                for k in range(K):
+                    logits = model.forward_scale(k, x, cond, mods)  # (2B, s_k^2, V)
+                    if guided:
+                        scale = cfg_scale(cfg_schedule, cfg, k / max(1, K - 1), cfg_interval, cfg_power)
+                        logits = guide(logits[:B].float(), logits[B:].float(), scale)  # (B, s_k^2, V)
+                    idx = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, s_k^2)
+                    # the same quantizer function that built the teacher-forcing inputs builds the next input
+                    f_hat, nxt = quantizer.next_scale_input(k, f_hat, idx)  # (B, Cv, G, G), (B, s_{k+1}^2, Cv)
+                    indices.append(idx)
+                    f_hats.append(f_hat)
+                    if nxt is not None:
+                        x = model.embed_scale(k + 1, nxt)  # (B, s_{k+1}^2, C)
+                        x = torch.cat([x, x]) if guided else x
+            finally:
+                clear_kv_caches(model.blocks)
         return indices, f_hats
 
     @torch.no_grad()
