@@ -10,8 +10,9 @@ are built from their own constructors with random weights (speed does not depend
     python -m benchmarks.peers --peer-root ~/src --families llamagen --compile   # + both sides compiled
     python -m benchmarks.peers --peer-root ~/src --families llamagen-train       # GPT-B training steps, batch 8
 
-Training rows (`llamagen-train`) run each side in processes of its own, in turn (`--isolate N`, default 2 a side):
-one process holding both models slows lit_ar's side on a 2-core CPU (see `llamagen_train_rows`).
+Training rows (`llamagen-train`) and VAR rows run each side in processes of its own, in turn (`--isolate N`,
+default 2 a side): one process holding both models slows lit_ar's side on a 2-core CPU (see `llamagen_train_rows`).
+The LlamaGen and MAR sampling rows, and `--isolate 0`, alternate the two sides call by call in one process.
 
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
@@ -169,7 +170,8 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
             times, params = {"peer": [], "ours": []}, {}
             for _ in range(isolate):
                 for side in ("peer", "ours"):
-                    out = run_train_side(root, side, precision, compile, repeat, batch, preset)
+                    out = run_side_process(root, "llamagen-train", side, precision, compile, repeat,
+                                           ["--train-batch", str(batch), "--train-preset", preset])  # fmt: skip
                     times[side] += out["times"]
                     params[side] = out["params"]
             ips = {s: batch / sorted(t)[len(t) // 2] for s, t in times.items()}
@@ -187,26 +189,23 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
     return rows
 
 
-def run_train_side(root: Path, side: str, precision: str, compile: bool, repeat: int, batch: int, preset: str
-                   ) -> dict:  # fmt: skip
-    """`train_side_times` in a fresh Python process; its last line of output is the JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.peers", "--peer-root", str(root), "--families", "llamagen-train",
-           "--precisions", precision, "--repeat", str(repeat), "--train-side", side, "--train-batch", str(batch),
-           "--train-preset", preset] + (["--compile"] if compile else [])  # fmt: skip
+def run_side_process(root: Path, family: str, side: str, precision: str, compile: bool, repeat: int,
+                     extra: list[str]) -> dict:  # fmt: skip
+    """One side of a `family` row timed in a fresh Python process; its last line of output is the JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.peers", "--peer-root", str(root), "--families", family, "--precisions",
+           precision, "--repeat", str(repeat), "--side", side, *extra] + (["--compile"] if compile else [])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
-        raise RuntimeError(f"the {side} training process failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"the {side} {family} process failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------- VAR-d16
-def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int,
-             count_calls: bool = False) -> list[dict]:  # fmt: skip
-    from benchmarks.scale_ar import make_var, tokenizer_ckpt
+VAR_BATCH, VAR_CFG = 2, 1.5
 
-    ckpt = tokenizer_ckpt(Path(tempfile.mkdtemp(prefix="lit_ar_peers_")), "var_msvq16", 256, 4096, 32)
-    ours = make_var(ckpt, 16, 1000, 256, compile, device)
 
+def build_var_peer(root: Path, device: str):
+    """VAR's own d16 (random weights) and a sampler for it; returns (peer, run(precision))."""
     on_path(root / "VAR")
     import torch.nn as nn
 
@@ -229,25 +228,74 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
             saved[base](m)
     vae.fhat_to_img = lambda f_hat: f_hat  # the anchors exclude the tokenizer's decode: ours stops at tokens too
     peer.eval()
-    n_peer, n_ours = (parameter_count(m) for m in (peer, ours.model))
-    batch, cfg = 2, 1.5
-    labels = torch.arange(batch, device=device)
+    labels = torch.arange(VAR_BATCH, device=device)
+    state = {"model": peer}
+
+    def run(precision: str):
+        if state.get("precision") != precision:  # cast once, outside the timed calls that follow
+            state["model"], state["precision"] = maybe_bf16(state["model"], precision), precision
+            vae.to(torch.float32)  # VAR keeps its quantizer in fp32 under bf16 weights, as ours does
+        with torch.inference_mode(), precision_context(precision, device):
+            state["model"].autoregressive_infer_cfg(B=VAR_BATCH, label_B=labels, g_seed=0, cfg=VAR_CFG, top_k=900,
+                                                    top_p=0.96)  # fmt: skip
+
+    return peer, run
+
+
+def build_var_ours(device: str, compile: bool, depth: int = 16):
+    """lit_ar's VAR at `depth` (d16: VAR-d16's size) and a sampler with VAR's demo settings; (system, run)."""
+    from benchmarks.scale_ar import make_var, tokenizer_ckpt
+
+    ckpt = tokenizer_ckpt(Path(tempfile.mkdtemp(prefix="lit_ar_peers_")), "var_msvq16", 256, 4096, 32)
+    state = {"system": make_var(ckpt, depth, 1000, 256, compile, device)}
+    labels = torch.arange(VAR_BATCH, device=device)
+
+    def run(precision: str):
+        if state.get("precision") != precision:  # cast once, outside the timed calls that follow
+            state["system"], state["precision"] = maybe_bf16(state["system"], precision), precision
+        g = torch.Generator(device).manual_seed(0)
+        with precision_context(precision, device):
+            state["system"].sample_tokens(labels, cfg=VAR_CFG, top_k=900, top_p=0.96, generator=g)
+
+    return state["system"], run
+
+
+def var_side_times(root: Path, device: str, side: str, precision: str, compile: bool, repeat: int,
+                   depth: int = 16) -> dict:  # fmt: skip
+    """Seconds of each of `repeat` sampling calls of one side, after a warm-up call (and compilation)."""
+    model, run = build_var_peer(root, device) if side == "peer" else build_var_ours(device, compile, depth)
+    run(precision)
+    times = [time_call(lambda: run(precision), warmup=0, repeat=1) for _ in range(repeat)]
+    return {"times": times, "params": parameter_count(model if side == "peer" else model.model)}
+
+
+def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, isolate: int = 0,
+             count_calls: bool = False, depth: int = 16) -> list[dict]:  # fmt: skip
+    """VAR-d16 sampling, VAR's `autoregressive_infer_cfg` against lit_ar's, batch 2, CFG 1.5, top-k 900, top-p 0.96.
+
+    isolate = N > 0: each side samples in processes of its own, N a side, started in turn, each timing `repeat`
+    calls; the row gives the median over a side's calls (see `llamagen_train_rows` for why). isolate = 0: both in
+    this process, interleaved call by call."""
     rows = []
+    if not isolate:
+        (peer, run_peer), (ours, run_ours) = build_var_peer(root, device), build_var_ours(device, compile, depth)
+        n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
     for precision in precisions:
-        peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
-        vae.to(torch.float32)  # VAR keeps its quantizer in fp32 under bf16 weights, as ours does
-
-        def run_peer():
-            with torch.inference_mode(), precision_context(precision, device):
-                peer.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, cfg=cfg, top_k=900, top_p=0.96)
-
-        def run_ours():
-            g = torch.Generator(device).manual_seed(0)
-            with precision_context(precision, device):
-                ours.sample_tokens(labels, cfg=cfg, top_k=900, top_p=0.96, generator=g)
-
-        rows.append(pair("VAR-d16", n_peer, n_ours, precision, compile, batch, run_peer, run_ours, repeat,
-                         count_calls))  # fmt: skip
+        if isolate:
+            times, params = {"peer": [], "ours": []}, {}
+            for _ in range(isolate):
+                for side in ("peer", "ours"):
+                    out = run_side_process(root, "var", side, precision, compile, repeat, ["--var-depth", str(depth)])
+                    times[side] += out["times"]
+                    params[side] = out["params"]
+            ips = {s: VAR_BATCH / sorted(t)[len(t) // 2] for s, t in times.items()}
+            row = ratio_row("VAR-d16", params["peer"], params["ours"], precision, compile, VAR_BATCH, ips)
+            row["processes"] = f"{isolate} a side"
+        else:
+            row = pair("VAR-d16", n_peer, n_ours, precision, compile, VAR_BATCH, lambda: run_peer(precision),
+                       lambda: run_ours(precision), repeat, count_calls)  # fmt: skip
+            row["processes"] = "one, shared"
+        rows.append(row)
         print_table(rows[-1:])
     return rows
 
@@ -378,10 +426,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mar-settings", nargs="+", type=mar_setting, default=[(64, "euler", 25)],
                    help="lit_ar's MAR-B sampling: AR_STEPS:SAMPLER:FLOW_STEPS ... (MAR: 64 AR, 100 steps)")  # fmt: skip
     p.add_argument("--isolate", type=int, default=2, metavar="N",
-                   help="llamagen-train: N processes a side, each alone (0: both in one process)")  # fmt: skip
+                   help="llamagen-train and var: N processes a side, each alone (0: both in one process)")  # fmt: skip
     p.add_argument("--train-batch", type=int, default=8, help=argparse.SUPPRESS)  # llamagen-train's batch
     p.add_argument("--train-preset", default="GPT-B", help=argparse.SUPPRESS)  # lit_ar's size; tests use GPT-nano
-    p.add_argument("--train-side", choices=["peer", "ours"], default=None, help=argparse.SUPPRESS)  # a worker
+    p.add_argument("--var-depth", type=int, default=16, help=argparse.SUPPRESS)  # lit_ar's VAR depth; tests use 2
+    p.add_argument("--side", choices=["peer", "ours"], default=None, help=argparse.SUPPRESS)  # a worker process
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -389,9 +438,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(args.peer_root).expanduser()
-    if args.train_side:  # one side of a llamagen-train row, in a process of its own (see llamagen_train_rows)
-        out = train_side_times(root, device, args.train_side, args.precisions[0], args.compile, args.repeat,
-                               args.train_batch, args.train_preset)  # fmt: skip
+    if args.side:  # one side of an isolated row, in a process of its own (see llamagen_train_rows, var_rows)
+        if args.families == ["llamagen-train"]:
+            out = train_side_times(root, device, args.side, args.precisions[0], args.compile, args.repeat,
+                                   args.train_batch, args.train_preset)  # fmt: skip
+        elif args.families == ["var"]:
+            out = var_side_times(root, device, args.side, args.precisions[0], args.compile, args.repeat,
+                                 args.var_depth)  # fmt: skip
+        else:
+            p.error(f"--side times one side of llamagen-train or var, not {args.families}")
         print(json.dumps(out))
         return []
     print(f"machine: {machine()}")
@@ -402,7 +457,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat, args.isolate,
                                     args.train_batch, args.train_preset)  # fmt: skip
     if "var" in args.families:
-        rows += var_rows(root, device, args.precisions, args.compile, args.repeat, args.count_calls)
+        isolate = 0 if args.count_calls else args.isolate  # aten calls are counted in this process
+        rows += var_rows(root, device, args.precisions, args.compile, args.repeat, isolate, args.count_calls,
+                         args.var_depth)  # fmt: skip
     if "mar" in args.families:
         rows += mar_rows(root, device, args.precisions, args.mar_batch, args.mar_settings, args.repeat, args.mar_preset)
     print_table(rows, "lit_ar vs the peers' own samplers (token generation; ratio > 1: lit_ar faster)")

@@ -188,6 +188,39 @@ def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_pat
     monkeypatch.delitem(sys.modules, "autoregressive.models.gpt", raising=False)
 
 
+def test_peers_var_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
+    """VAR's build_vae_var is stood in for by a small module at the path the real checkout has (models/__init__.py);
+    lit_ar's side is a depth-2 VAR. With --isolate, every timed call ran in a worker process holding one side only."""
+    from benchmarks import peers
+
+    fake = tmp_path / "VAR" / "models"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import torch\n"
+        "class Stand(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 4)\n"
+        "    def autoregressive_infer_cfg(self, B, label_B, g_seed, cfg, top_k, top_p):\n"
+        "        return self.lin(torch.randn(2 * B, 4))\n"
+        "def build_vae_var(device, V, Cvae, ch, share_quant_resi, num_classes, depth, shared_aln):\n"
+        "    return torch.nn.Conv2d(1, 1, 1), Stand()\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    common = ["--peer-root", str(tmp_path), "--families", "var", "--precisions", "fp32", "--repeat", "1",
+              "--var-depth", "2"]  # fmt: skip
+    isolated = peers.main(common + ["--isolate", "1"])
+    shared = peers.main(common + ["--isolate", "0"])
+    for rows, processes in ((isolated, "1 a side"), (shared, "one, shared")):
+        (row,) = rows
+        assert row["processes"] == processes and row["batch"] == 2
+        peer_params, ours_params = (int(n.replace(",", "")) for n in row["params peer / lit_ar"].split(" / "))
+        assert peer_params == 4 * 4 + 4  # the stand-in's, so the peer side ran the checkout's build_vae_var
+        assert ours_params > 1_000_000  # lit_ar's depth-2 VAR
+        assert row["peer images/s"] > 0 and row["lit_ar images/s"] > 0
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+
+
 def test_head_loss_benchmark_times_eager_and_compiled_per_precision(tmp_path):
     from benchmarks import head_loss
 
