@@ -69,11 +69,13 @@ def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) ->
     autocast caches those casts for the length of its context, but a compiled block casts its weights inside its
     graph at every call (VAR-d16 calls its 16 blocks at 10 scales): on a 2-core CPU in bf16 autocast, this made
     VAR-d16's compiled sampling 12-22% faster, from below eager to above it, with the same samples
-    (`python -m benchmarks.autocast_linears`; benchmarks/RESULTS.md). The copies are made at each call, not kept: Lightning's EMA swaps weights in
-    through `.data`, which no version counter sees, so a kept copy could go stale unnoticed. It does nothing where it
-    would not be exact or safe: autocast off, grad on, or parameters that are not plain fp32 tensors (e.g. sharded).
-    `modules` must run their linears under autocast only, not inside an fp32 island. The causal family does not use
-    it: on a GPU its compiled decode step is a CUDA graph, which holds its weights' addresses."""
+    (`python -m benchmarks.autocast_linears`; benchmarks/RESULTS.md).
+
+    The copies are made at each call, not kept: Lightning's EMA swaps weights in through `.data`, which no version
+    counter sees, so a kept copy could go stale unnoticed. It does nothing where it would not be exact or safe:
+    autocast off, grad on, FSDP, or parameters that are not plain fp32 tensors. `modules` must run their linears
+    under autocast only, not inside an fp32 island. The causal family does not use it: on a GPU its compiled decode
+    step is a CUDA graph, which holds its weights' addresses."""
     enabled = torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
     dtype = torch.get_autocast_dtype(device_type) if enabled else None
     params = []
