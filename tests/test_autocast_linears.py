@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import lit_ar.systems.causal_ar
 import lit_ar.systems.flow_ar
 import lit_ar.systems.masked_ar
 import lit_ar.systems.scale_ar
@@ -60,12 +61,14 @@ def test_nothing_is_cast_where_it_would_not_be_exact(case):
 
 
 # -- every family that uses it samples the same tokens with and without it, eager and compiled --------------------
-MODULES = {"masked": lit_ar.systems.masked_ar, "scale": lit_ar.systems.scale_ar, "mar": lit_ar.systems.flow_ar,
-           "flowar": lit_ar.systems.flow_ar}  # fmt: skip
+MODULES = {"causal": lit_ar.systems.causal_ar, "masked": lit_ar.systems.masked_ar, "scale": lit_ar.systems.scale_ar,
+           "mar": lit_ar.systems.flow_ar, "flowar": lit_ar.systems.flow_ar}  # fmt: skip
 
 
 def sample(family: str, system, labels: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
+    if family == "causal":
+        return system.generate(labels, cfg=2.0, generator=g)
     if family == "masked":
         return system.generate(labels, cfg=2.0, steps=4, generator=g)
     if family == "scale":

@@ -275,15 +275,18 @@ def test_shapes32_gpu_script_runs_end_to_end_on_cpu(tmp_path):
         assert record["num_samples"] == 20 and 0.0 <= record["metrics"]["class_accuracy"] <= 1.0, record
 
 
-def test_autocast_linears_benchmark_times_both_forms_and_checks_their_tokens(tmp_path):
-    import lit_ar.systems.scale_ar as scale_ar_system
+@pytest.mark.parametrize("family", ["scale", "causal"])
+def test_autocast_linears_benchmark_times_both_forms_and_checks_their_tokens(family, tmp_path):
+    import importlib
+
     from benchmarks import autocast_linears
     from lit_ar.systems.generator import linears_in_autocast_dtype
 
     out = tmp_path / "cast.json"
-    rows = autocast_linears.main(["--depth", "1", "--modes", "eager", "--repeat", "1", "--json", str(out)])
-    (row,) = rows
+    argv = ["--family", family, "--size", "tiny", "--modes", "eager", "--repeat", "1", "--json", str(out)]
+    (row,) = autocast_linears.main(argv)
     assert row["mode"] == "eager" and row["same tokens"] and row["cast images/s"] > 0 and row["uncast images/s"] > 0
     assert row["cast / uncast"] == pytest.approx(row["cast images/s"] / row["uncast images/s"])
-    assert scale_ar_system.linears_in_autocast_dtype is linears_in_autocast_dtype  # put back after timing
+    module = importlib.import_module(f"lit_ar.systems.{autocast_linears.SYSTEM_MODULES[family]}")
+    assert module.linears_in_autocast_dtype is linears_in_autocast_dtype  # put back after timing
     assert len(json.loads(out.read_text())["rows"]) == 1

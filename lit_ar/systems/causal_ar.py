@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
 
 PresetName = Literal["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-nano", "GPT-micro", "GPT-mini"]
 
@@ -225,29 +225,34 @@ class CausalARSystem(GeneratorSystem):
             m.setup_caches(cond.shape[0], dtype)
         was_training = m.training
         m.eval()
-        try:
-            if use_cache:
-                m.check_decode_length(n)
-            elif not 1 <= n <= L:
-                raise ValueError(f"num_tokens={n}: a {m.grid_size}x{m.grid_size} grid holds between 1 and {L} tokens")
-            step = self._decode_step()
-            tokens = labels.new_zeros(labels.shape[0], n)  # (B, n), filled left to right
-            slots = torch.arange(m.cls_token_num, m.cls_token_num + n, device=self.device)  # token i sits at P + i
-            for i in range(n):
-                if not use_cache:  # the whole prefix again, as a model without a cache must
-                    logits = m(tokens[:, :i].repeat(2, 1) if guided else tokens[:, :i], cond)[:, -1]  # (B', V)
-                elif i == 0:
-                    logits = m.prefill(cond)
-                else:
-                    fed = tokens[:, i - 1 : i].repeat(2 if guided else 1, 1)  # (B', 1), a fresh contiguous tensor
-                    logits = step(fed, slots[i - 1 : i].clone())  # (B', V); no host-to-device copy per step
-                if guided:
-                    c, u = logits.chunk(2)
-                    logits = guide(c, u, cfg_scale(cfg_schedule, cfg, i / L, tuple(cfg_interval), cfg_power))
-                tokens[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
-        finally:
-            m.train(was_training)
-            m.clear_caches()
+        # the layers' linear weights cast once for the call (exact; see linears_in_autocast_dtype), except where the
+        # decode step is a CUDA graph: the graph holds the weights' addresses, and fresh copies would move them
+        cuda_graph = self.hparams.compile and self.device.type == "cuda"
+        with linears_in_autocast_dtype([] if cuda_graph else m.layers, self.device.type):
+            try:
+                if use_cache:
+                    m.check_decode_length(n)
+                elif not 1 <= n <= L:
+                    raise ValueError(f"num_tokens={n}: a {m.grid_size}x{m.grid_size} grid holds between 1 and {L} "
+                                     "tokens")  # fmt: skip
+                step = self._decode_step()
+                tokens = labels.new_zeros(labels.shape[0], n)  # (B, n), filled left to right
+                slots = torch.arange(m.cls_token_num, m.cls_token_num + n, device=self.device)  # token i sits at P + i
+                for i in range(n):
+                    if not use_cache:  # the whole prefix again, as a model without a cache must
+                        logits = m(tokens[:, :i].repeat(2, 1) if guided else tokens[:, :i], cond)[:, -1]  # (B', V)
+                    elif i == 0:
+                        logits = m.prefill(cond)
+                    else:
+                        fed = tokens[:, i - 1 : i].repeat(2 if guided else 1, 1)  # (B', 1), a fresh contiguous tensor
+                        logits = step(fed, slots[i - 1 : i].clone())  # (B', V); no host-to-device copy per step
+                    if guided:
+                        c, u = logits.chunk(2)
+                        logits = guide(c, u, cfg_scale(cfg_schedule, cfg, i / L, tuple(cfg_interval), cfg_power))
+                    tokens[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+            finally:
+                m.train(was_training)
+                m.clear_caches()
         return tokens
 
     @torch.no_grad()

@@ -74,8 +74,8 @@ def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) ->
     The copies are made at each call, not kept: Lightning's EMA swaps weights in through `.data`, which no version
     counter sees, so a kept copy could go stale unnoticed. It does nothing where it would not be exact or safe:
     autocast off, grad on, FSDP, or parameters that are not plain fp32 tensors. `modules` must run their linears
-    under autocast only, not inside an fp32 island. The causal family does not use it: on a GPU its compiled decode
-    step is a CUDA graph, which holds its weights' addresses."""
+    under autocast only, not inside an fp32 island. The causal family skips it where its compiled decode step is a
+    CUDA graph, which holds its weights' addresses."""
     enabled = torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
     dtype = torch.get_autocast_dtype(device_type) if enabled else None
     params = []
