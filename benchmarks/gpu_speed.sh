@@ -21,9 +21,12 @@ step head_loss 60 python -m benchmarks.head_loss --presets GPT-B --batch 64 --js
 # compiled bf16 training at the B sizes: MFU against the measured matmul peak (target: 40%)
 step train_B 180 python -m benchmarks --size B --families causal scale --what train --train-batch 64 --steps 3 \
   --compile compiled --precision bf16 --json "$OUT_DIR/train_B.json"
+# sampling with the blocks' linear weights cast once a call against autocast's per-matmul casts (VAR-d16)
+step autocast_linears 90 python -m benchmarks.autocast_linears --json "$OUT_DIR/autocast_linears.json"
 if [ -n "$PEERS" ]; then  # lit_ar against the peers' own samplers, token generation only
+  # --isolate 0: both sides in one process (a process a side would spend the step's time starting CUDA)
   step peers_var 120 python -m benchmarks.peers --peer-root "$PEERS" --families var --precisions fp32 bf16-autocast \
-    --repeat 3 --compile --json "$OUT_DIR/peers_var.json"
+    --repeat 3 --compile --isolate 0 --json "$OUT_DIR/peers_var.json"
   step peers_llamagen 120 python -m benchmarks.peers --peer-root "$PEERS" --families llamagen --compile \
     --precisions bf16-weights --repeat 3 --json "$OUT_DIR/peers_llamagen.json"
 fi
