@@ -148,9 +148,14 @@ def train_side_times(root: Path, device: str, side: str, precision: str, compile
     """Seconds of each of `repeat` training steps of one side, after two warm-up steps (compilation, allocator,
     the optimizer's state)."""
     step, params = llamagen_train_step(root, device, side, compile, batch, preset)
-    step(precision), step(precision)
-    return {"times": [time_call(lambda: step(precision), warmup=0, repeat=1) for _ in range(repeat)],
-            "params": params}  # fmt: skip
+    return side_times(lambda: step(precision), params, warmup=2, repeat=repeat)
+
+
+def side_times(run, params: int, warmup: int, repeat: int) -> dict:
+    """A worker process's result: the seconds of each of `repeat` calls of `run` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    return {"times": [time_call(run, warmup=0, repeat=1) for _ in range(repeat)], "params": params}
 
 
 def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, isolate: int,
@@ -167,16 +172,8 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
         sides = {s: llamagen_train_step(root, device, s, compile, batch, preset) for s in ("peer", "ours")}
     for precision in precisions:
         if isolate:
-            times, params = {"peer": [], "ours": []}, {}
-            for _ in range(isolate):
-                for side in ("peer", "ours"):
-                    out = run_side_process(root, "llamagen-train", side, precision, compile, repeat,
-                                           ["--train-batch", str(batch), "--train-preset", preset])  # fmt: skip
-                    times[side] += out["times"]
-                    params[side] = out["params"]
-            ips = {s: batch / sorted(t)[len(t) // 2] for s, t in times.items()}
-            row = ratio_row("LlamaGen GPT-B train", params["peer"], params["ours"], precision, compile, batch, ips)
-            row["processes"] = f"{isolate} a side"
+            row = isolated_row("LlamaGen GPT-B train", root, "llamagen-train", precision, compile, repeat, batch,
+                               isolate, ["--train-batch", str(batch), "--train-preset", preset])  # fmt: skip
         else:
             (run_peer, n_peer), (run_ours, n_ours) = sides["peer"], sides["ours"]
             row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch,
@@ -187,6 +184,22 @@ def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile:
         rows.append(row)
         print_table(rows[-1:])
     return rows
+
+
+def isolated_row(name: str, root: Path, family: str, precision: str, compile: bool, repeat: int, batch: int,
+                 isolate: int, extra: list[str]) -> dict:  # fmt: skip
+    """A row from `isolate` worker processes a side (`run_side_process`), started in turn (peer, lit_ar, peer,
+    ...): each side's images/s is `batch` over the median of all its timed calls."""
+    times, params = {"peer": [], "ours": []}, {}
+    for _ in range(isolate):
+        for side in ("peer", "ours"):
+            out = run_side_process(root, family, side, precision, compile, repeat, extra)
+            times[side] += out["times"]
+            params[side] = out["params"]
+    ips = {s: batch / sorted(t)[len(t) // 2] for s, t in times.items()}
+    row = ratio_row(name, params["peer"], params["ours"], precision, compile, batch, ips)
+    row["processes"] = f"{isolate} a side"
+    return row
 
 
 def run_side_process(root: Path, family: str, side: str, precision: str, compile: bool, repeat: int,
@@ -264,9 +277,8 @@ def var_side_times(root: Path, device: str, side: str, precision: str, compile: 
                    depth: int = 16) -> dict:  # fmt: skip
     """Seconds of each of `repeat` sampling calls of one side, after a warm-up call (and compilation)."""
     model, run = build_var_peer(root, device) if side == "peer" else build_var_ours(device, compile, depth)
-    run(precision)
-    times = [time_call(lambda: run(precision), warmup=0, repeat=1) for _ in range(repeat)]
-    return {"times": times, "params": parameter_count(model if side == "peer" else model.model)}
+    params = parameter_count(model if side == "peer" else model.model)
+    return side_times(lambda: run(precision), params, warmup=1, repeat=repeat)
 
 
 def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, isolate: int = 0,
@@ -282,15 +294,8 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
         n_peer, n_ours = parameter_count(peer), parameter_count(ours.model)
     for precision in precisions:
         if isolate:
-            times, params = {"peer": [], "ours": []}, {}
-            for _ in range(isolate):
-                for side in ("peer", "ours"):
-                    out = run_side_process(root, "var", side, precision, compile, repeat, ["--var-depth", str(depth)])
-                    times[side] += out["times"]
-                    params[side] = out["params"]
-            ips = {s: VAR_BATCH / sorted(t)[len(t) // 2] for s, t in times.items()}
-            row = ratio_row("VAR-d16", params["peer"], params["ours"], precision, compile, VAR_BATCH, ips)
-            row["processes"] = f"{isolate} a side"
+            row = isolated_row("VAR-d16", root, "var", precision, compile, repeat, VAR_BATCH, isolate,
+                               ["--var-depth", str(depth)])  # fmt: skip
         else:
             row = pair("VAR-d16", n_peer, n_ours, precision, compile, VAR_BATCH, lambda: run_peer(precision),
                        lambda: run_ours(precision), repeat, count_calls)  # fmt: skip

@@ -182,13 +182,16 @@ class CausalARSystem(GeneratorSystem):
         self.log("val/token_acc", (logits.argmax(-1) == tokens).float().mean(), sync_dist=True)
 
     # -- sampling ----------------------------------------------------------------------------------------------
+    def _decode_step_is_cuda_graph(self) -> bool:
+        # on CUDA the one-token step is bound by kernel launches: compiled, it replays as a CUDA graph (the static,
+        # in-place KV cache keeps every address fixed), as LlamaGen's and gpt-fast's loops do
+        return self.hparams.compile and self.device.type == "cuda"
+
     def _decode_step(self):
         if not self.hparams.compile:
             return self.model.decode_step
         if self._compiled_decode is None:
-            # on CUDA the one-token step is bound by kernel launches: replay it as a CUDA graph (the static,
-            # in-place KV cache keeps every address fixed), as LlamaGen's and gpt-fast's loops do
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            mode = "reduce-overhead" if self._decode_step_is_cuda_graph() else "default"
             self._compiled_decode = torch.compile(self.model.decode_step, fullgraph=True, mode=mode)
         return self._compiled_decode
 
@@ -227,8 +230,8 @@ class CausalARSystem(GeneratorSystem):
         m.eval()
         # the layers' linear weights cast once for the call (exact; see linears_in_autocast_dtype), except where the
         # decode step is a CUDA graph: the graph holds the weights' addresses, and fresh copies would move them
-        cuda_graph = self.hparams.compile and self.device.type == "cuda"
-        with linears_in_autocast_dtype([] if cuda_graph else m.layers, self.device.type):
+        cast = [] if self._decode_step_is_cuda_graph() else m.layers
+        with linears_in_autocast_dtype(cast, self.device.type):
             try:
                 if use_cache:
                     m.check_decode_length(n)

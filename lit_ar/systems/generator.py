@@ -80,10 +80,10 @@ def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) ->
     dtype = torch.get_autocast_dtype(device_type) if enabled else None
     params = []
     if dtype in (torch.bfloat16, torch.float16):
-        modules = [m for module in modules for m in module.modules()]
-        params = [p for m in modules if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
+        submodules = [m for module in modules for m in module.modules()]
+        params = [p for m in submodules if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
         # FSDP (either version) points parameters at shards or gathered copies itself: no second hand on `.data`
-        sharded = any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in modules)
+        sharded = any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in submodules)
         if sharded or not all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in params):
             params = []
     originals = [p.data for p in params]
