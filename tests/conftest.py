@@ -17,6 +17,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def assert_same_training_step(eager, compiled, batch: dict, batch_idx: int = 0, part=lambda system: system) -> None:
+    """One training step of each system (the same weights): the same loss, and the same gradient on every parameter
+    of `part(system)`, within float tolerance."""
+    losses = []
+    for system in (eager, compiled):
+        loss = system.training_step(batch, batch_idx)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(part(eager).named_parameters(), part(compiled).parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def run_dir_args(run_dir: Path) -> list[str]:
     """CLI arguments that move a shipped config's run folder (logs, checkpoints) under `run_dir`."""
     return ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]

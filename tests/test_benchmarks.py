@@ -153,10 +153,20 @@ def test_peers_mar_rows_time_the_peer_once_against_each_lit_ar_setting(tmp_path,
     monkeypatch.delitem(sys.modules, "models.mar", raising=False)
 
 
+def isolated_and_shared_rows(common: list[str]):
+    """`benchmarks.peers` with `--isolate 1` (a worker process a side), then `--isolate 0` (one process): each run's
+    one row, checked to say how it ran, with its parameter counts (peer, lit_ar)."""
+    from benchmarks import peers
+
+    for isolate, processes in (("1", "1 a side"), ("0", "one, shared")):
+        (row,) = peers.main(common + ["--isolate", isolate])
+        assert row["processes"] == processes
+        yield row, tuple(int(n.replace(",", "")) for n in row["params peer / lit_ar"].split(" / "))
+
+
 def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
     """LlamaGen's GPT_B is stood in for by a small module at the path the real checkout has
     (autoregressive/models/gpt.py). With --isolate, every timed step ran in a worker process holding one side only."""
-    from benchmarks import peers
 
     fake = tmp_path / "LlamaGen" / "autoregressive" / "models"
     fake.mkdir(parents=True)
@@ -176,12 +186,7 @@ def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_pat
     monkeypatch.setattr(sys, "path", list(sys.path))
     common = ["--peer-root", str(tmp_path), "--families", "llamagen-train", "--precisions", "fp32", "--repeat", "2",
               "--train-batch", "2", "--train-preset", "GPT-nano"]  # fmt: skip
-    isolated = peers.main(common + ["--isolate", "1"])
-    shared = peers.main(common + ["--isolate", "0"])
-    for rows, processes in ((isolated, "1 a side"), (shared, "one, shared")):
-        (row,) = rows
-        assert row["processes"] == processes
-        peer_params, ours_params = (int(n.replace(",", "")) for n in row["params peer / lit_ar"].split(" / "))
+    for row, (peer_params, ours_params) in isolated_and_shared_rows(common):
         assert peer_params == 2 * 16384 * 8 + 16384  # the stand-in's, so the peer side ran the checkout's GPT_B
         assert ours_params > peer_params
         assert row["peer tokens/s"] > 0 and row["lit_ar tokens/s"] == pytest.approx(256 * row["lit_ar images/s"])
@@ -191,7 +196,6 @@ def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_pat
 def test_peers_var_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
     """VAR's build_vae_var is stood in for by a small module at the path the real checkout has (models/__init__.py);
     lit_ar's side is a depth-2 VAR. With --isolate, every timed call ran in a worker process holding one side only."""
-    from benchmarks import peers
 
     fake = tmp_path / "VAR" / "models"
     fake.mkdir(parents=True)
@@ -209,12 +213,8 @@ def test_peers_var_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, mo
     monkeypatch.setattr(sys, "path", list(sys.path))
     common = ["--peer-root", str(tmp_path), "--families", "var", "--precisions", "fp32", "--repeat", "1",
               "--var-depth", "2"]  # fmt: skip
-    isolated = peers.main(common + ["--isolate", "1"])
-    shared = peers.main(common + ["--isolate", "0"])
-    for rows, processes in ((isolated, "1 a side"), (shared, "one, shared")):
-        (row,) = rows
-        assert row["processes"] == processes and row["batch"] == 2
-        peer_params, ours_params = (int(n.replace(",", "")) for n in row["params peer / lit_ar"].split(" / "))
+    for row, (peer_params, ours_params) in isolated_and_shared_rows(common):
+        assert row["batch"] == 2
         assert peer_params == 4 * 4 + 4  # the stand-in's, so the peer side ran the checkout's build_vae_var
         assert ours_params > 1_000_000  # lit_ar's depth-2 VAR
         assert row["peer images/s"] > 0 and row["lit_ar images/s"] > 0

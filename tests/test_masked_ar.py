@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
+from conftest import (
+    CONFIGS,
+    assert_same_training_step,
+    checkpoint_for_config,
+    logged_scalars,
+    run_dir_args,
+    run_lit_ar,
+)
 from torch import nn
 
 from lit_ar.cli import cli_main
@@ -413,14 +420,7 @@ def test_compiled_blocks_match_eager():
     compiled.load_state_dict(eager.state_dict())
     assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
     batch = {"tokens": torch.randint(0, V, (4, L)), "label": torch.tensor([0, 1, 2, 3])}
-    losses = []
-    for system in (eager, compiled):
-        loss = system.training_step(batch, 3)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training_step(eager, compiled, batch, batch_idx=3)
     kw = dict(steps=4, cfg=2.0, return_trace=True)
     te, tre = eager.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
     tc, trc = compiled.generate(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, checkpoint_for_config, run_dir_args, run_lit_ar
+from conftest import CONFIGS, assert_same_training_step, checkpoint_for_config, run_dir_args, run_lit_ar
 
 from lit_ar.cli import cli_main
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
@@ -292,14 +292,7 @@ def test_compiled_system_trains_like_eager(msvq_ckpt):
               label_smoothing=0.1, scale_loss_weights=[1, 2, 3, 4])  # fmt: skip
     eager, compiled = ScaleARSystem(**kw).train(), ScaleARSystem(compile=True, **kw).train()
     compiled.load_state_dict(eager.state_dict())
-    losses = []
-    for system in (eager, compiled):
-        loss = system.training_step(batch, 0)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training_step(eager, compiled, batch, part=lambda system: system.model)
 
 
 def test_scale_loss_weights_select_scales(msvq_ckpt):
