@@ -30,6 +30,18 @@ def assert_same_training_step(eager, compiled, batch: dict, batch_idx: int = 0, 
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def head_off_zero(system, seed: int = 0):
+    """The flow head starts at v = 0 (MAR's zero-initialised AdaLN gates and output layer), so an untrained head
+    returns its noise unchanged whatever its precision or compilation: a test that compares samples must draw those
+    zero tensors at random first. Returns the system."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in system.head.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return system
+
+
 def run_dir_args(run_dir: Path) -> list[str]:
     """CLI arguments that move a shipped config's run folder (logs, checkpoints) under `run_dir`."""
     return ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]

@@ -120,16 +120,24 @@ def test_flow_head_trained_on_a_2d_mixture_of_gaussians_samples_it_back():
         sched.step()
     head.eval()
     n = 4000
+    noise, sde_seed = torch.randn(n, 2, generator=g), 1
     for sampler in ("euler", "heun", "euler_maruyama"):
-        x = sample_flow(head_velocity_fn(head, torch.zeros(n, 1)), torch.randn(n, 2, generator=g), 32, sampler,
-                        generator=g)  # fmt: skip
-        comp = (x[:, 0] > 0).long()  # the two modes are split by x = 0
-        for c in range(2):
-            xs = x[comp == c]
-            assert abs(len(xs) / n - 0.5) < 0.05, f"{sampler}: mode {c} has weight {len(xs) / n}"
-            torch.testing.assert_close(xs.mean(0), MEANS[c], atol=0.15, rtol=0, msg=f"{sampler} mode {c} mean")
-            ratio = xs.std(0) / STDS[c]
-            assert ((ratio > 0.8) & (ratio < 1.2)).all(), f"{sampler}: mode {c} std / true std = {ratio.tolist()}"
+        samples = {}
+        # under bf16 autocast the head's MLP runs in bf16 (as in bf16-mixed training), the updates in fp32
+        for precision in ("fp32", "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                x = sample_flow(head_velocity_fn(head, torch.zeros(n, 1)), noise, 32, sampler,
+                                generator=torch.Generator().manual_seed(sde_seed))  # fmt: skip
+            assert x.dtype == torch.float32
+            samples[precision] = x
+            comp = (x[:, 0] > 0).long()  # the two modes are split by x = 0
+            for c in range(2):
+                xs, what = x[comp == c], f"{sampler} ({precision}) mode {c}"
+                assert abs(len(xs) / n - 0.5) < 0.05, f"{what} has weight {len(xs) / n}"
+                torch.testing.assert_close(xs.mean(0), MEANS[c], atol=0.15, rtol=0, msg=f"{what} mean")
+                ratio = xs.std(0) / STDS[c]
+                assert ((ratio > 0.8) & (ratio < 1.2)).all(), f"{what}: std / true std = {ratio.tolist()}"
+        assert not torch.equal(samples["fp32"], samples["bf16"]), "under bf16 autocast the head runs in bf16"
 
 
 def test_time_embedding_and_loss_stay_fp32_under_bf16_autocast():

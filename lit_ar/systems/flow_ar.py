@@ -128,8 +128,11 @@ class FlowARSystem(GeneratorSystem):
             self.core = FlowARTransformer(token_dim, grid_size, num_classes, order=order, scales=scales, **common)
         self.head = FlowHead(token_dim, dim, head_width, head_depth)
         if self.hparams.compile:  # in place, so checkpoint keys carry no `_orig_mod.`
-            for block in [*self.core.blocks, *self.head.blocks]:
+            for block in self.core.blocks:
                 block.compile()
+            # the whole head, not its blocks: sampling calls it flow_steps times per AR step on a few rows, where
+            # one graph a call beats a dozen eager ops around compiled blocks (MAR small, bf16: 1.12x)
+            self.head.compile()
         self._run_seed: int | None = None
 
     def resolve_token_shape(self, token_dim: int | None, grid_size: int | None) -> tuple[int, int]:
@@ -275,9 +278,10 @@ class FlowARSystem(GeneratorSystem):
         check_cfg_schedule(cfg_schedule)
         flow = dict(temperature=temperature, flow_steps=flow_steps, sampler=sampler,
                     guidance_interval=tuple(guidance_interval), generator=generator)  # fmt: skip
-        # the backbone blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype). Not the
-        # head's: it samples inside an fp32 island.
-        with linears_in_autocast_dtype(self.core.blocks, self.device.type):
+        # the backbone blocks' and the head's linear weights cast once for the call (exact; see
+        # linears_in_autocast_dtype), but not the head's time embedding: an fp32 island, which casts nothing
+        head_linears = [m for name, m in self.head.named_children() if name != "time_embed"]
+        with linears_in_autocast_dtype([*self.core.blocks, *head_linears], self.device.type):
             if self.hparams.backbone == "mar":
                 return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
             return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)
