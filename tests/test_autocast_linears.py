@@ -4,16 +4,14 @@ speed: the same samples to the bit, the fp32 parameters back afterwards, and not
 exact (grad on, autocast off, weights not in fp32)."""
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import head_off_zero
 from torch import nn
 
-import lit_ar.systems.causal_ar
-import lit_ar.systems.flow_ar
-import lit_ar.systems.masked_ar
-import lit_ar.systems.scale_ar
+import lit_ar.systems.generator
 from lit_ar.systems.generator import linears_in_autocast_dtype
 
 
@@ -61,9 +59,8 @@ def test_nothing_is_cast_where_it_would_not_be_exact(case):
                                                              torch.float32}  # fmt: skip
 
 
-# -- every family that uses it samples the same tokens with and without it, eager and compiled --------------------
-MODULES = {"causal": lit_ar.systems.causal_ar, "masked": lit_ar.systems.masked_ar, "scale": lit_ar.systems.scale_ar,
-           "mar": lit_ar.systems.flow_ar, "flowar": lit_ar.systems.flow_ar}  # fmt: skip
+# -- every family samples the same tokens with and without it, eager and compiled ----------------------------------
+FAMILIES = ["causal", "masked", "scale", "mar", "flowar"]
 
 
 def sample(family: str, system, labels: torch.Tensor) -> torch.Tensor:
@@ -78,7 +75,7 @@ def sample(family: str, system, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("family", list(MODULES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_under_bf16_autocast_is_unchanged_by_the_cast(family, compiled, tmp_path, monkeypatch):
     from benchmarks.__main__ import build
 
@@ -90,19 +87,40 @@ def test_sampling_under_bf16_autocast_is_unchanged_by_the_cast(family, compiled,
     calls = []
 
     def counted(modules, device_type):
-        calls.append(1)
-        return linears_in_autocast_dtype(modules, device_type)
+        calls.append(list(modules))
+        return linears_in_autocast_dtype(calls[-1], device_type)
 
-    monkeypatch.setattr(MODULES[family], "linears_in_autocast_dtype", counted)
+    monkeypatch.setattr(lit_ar.systems.generator, "linears_in_autocast_dtype", counted)
     with torch.autocast("cpu", torch.bfloat16):
         with_cast = sample(family, system, labels)
         assert calls, "the family samples through linears_in_autocast_dtype"
 
         # the cast off: autocast casts the fp32 weights at every matmul, as without this function
-        monkeypatch.setattr(MODULES[family], "linears_in_autocast_dtype", lambda *_: contextlib.nullcontext(0))
+        monkeypatch.setattr(lit_ar.systems.generator, "linears_in_autocast_dtype", lambda *_: contextlib.nullcontext(0))
         without = sample(family, system, labels)
     assert torch.equal(with_cast, without)
     assert all(p.dtype == torch.float32 for p in system.parameters() if p.is_floating_point())
+    if family in ("mar", "flowar"):
+        cast = {id(p) for modules in calls for m in modules for p in m.parameters()}
+        assert {id(p) for p in system.head.blocks.parameters()} <= cast, "the flow head's linears are cast too"
+        assert not {id(p) for p in system.head.time_embed.parameters()} & cast, "not its fp32 time embedding"
+
+
+def test_nothing_is_cast_under_a_strategy_that_shards_parameters(tmp_path):
+    """Under FSDP the root unit holds parameters (the flow head's) that no FSDP module among the blocks shows."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from benchmarks.__main__ import build
+
+    system = build("flowar", "tiny", 8, False, "cpu", tmp_path)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+            system._trainer = SimpleNamespace(strategy=strategy)
+            with system.linears_cast_for_sampling([system.head]) as cast:
+                assert cast == 0, type(strategy).__name__
+        system._trainer = None
+        with system.linears_cast_for_sampling([system.head]) as cast:
+            assert cast > 0
 
 
 def test_fsdp_sharded_modules_are_left_to_fsdp(tmp_path):

@@ -184,7 +184,10 @@ plt.show()
 # on all L (+ buffer) positions. So the split depends on the widths, on `steps` vs `flow_steps`, and — on
 # a GPU — on the batch: at batch 1 each head call is a few tiny kernels whose launch cost dominates, at a large
 # batch the backbone's attention and MLPs dominate. MAR users found the fraction flips between the two. Here on
-# a MAR-style model with 16x16 tokens (`python -m benchmarks.flow_ar` prints the full table, and the MAR-B size):
+# a MAR-style model with 16x16 tokens (`python -m benchmarks.flow_ar` prints the full table, and the MAR-B size).
+# Precision moves the split too: under bf16 autocast (`bf16-mixed`) the head's MLP samples in bf16, as it trains,
+# while its time embedding and every sampler update stay in fp32; on a CPU with bf16 matrix units this made FlowAR's
+# sampling, which the head dominates, about 2.5x faster than an all-fp32 head (benchmarks/RESULTS.md).
 
 # %%
 mar = FlowARSystem(backbone="mar", token_dim=8, grid_size=8 if SMALL else 16, dim=128, depth=2, n_heads=4,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
-from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
+from lit_ar.systems.generator import GeneratorSystem
 
 PresetName = Literal["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-nano", "GPT-micro", "GPT-mini"]
 
@@ -231,7 +231,7 @@ class CausalARSystem(GeneratorSystem):
         # the layers' linear weights cast once for the call (exact; see linears_in_autocast_dtype), except where the
         # decode step is a CUDA graph: the graph holds the weights' addresses, and fresh copies would move them
         cast = [] if self._decode_step_is_cuda_graph() else m.layers
-        with linears_in_autocast_dtype(cast, self.device.type):
+        with self.linears_cast_for_sampling(cast):
             try:
                 if use_cache:
                     m.check_decode_length(n)

@@ -30,7 +30,7 @@ from lit_ar.models.flow_head import (
 from lit_ar.models.flowar import FlowARTransformer
 from lit_ar.models.mar import MARTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, tokens_to_reveal
-from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
+from lit_ar.systems.generator import GeneratorSystem
 
 BACKBONES = ("mar", "flowar", "causal")
 FLOW_CFG_SCHEDULES = ("constant", "linear", "power_cosine")
@@ -281,7 +281,7 @@ class FlowARSystem(GeneratorSystem):
         # the backbone blocks' and the head's linear weights cast once for the call (exact; see
         # linears_in_autocast_dtype), but not the head's time embedding: an fp32 island, which casts nothing
         head_linears = [m for name, m in self.head.named_children() if name != "time_embed"]
-        with linears_in_autocast_dtype([*self.core.blocks, *head_linears], self.device.type):
+        with self.linears_cast_for_sampling([*self.core.blocks, *head_linears]):
             if self.hparams.backbone == "mar":
                 return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
             return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -198,6 +199,15 @@ class GeneratorSystem(L.LightningModule):
                 f"cfg={cfg} asks for classifier-free guidance, but this model was trained with "
                 "model.init_args.class_dropout=0 and so never saw the null class; sample with cfg=1.0"
             )
+
+    def linears_cast_for_sampling(self, modules: Iterable[nn.Module]):
+        """`linears_in_autocast_dtype` over `modules`, the one way every family's sampler takes it; nothing under a
+        Trainer strategy that shards parameters (FSDP, model parallel), whose root unit holds parameters, such as
+        the flow head's, that no FSDP module among `modules` would show."""
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            modules = []
+        return linears_in_autocast_dtype(modules, self.device.type)
 
     def sampling_labels(self, labels: torch.Tensor, cfg: float, allow_null: bool = False):
         """Every family's first check of a sampling call, before any work: labels (B,) of integer class indices in

@@ -27,7 +27,7 @@ from lit_ar.sampling import (
     sample_logits,
     tokens_to_reveal,
 )
-from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
+from lit_ar.systems.generator import GeneratorSystem
 
 ORDERS = ("confidence", "random")
 _VAL_SEED = 20240917  # validation masks are the same at every validation run, so val/loss curves are comparable
@@ -268,7 +268,7 @@ class MaskedARSystem(GeneratorSystem):
                                                       order)  # fmt: skip
         # dropout off, the previous mode back even on error; the blocks' linear weights cast once for the call
         # (exact; see linears_in_autocast_dtype)
-        with eval_mode(self.model), linears_in_autocast_dtype(self.model.blocks, self.device.type):
+        with eval_mode(self.model), self.linears_cast_for_sampling(self.model.blocks):
             B, L = labels.shape[0], self.model.num_tokens
             tokens = torch.full((B, L), self.model.mask_token, dtype=torch.long, device=self.device)  # (B, L)
             masked = torch.ones(B, L, dtype=torch.bool, device=self.device)  # (B, L) True = not yet revealed

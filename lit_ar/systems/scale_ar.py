@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
-from lit_ar.systems.generator import GeneratorSystem, linears_in_autocast_dtype
+from lit_ar.systems.generator import GeneratorSystem
 
 
 class ScaleARSystem(GeneratorSystem):
@@ -166,7 +166,7 @@ class ScaleARSystem(GeneratorSystem):
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else model.head.weight.dtype)  # fmt: skip
         # the blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype)
-        with linears_in_autocast_dtype(model.blocks, device_type):
+        with self.linears_cast_for_sampling(model.blocks):
             setup_kv_caches(model.blocks, len(rows), model.seq_len, dtype, self.device)
             try:
                 cond, block_cond = model.condition(rows)  # (2B, C), (2B, C | 6C)
