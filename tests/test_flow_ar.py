@@ -83,6 +83,19 @@ def test_mar_conditions_depend_on_known_tokens_only():
         MARTransformer(token_dim=4, seq_len=16, num_classes=3, dim=32, depth=1, n_heads=2, buffer_size=0)
 
 
+def test_mar_conditions_at_chosen_positions_equal_the_full_pass_there():
+    torch.manual_seed(0)
+    core = MARTransformer(token_dim=4, seq_len=16, num_classes=3, dim=32, depth=2, n_heads=2, buffer_size=4).eval()
+    tokens, labels = torch.randn(2, 16, 4), torch.tensor([0, 2])
+    order = torch.stack([torch.randperm(16), torch.randperm(16)])  # (2, 16)
+    mask = order.argsort(1) < 5  # (2, 16) the first 5 of each order hidden
+    positions = order[:, 2:7]  # (2, 5) some hidden, some known
+    full = core(tokens, mask, labels)  # (2, 16, 32)
+    z = core(tokens, mask, labels, positions=positions)
+    assert z.shape == (2, 5, 32)
+    torch.testing.assert_close(z, full.gather(1, positions[..., None].expand(-1, -1, 32)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("order", ["scale", "raster"])
 def test_flowar_attention_is_block_causal_and_the_kv_cache_matches_the_full_pass(order):
     torch.manual_seed(0)
@@ -164,6 +177,31 @@ def test_loss_trains_and_same_seed_gives_same_samples(backbone):
     c = system.sample_tokens(labels, generator=torch.Generator().manual_seed(6), **kw)
     assert a.shape == (3, 16, 4) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mar_loss_equals_the_head_at_every_position_weighted_by_the_mask():
+    """The system runs the backbone's last block and the head at the hidden tokens only; MAR runs them everywhere
+    and weights the loss by the mask. Same draws, same loss."""
+    system = tiny_system("mar", class_dropout=0.0, head_batch_mul=2)
+    head_off_zero(system)
+    batch = token_batch(4)
+    tokens, labels = batch["tokens"], batch["label"]
+    B, L, D = tokens.shape
+    m, C = 2, system.core.decoder_dim
+    g = torch.Generator().manual_seed(3)
+    # MAR's form, the draws in the system's order: order, mask ratio, noise, times
+    order = system.draw(torch.rand, g, B, L).argsort(dim=1)
+    ratio = truncated_normal(torch.rand((), generator=g), 0.7, 1.0, 1.0, 0.25)
+    mask = order.argsort(dim=1) < math.ceil(L * float(ratio))  # (B, L)
+    cond = system.core(tokens, mask, labels)[:, None].expand(B, m, L, C).reshape(-1, C)
+    noise = system.draw(torch.randn, g, B, m, L, D).reshape(-1, D)
+    t = system.draw(torch.rand, g, B, m, L).reshape(-1)
+    x1 = tokens[:, None].expand(B, m, L, D).reshape(-1, D)
+    v = system.head(t[:, None] * x1 + (1 - t[:, None]) * noise, t, cond)
+    weight = mask[:, None].expand(B, m, L).reshape(-1).float()
+    expected = ((v - (x1 - noise)).pow(2).mean(-1) * weight).sum() / weight.sum()
+    assert 0 < weight.mean() < 1  # some tokens known: the two forms differ in work
+    torch.testing.assert_close(system.loss(batch, torch.Generator().manual_seed(3)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mar_sampling_fills_every_token_in_any_number_of_steps():

@@ -94,6 +94,24 @@ def test_arbitrary_mask_blocks_attention():
     torch.testing.assert_close(attn(x2, mask=mask)[:, 0], y[:, 0])
 
 
+@pytest.mark.parametrize("kw", [{"mlp": "gelu", "norm": "layer", "bias": True}, {"n_kv_heads": 2, "qk_norm": True},
+                                {"cosine_attn": True, "qv_bias": True}])  # fmt: skip
+def test_query_index_gives_the_full_forward_at_those_positions(kw):
+    """MAR's last decoder block makes outputs only where the head reads them: the same rows as the full block."""
+    torch.manual_seed(0)
+    block = Block(32, 4, **kw).eval()
+    x = torch.randn(3, 10, 32)
+    index = torch.stack([torch.randperm(10)[:4] for _ in range(3)])  # (3, 4) different positions per row
+    full = block(x, rope=rope_1d(10, 8))
+    out = block(x, rope=rope_1d(10, 8), query_index=index)
+    assert out.shape == (3, 4, 32)
+    torch.testing.assert_close(out, full.gather(1, index[..., None].expand(-1, -1, 32)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="query_index takes full bidirectional attention"):
+        block(x, is_causal=True, query_index=index)
+    with pytest.raises(ValueError, match="query_index is for blocks without AdaLN"):
+        Block(32, 4, cond_dim=8)(x, cond=torch.randn(3, 8), query_index=index)
+
+
 def test_adaln_block_starts_as_identity_and_conditions():
     torch.manual_seed(0)
     block = Block(32, 4, cond_dim=16)

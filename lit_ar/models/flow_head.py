@@ -147,21 +147,17 @@ def flow_loss(
     cond: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
-    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared velocity error. target (N, D) tokens, cond (N, C), noise (N, D) and t (N,) drawn by the caller
-    (so that they can be drawn per global sample: identical on 1 or N devices), weight (N,) (e.g. MAR's mask) or
-    None. MAR's diffusion_batch_mul is the caller repeating target/cond with fresh noise and times."""
+    (so that they can be drawn per global sample: identical on 1 or N devices). MAR's diffusion_batch_mul is the
+    caller repeating target/cond with fresh noise and times; its mask weight is the caller passing only the hidden
+    tokens."""
     head.check_tokens(target)
     with fp32(target.device):
         x1, x0, t = target.float(), noise.float(), t.float()
         xt = t[:, None] * x1 + (1 - t[:, None]) * x0  # (N, D)
         v = head(xt, t, cond).float()  # the MLP may run in bf16 under autocast; the error is taken in fp32
-        err = (v - (x1 - x0)).pow(2).mean(-1)  # (N,)
-        if weight is None:
-            return err.mean()
-        weight = weight.float()
-        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+        return (v - (x1 - x0)).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------

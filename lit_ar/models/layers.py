@@ -205,10 +205,15 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None = None,
         is_causal: bool = False,
         kv_len: int | None = None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With a KV cache, k and v are written at `input_pos` and the queries attend to the
         cache through `mask`; `kv_len` instead restricts them to the first kv_len cache positions, all visible (a
-        scale or group that may see everything written so far: no mask, and no work on the empty tail)."""
+        scale or group that may see everything written so far: no mask, and no work on the empty tail).
+        `query_index` (B, n): only these positions' outputs are wanted (MAR's last decoder block); they alone query,
+        every position still gives keys and values, and the output is (B, n, C). No mask, cache or causal flag."""
+        if query_index is not None and (mask is not None or self.kv_cache is not None or is_causal):
+            raise ValueError("query_index takes full bidirectional attention: no mask, KV cache or is_causal")
         B, T, C = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.q_bias is None:
@@ -226,6 +231,11 @@ class Attention(nn.Module):
             q = F.normalize(cast(q, torch.float32), dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
             k = F.normalize(cast(k, torch.float32), dim=-1)
             q, k, scale = cast(q, v.dtype), cast(k, v.dtype), 1.0
+        if query_index is not None:
+            # after the per-row transforms, so rope and norms apply as usual; the wasted part of the fused projection
+            # is q's third of it at the positions dropped, against attention, wo and the MLP saved there
+            q = q.gather(2, query_index[:, None, :, None].expand(-1, nh, -1, hd))  # (B, nh, n, hd)
+            T = query_index.shape[1]
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (the positions being written)")
@@ -340,12 +350,19 @@ class Block(nn.Module):
         is_causal: bool = False,
         mod: torch.Tensor | None = None,
         kv_len: int | None = None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`mod`: this block's AdaLN modulation `self.modulation(cond)` computed beforehand (a sampler whose
-        condition is fixed over many steps computes it once). `kv_len`: see Attention.forward."""
+        condition is fixed over many steps computes it once). `kv_len`: see Attention.forward. `query_index` (B, n):
+        the positions whose outputs are wanted, (B, T, C) -> (B, n, C); every position still serves as a key
+        (Attention.forward), and the MLP runs on those n rows alone. Blocks without AdaLN only."""
         if self.ada is None and self.ada_offset is None:
-            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal, kv_len))
+            # the residual at the wanted positions only: (B, T, C), or (B, n, C) with query_index
+            res = x if query_index is None else x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
+            x = res + self.drop_path(self.attn(self.norm1(x), rope, mask, input_pos, is_causal, kv_len, query_index))
             return x + self.drop_path(self.mlp(self.norm2(x)))
+        if query_index is not None:
+            raise ValueError("query_index is for blocks without AdaLN (cond_dim=None, shared_ada=False)")
         mod = self.modulation(cond) if mod is None else mod  # (B, 6C) or (B, T, 6C)
         if mod.ndim == 2:
             mod = mod[:, None]  # (B, 1, 6C)

@@ -81,9 +81,11 @@ class MARTransformer(nn.Module):
         for p in (self.class_emb.weight, self.mask_token, self.enc_pos, self.dec_pos, self.head_pos):
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """tokens (B, L, D) (hidden ones may hold anything), mask (B, L) bool True = unknown, labels (B,) with
-        num_classes = null class -> conditions (B, L, decoder_dim) for the flow head at every position."""
+        num_classes = null class -> conditions (B, L, decoder_dim) for the flow head at every position, or with
+        `positions` (B, n) (token indices in [0, L)) conditions (B, n, decoder_dim) at those positions only."""
         B, L, D = tokens.shape
         if L != self.seq_len or D != self.token_dim:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not match seq_len={self.seq_len}, "
@@ -106,7 +108,13 @@ class MARTransformer(nn.Module):
         full = self.mask_token.to(x.dtype).expand(B, keep.shape[1], -1).clone()  # (B, S, Cd)
         full[keep] = x.reshape(-1, self.decoder_dim)
         x = full + self.dec_pos
-        for block in self.decoder:
+        for block in self.decoder[:-1]:
             x = block(x)
-        x = self.dec_norm(x)[:, self.buffer_size :]  # (B, L, Cd)
-        return x + self.head_pos
+        if positions is None:
+            x = self.dec_norm(self.decoder[-1](x))[:, self.buffer_size :]  # (B, L, Cd)
+            return x + self.head_pos
+        # The head reads only the positions it predicts (a sampling step's next tokens; the hidden ones in
+        # training), so the last block makes outputs there alone: every position still serves as a key, but
+        # attention's queries, wo and the MLP run on n rows instead of buffer + L.
+        x = self.decoder[-1](x, query_index=positions + self.buffer_size)  # (B, n, Cd)
+        return self.dec_norm(x) + self.head_pos[0][positions]  # (B, n, Cd)
