@@ -102,7 +102,10 @@ MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
 STDS = torch.tensor([[0.3, 0.6], [0.5, 0.25]])
 
 
-def test_flow_head_trained_on_a_2d_mixture_of_gaussians_samples_it_back():
+@pytest.mark.parametrize("train_precision", ["fp32", "bf16"])
+def test_flow_head_trained_on_a_2d_mixture_of_gaussians_samples_it_back(train_precision):
+    """Trained in fp32, or under bf16 autocast as bf16-mixed trains it (its MLP in bf16), it samples the mixture
+    back in either precision."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     head = FlowHead(token_dim=2, cond_dim=1, width=64, depth=2)
@@ -113,7 +116,8 @@ def test_flow_head_trained_on_a_2d_mixture_of_gaussians_samples_it_back():
         comp = torch.randint(0, 2, (batch,), generator=g)
         x1 = MEANS[comp] + STDS[comp] * torch.randn(batch, 2, generator=g)  # (batch, 2)
         noise, t = torch.randn(batch, 2, generator=g), torch.rand(batch, generator=g)
-        loss = flow_loss(head, x1, torch.zeros(batch, 1), noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_precision == "bf16"):
+            loss = flow_loss(head, x1, torch.zeros(batch, 1), noise, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -141,13 +145,17 @@ def test_flow_head_trained_on_a_2d_mixture_of_gaussians_samples_it_back():
 
 
 def test_time_embedding_and_loss_stay_fp32_under_bf16_autocast():
+    """... while the MLP between them runs in bf16, in the loss as in sampling."""
     head = FlowHead(token_dim=4, cond_dim=8, width=16, depth=2)
     t = torch.tensor([0.0, 0.5001, 0.5002, 1.0])
+    mlp_dtypes = []
+    head.blocks[0].mlp.register_forward_hook(lambda m, i, out: mlp_dtypes.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         emb = head.time_embed(t)
         loss = flow_loss(head, torch.randn(4, 4), torch.randn(4, 8), torch.randn(4, 4), t)
         x = sample_flow(head_velocity_fn(head, torch.randn(4, 8)), torch.randn(4, 4), 3)
     assert emb.dtype == loss.dtype == x.dtype == torch.float32
+    assert mlp_dtypes == [torch.bfloat16] * 4  # the loss's call, then the sampler's 3
     assert not torch.equal(emb[1], emb[2]), "times 1e-4 apart stay distinct (bf16 would merge 500.1 and 500.2)"
     assert torch.isfinite(loss) and torch.isfinite(x).all()
     assert isinstance(head.time_embed, TimeEmbedding)

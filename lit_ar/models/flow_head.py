@@ -153,11 +153,13 @@ def flow_loss(
     caller repeating target/cond with fresh noise and times; its mask weight is the caller passing only the hidden
     tokens."""
     head.check_tokens(target)
-    with fp32(target.device):
-        x1, x0, t = target.float(), noise.float(), t.float()
-        xt = t[:, None] * x1 + (1 - t[:, None]) * x0  # (N, D)
-        v = head(xt, t, cond).float()  # the MLP may run in bf16 under autocast; the error is taken in fp32
-        return (v - (x1 - x0)).pow(2).mean()
+    # No fp32 island around the head: its MLP trains in the caller's precision (bf16 under bf16-mixed, as MAR trains
+    # its diffusion head under autocast), and its time embedding is an fp32 island of its own. x1, x0, t and the
+    # error are fp32 tensors, and autocast leaves elementwise arithmetic and reductions alone, so they stay fp32.
+    x1, x0, t = target.float(), noise.float(), t.float()
+    xt = t[:, None] * x1 + (1 - t[:, None]) * x0  # (N, D)
+    v = head(xt, t, cond).float()  # (N, D)
+    return (v - (x1 - x0)).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
