@@ -20,11 +20,14 @@ by design. Attention's L**2 term is left out, as in the 6ND rule. MFU = model FL
 of the same dtype (torch.mm at 2048^3 on CPU, 8192^3 on CUDA; fp32 there follows torch's TF32 setting).
 Peak memory: torch.cuda.max_memory_allocated per row on CUDA; on CPU the process's peak resident set, a
 high-water mark over the whole run (read it from the first row of a fresh process to compare sizes).
+Eager against compiled: `--compile both` times one model after the other; `--compile both --alternate` holds both
+and times their calls in turn (fairer on a machine whose speed drifts; no peak memory then).
 """
 
 import argparse
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from benchmarks.common import (
     precision_context,
     print_table,
     reset_peak_memory,
-    time_call,
+    time_in_turn,
     write_json,
 )
 from lit_ar.models.autoencoder import default_scales
@@ -110,9 +113,13 @@ def random_batch(family: str, system, batch: int) -> dict:
     return {"tokens": tokens.to(system.device), "label": labels.to(system.device)}
 
 
-def train_seconds(family: str, system, batch: int, precision: str, steps: int) -> float:
-    """Median seconds of one training step: the system's own training_step (loss), backward and optimizer step
-    (the AdamW its configure_optimizers returns)."""
+def warmup_calls(system) -> int:
+    return 2 if system.hparams.compile else 1  # compiled: the first calls compile (and may recompile once)
+
+
+def train_step(family: str, system, batch: int, precision: str) -> Callable[[], None]:
+    """One training step: the system's own training_step (loss), backward and optimizer step (the AdamW its
+    configure_optimizers returns). Puts the system in train mode."""
     data = random_batch(family, system, batch)
     opt = system.make_optimizer()
     system.train()
@@ -124,14 +131,11 @@ def train_seconds(family: str, system, batch: int, precision: str, steps: int) -
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    warmup = 2 if system.hparams.compile else 1  # compiled: the first calls compile (and may recompile once)
-    seconds = time_call(step, warmup=warmup, repeat=steps)
-    system.eval()
-    return seconds
+    return step
 
 
-def sample_seconds(family: str, system, batch: int, precision: str, repeat: int, args) -> float:
-    """Median seconds of generating the tokens of `batch` images."""
+def sample_call(family: str, system, batch: int, precision: str, args) -> Callable[[], None]:
+    """Generating the tokens of `batch` images."""
     labels = torch.arange(batch, device=system.device) % system.hparams.num_classes
 
     def run():
@@ -147,15 +151,44 @@ def sample_seconds(family: str, system, batch: int, precision: str, repeat: int,
                 steps = min(args.mar_steps, system.grid_size**2) if family == "mar" else None
                 system.sample_tokens(labels, cfg=args.cfg, generator=g, steps=steps, flow_steps=args.flow_steps)
 
-    return time_call(run, warmup=2 if system.hparams.compile else 1, repeat=repeat)
+    return run
 
 
-def row(family, size, grid, mode, precision, kind, batch, seconds, n_params, L, peak) -> dict:
+def measure(family: str, size: str, grid: int, systems: dict, args, peak: dict) -> list[dict]:
+    """The rows of one family: training, then sampling at each batch, in each precision, for each of `systems`
+    ({mode: system}). Two systems (eager and compiled, --alternate) are timed call by call in turn, so that a
+    machine that slows down or speeds up over the run moves both alike; peak memory is then not reported (both
+    models are resident)."""
+    rows = []
+    shared = len(systems) > 1
+    counts = {mode: (count_params(s), tokens_per_image(family, s)) for mode, s in systems.items()}
+
+    def add(kind: str, batch: int, seconds: dict) -> None:
+        for mode, s in seconds.items():
+            rows.append(row(family, size, grid, mode, precision, kind, batch, s, *counts[mode], peak,
+                            None if shared else peak_memory_mb()))  # fmt: skip
+
+    for precision in args.precision:
+        if "train" in args.what:
+            reset_peak_memory()
+            steps = {m: train_step(family, s, args.train_batch, precision) for m, s in systems.items()}
+            add("train", args.train_batch, time_in_turn(steps, {m: warmup_calls(s) for m, s in systems.items()},
+                                                        args.steps))  # fmt: skip
+            for s in systems.values():
+                s.eval()
+        for batch in args.batches if "sample" in args.what else ():
+            reset_peak_memory()
+            calls = {m: sample_call(family, s, batch, precision, args) for m, s in systems.items()}
+            add("sample", batch, time_in_turn(calls, {m: warmup_calls(s) for m, s in systems.items()}, args.repeat))
+    return rows
+
+
+def row(family, size, grid, mode, precision, kind, batch, seconds, n_params, L, peak, peak_mb) -> dict:
     tokens = batch * L
     flops = (6 if kind == "train" else 2) * n_params * tokens / seconds
     return {"family": family, "size": size, "grid": grid, "mode": mode, "precision": precision, "kind": kind,
             "batch": batch, "params_M": n_params / 1e6, "tokens_per_image": L, "seconds": seconds,
-            "images/s": batch / seconds, "tokens/s": tokens / seconds, "peak_MB": peak_memory_mb(),
+            "images/s": batch / seconds, "tokens/s": tokens / seconds, "peak_MB": peak_mb,
             "TFLOP/s": flops / 1e12, "MFU": flops / peak[precision]}  # fmt: skip
 
 
@@ -171,6 +204,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed training steps (median; after a warm-up step)")
     p.add_argument("--repeat", type=int, default=2, help="timed sampling calls (median; after a warm-up call)")
     p.add_argument("--compile", choices=("eager", "compiled", "both"), default="eager")
+    p.add_argument("--alternate", action="store_true",
+                   help="with --compile both: hold both models and time eager and compiled calls in turn (a fairer "
+                        "ratio on a shared machine; no peak memory)")  # fmt: skip
     p.add_argument("--precision", nargs="+", choices=("32", "bf16"), default=["32"])
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (!= 1 doubles every sampling batch)")
     p.add_argument("--masked-steps", type=int, default=8, help="MaskGIT decoding steps")
@@ -182,6 +218,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for name, values in (("--grids", args.grids), ("--batches", args.batches)):
         if min(values) < 1:
             p.error(f"{name} {values}: every value must be >= 1")
+    if args.alternate and args.compile != "both":
+        p.error(f"--alternate alternates eager and compiled calls: it needs --compile both, not {args.compile}")
     if "flowar" in args.families and any(g & (g - 1) for g in args.grids):
         p.error(f"--grids {args.grids}: FlowAR's scales double up to the grid, so it needs powers of two")
     return args
@@ -203,24 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     for grid in args.grids:
         for family in args.families:
-            for compile in modes:
-                mode = "compiled" if compile else "eager"
-                system = build(family, args.size, grid, compile, device, folder)
-                n_params, L = count_params(system), tokens_per_image(family, system)
-                for precision in args.precision:
-                    first = len(rows)
-                    if "train" in args.what:
-                        reset_peak_memory()
-                        s = train_seconds(family, system, args.train_batch, precision, args.steps)
-                        rows.append(row(family, args.size, grid, mode, precision, "train", args.train_batch, s,
-                                        n_params, L, peak))  # fmt: skip
-                    for batch in args.batches if "sample" in args.what else ():
-                        reset_peak_memory()
-                        s = sample_seconds(family, system, batch, precision, args.repeat, args)
-                        rows.append(row(family, args.size, grid, mode, precision, "sample", batch, s, n_params, L,
-                                        peak))  # fmt: skip
-                    print_table(rows[first:])
-                del system
+            # one model at a time, or both at once when their calls alternate
+            for group in [modes] if args.alternate else [[m] for m in modes]:
+                systems = {("compiled" if c else "eager"): build(family, args.size, grid, c, device, folder)
+                           for c in group}  # fmt: skip
+                rows += (new := measure(family, args.size, grid, systems, args, peak))
+                print_table(new)
+                del systems
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 if args.json:  # after every model, so a run cut short keeps what it measured

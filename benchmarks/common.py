@@ -37,6 +37,24 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeat: int = 3, fastes
     return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
+def time_in_turn(fns: dict[str, Callable[[], object]], warmup: dict[str, int], repeat: int) -> dict[str, float]:
+    """Median wall seconds of each fn after its `warmup` untimed calls, the fns timed one call each in turn
+    (a, b, a, b, ...): a drift in the machine's speed during the run (another job, the clock) falls on all of
+    them alike, which timing one after the other does not give. One fn: the same as time_call."""
+    for name, fn in fns.items():
+        for _ in range(warmup[name]):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def aten_calls(fn: Callable[[], object]) -> int:
     """Top-level aten operator calls (each one dispatch; on a GPU at small batch, each one launch-bound) made by one
     call of fn, counted with torch's CPU profiler."""

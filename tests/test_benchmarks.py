@@ -48,12 +48,29 @@ def test_harness_scaling_study_rows_per_grid(tmp_path):
     assert all(r["kind"] == "sample" for r in rows)
 
 
+def test_harness_alternates_eager_and_compiled_calls(tmp_path):
+    """--alternate holds both models and times their calls in turn: one row per mode, no peak memory (both
+    resident), and every timed call of one mode followed by one of the other."""
+    from benchmarks.common import time_in_turn
+
+    path = tmp_path / "alt.json"
+    main(["--families", "causal", "--compile", "both", "--alternate", "--what", "sample", "--grids", "4",
+          "--batches", "1", "--repeat", "3", "--json", str(path)])  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted(r["mode"] for r in rows) == ["compiled", "eager"]
+    assert all(r["peak_MB"] is None and r["seconds"] > 0 for r in rows)
+    calls = []
+    time_in_turn({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, {"a": 1, "b": 2}, 3)
+    assert calls == ["a", "b", "b", "a", "b", "a", "b", "a", "b"]  # warm-ups, then one call each in turn
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["--families", "flowar", "--grids", "12"], r"--grids \[12\]: FlowAR.*powers of two"),
         (["--batches", "0"], r"--batches \[0\]: every value must be >= 1"),
         (["--size", "huge"], r"--size: invalid choice: 'huge'"),
+        (["--alternate"], r"--alternate alternates eager and compiled calls: it needs --compile both, not eager"),
     ],
 )
 def test_harness_refuses_bad_arguments(argv, match, capsys):
