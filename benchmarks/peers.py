@@ -9,9 +9,11 @@ are built from their own constructors with random weights (speed does not depend
     python -m benchmarks.peers --peer-root ~/src --families llamagen var mar --precisions fp32 bf16-autocast
     python -m benchmarks.peers --peer-root ~/src --families llamagen --compile   # + both sides compiled
     python -m benchmarks.peers --peer-root ~/src --families llamagen-train       # GPT-B training steps, batch 8
+    python -m benchmarks.peers --peer-root ~/src --families mar-train            # MAR-B training steps, batch 8
 
-Training rows (`llamagen-train`) and VAR rows run each side in processes of its own, in turn (`--isolate N`,
-default 2 a side): one process holding both models slows lit_ar's side on a 2-core CPU (see `llamagen_train_rows`).
+Training rows (`llamagen-train`, `mar-train`) and VAR rows run each side in processes of its own, in turn
+(`--isolate N`, default 2 a side): one process holding both models slows lit_ar's side on a 2-core CPU (see
+`train_rows`).
 The LlamaGen and MAR sampling rows, and `--isolate 0`, alternate the two sides call by call in one process.
 
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
@@ -143,11 +145,11 @@ def llamagen_train_step(root: Path, device: str, side: str, compile: bool, batch
     return step, parameter_count(model if side == "peer" else model.model)
 
 
-def train_side_times(root: Path, device: str, side: str, precision: str, compile: bool, repeat: int, batch: int,
-                     preset: str) -> dict:  # fmt: skip
+def train_side_times(root: Path, device: str, family: str, side: str, precision: str, compile: bool, repeat: int,
+                     batch: int, preset: str | None) -> dict:  # fmt: skip
     """Seconds of each of `repeat` training steps of one side, after two warm-up steps (compilation, allocator,
     the optimizer's state)."""
-    step, params = llamagen_train_step(root, device, side, compile, batch, preset)
+    step, params = TRAIN[family][1](root, device, side, compile, batch, preset or TRAIN[family][2])
     return side_times(lambda: step(precision), params, warmup=2, repeat=repeat)
 
 
@@ -158,28 +160,31 @@ def side_times(run, params: int, warmup: int, repeat: int) -> dict:
     return {"times": [time_call(run, warmup=0, repeat=1) for _ in range(repeat)], "params": params}
 
 
-def llamagen_train_rows(root: Path, device: str, precisions: list[str], compile: bool, repeat: int, isolate: int,
-                        batch: int = 8, preset: str = "GPT-B") -> list[dict]:  # fmt: skip
-    """GPT-B training, LlamaGen's step against lit_ar's (see `llamagen_train_step`).
+def train_rows(family: str, root: Path, device: str, precisions: list[str], compile: bool, repeat: int,
+               isolate: int, batch: int = 8, preset: str | None = None) -> list[dict]:  # fmt: skip
+    """Training steps of `family` (`llamagen-train`: GPT-B, `llamagen_train_step`; `mar-train`: MAR-B,
+    `mar_train_step`), the peer's against lit_ar's.
 
     isolate = N > 0 (the default): each side trains in a process of its own, N processes a side, started in turn
     (peer, lit_ar, peer, ...), each timing `repeat` steps; the row gives the median over all of a side's steps. A
     training run holds one model, and sharing one process changes a side's speed: on a 2-core CPU, lit_ar's
     compiled GPT-B beside LlamaGen's compiled one took 2-4x the page faults per step it takes alone, and ran 10-20%
     slower. isolate = 0: both in this process, interleaved step by step (as the sampling rows are)."""
+    name, make_step, default_preset = TRAIN[family]
+    preset = preset or default_preset
     rows = []
     if not isolate:
-        sides = {s: llamagen_train_step(root, device, s, compile, batch, preset) for s in ("peer", "ours")}
+        sides = {s: make_step(root, device, s, compile, batch, preset) for s in ("peer", "ours")}
     for precision in precisions:
         if isolate:
-            row = isolated_row("LlamaGen GPT-B train", root, "llamagen-train", precision, compile, repeat, batch,
-                               isolate, ["--train-batch", str(batch), "--train-preset", preset])  # fmt: skip
+            row = isolated_row(name, root, family, precision, compile, repeat, batch, isolate,
+                               ["--train-batch", str(batch), "--train-preset", preset])  # fmt: skip
         else:
             (run_peer, n_peer), (run_ours, n_ours) = sides["peer"], sides["ours"]
-            row = pair("LlamaGen GPT-B train", n_peer, n_ours, precision, compile, batch,
-                       lambda: run_peer(precision), lambda: run_ours(precision), repeat)  # fmt: skip
+            row = pair(name, n_peer, n_ours, precision, compile, batch, lambda: run_peer(precision),
+                       lambda: run_ours(precision), repeat)  # fmt: skip
             row["processes"] = "one, shared"
-        for side in ("peer", "lit_ar"):  # a training step's images are 256 tokens each
+        for side in ("peer", "lit_ar"):  # a training step's images are 256 tokens each (GPT-B's and MAR-B's grids)
             row[f"{side} tokens/s"] = row[f"{side} images/s"] * 256
         rows.append(row)
         print_table(rows[-1:])
@@ -286,7 +291,7 @@ def var_rows(root: Path, device: str, precisions: list[str], compile: bool, repe
     """VAR-d16 sampling, VAR's `autoregressive_infer_cfg` against lit_ar's, batch 2, CFG 1.5, top-k 900, top-p 0.96.
 
     isolate = N > 0: each side samples in processes of its own, N a side, started in turn, each timing `repeat`
-    calls; the row gives the median over a side's calls (see `llamagen_train_rows` for why). isolate = 0: both in
+    calls; the row gives the median over a side's calls (see `train_rows` for why). isolate = 0: both in
     this process, interleaved call by call."""
     rows = []
     if not isolate:
@@ -328,6 +333,59 @@ def mar_setting(text: str) -> tuple[int, str, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--mar-settings {text!r}: expected AR_STEPS:SAMPLER:FLOW_STEPS, "
                                          "e.g. 64:euler:25 or 32:heun:4") from None  # fmt: skip
+
+
+def mar_train_step(root: Path, device: str, side: str, compile: bool, batch: int, preset: str = "mar_b"):
+    """One side's training step of MAR-B on random 16-channel latents (a 16x16 grid, as MAR's KL-16 makes of a 256px
+    image), as MAR's main_mar.py trains it: forward with its own loss (mask ratio from its truncated normal, 4 noise
+    draws a token, class dropout 0.1, attention and projection dropout 0.1), backward, AdamW step (betas 0.9/0.95,
+    weight decay 0.02 off biases and norms). Neither side clips gradients or updates an EMA here. lit_ar's side is
+    its MAR-B-size preset with the flow head; MAR's is its own DDPM head (it predicts a variance too). `compile`:
+    lit_ar's `compile: true`; MAR has no compile option. Returns (step(precision), params)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 16, 16, 16, generator=g).to(device)  # (B, C, h, w)
+    labels = (torch.arange(batch) % 1000).to(device)
+    if side == "peer":
+        on_path(root / "mar")
+        from models import mar
+
+        model = mar.mar_base(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, mask_ratio_min=0.7,
+                             label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
+                             diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                             diffusion_batch_mul=4).to(device)  # fmt: skip
+        model.train()
+        # timm's add_weight_decay, as main_mar.py: no decay on 1-D parameters (biases, norms) and biases
+        no_decay = [p for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")]
+        decay = [p for n, p in model.named_parameters() if not (p.ndim == 1 or n.endswith(".bias"))]
+        groups = [{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+
+        def loss_of():
+            with cuda_calls_stay_on(device):  # MAR's sample_orders calls .cuda()
+                return model(latents, labels)
+    else:
+        from benchmarks.flow_ar import PRESETS
+        from lit_ar.systems.flow_ar import FlowARSystem
+
+        model = FlowARSystem(backbone="mar", token_dim=16, grid_size=16, image_size=256, class_dropout=0.1,
+                             attn_dropout=0.1, proj_dropout=0.1, compile=compile, **PRESETS[preset])  # fmt: skip
+        model = model.to(device)
+        model.train()
+        opt = model.make_optimizer()  # what its configure_optimizers returns
+        tokens = latents.flatten(2).transpose(1, 2).contiguous()  # (B, 256, 16)
+
+        def loss_of():
+            return model.training_step({"tokens": tokens, "label": labels}, 0)
+
+    def step(precision: str) -> None:
+        with precision_context(precision, device):
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, parameter_count(model)
 
 
 def mar_rows(root: Path, device: str, precisions: list[str], batch: int, settings: list[tuple[int, str, int]],
@@ -416,11 +474,16 @@ def pair(name, n_peer, n_ours, precision, compile, batch, run_peer, run_ours, re
     return row
 
 
+# training rows: family -> (row name, the step builder, lit_ar's default preset)
+TRAIN = {"llamagen-train": ("LlamaGen GPT-B train", llamagen_train_step, "GPT-B"),
+         "mar-train": ("MAR-B train", mar_train_step, "mar_b")}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-root", required=True, help="folder with the peers' checkouts: LlamaGen/, VAR/, mar/")
     p.add_argument("--families", nargs="+", default=["llamagen", "var", "mar"],
-                   choices=["llamagen", "llamagen-train", "var", "mar"])  # fmt: skip
+                   choices=["llamagen", "llamagen-train", "var", "mar", "mar-train"])  # fmt: skip
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16-autocast"],
                    choices=["fp32", "bf16-autocast", "bf16-weights"])  # fmt: skip
     p.add_argument("--compile", action="store_true", help="compile both sides (LlamaGen and lit_ar rows only)")
@@ -431,9 +494,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mar-settings", nargs="+", type=mar_setting, default=[(64, "euler", 25)],
                    help="lit_ar's MAR-B sampling: AR_STEPS:SAMPLER:FLOW_STEPS ... (MAR: 64 AR, 100 steps)")  # fmt: skip
     p.add_argument("--isolate", type=int, default=2, metavar="N",
-                   help="llamagen-train and var: N processes a side, each alone (0: both in one process)")  # fmt: skip
-    p.add_argument("--train-batch", type=int, default=8, help=argparse.SUPPRESS)  # llamagen-train's batch
-    p.add_argument("--train-preset", default="GPT-B", help=argparse.SUPPRESS)  # lit_ar's size; tests use GPT-nano
+                   help="training rows and var: N processes a side, each alone (0: both in one process)")  # fmt: skip
+    p.add_argument("--train-batch", type=int, default=8, help=argparse.SUPPRESS)  # the training rows' batch
+    p.add_argument("--train-preset", default=None, help=argparse.SUPPRESS)  # lit_ar's size; tests use tiny ones
     p.add_argument("--var-depth", type=int, default=16, help=argparse.SUPPRESS)  # lit_ar's VAR depth; tests use 2
     p.add_argument("--side", choices=["peer", "ours"], default=None, help=argparse.SUPPRESS)  # a worker process
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -443,24 +506,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(args.peer_root).expanduser()
-    if args.side:  # one side of an isolated row, in a process of its own (see llamagen_train_rows, var_rows)
-        if args.families == ["llamagen-train"]:
-            out = train_side_times(root, device, args.side, args.precisions[0], args.compile, args.repeat,
-                                   args.train_batch, args.train_preset)  # fmt: skip
+    if args.side:  # one side of an isolated row, in a process of its own (see train_rows, var_rows)
+        if len(args.families) == 1 and args.families[0] in TRAIN:
+            out = train_side_times(root, device, args.families[0], args.side, args.precisions[0], args.compile,
+                                   args.repeat, args.train_batch, args.train_preset)  # fmt: skip
         elif args.families == ["var"]:
             out = var_side_times(root, device, args.side, args.precisions[0], args.compile, args.repeat,
                                  args.var_depth)  # fmt: skip
         else:
-            p.error(f"--side times one side of llamagen-train or var, not {args.families}")
+            p.error(f"--side times one side of a training row or of var, not {args.families}")
         print(json.dumps(out))
         return []
     print(f"machine: {machine()}")
     rows = []
     if "llamagen" in args.families:
         rows += llamagen_rows(root, device, args.precisions, args.compile, args.repeat)
-    if "llamagen-train" in args.families:
-        rows += llamagen_train_rows(root, device, args.precisions, args.compile, args.repeat, args.isolate,
-                                    args.train_batch, args.train_preset)  # fmt: skip
+    for family in [f for f in TRAIN if f in args.families]:
+        rows += train_rows(family, root, device, args.precisions, args.compile, args.repeat, args.isolate,
+                           args.train_batch, args.train_preset)  # fmt: skip
     if "var" in args.families:
         isolate = 0 if args.count_calls else args.isolate  # aten calls are counted in this process
         rows += var_rows(root, device, args.precisions, args.compile, args.repeat, isolate, args.count_calls,

@@ -210,6 +210,36 @@ def test_peers_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_pat
     monkeypatch.delitem(sys.modules, "autoregressive.models.gpt", raising=False)
 
 
+def test_peers_mar_training_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
+    """MAR's mar_base is stood in for by a small module at the path the real checkout has (models/mar.py), whose
+    forward takes MAR's latents (B, 16, 16, 16) and calls .cuda() as MAR's does; lit_ar's side is the tiny preset."""
+    fake = tmp_path / "mar" / "models"
+    fake.mkdir(parents=True)
+    (fake / "mar.py").write_text(
+        "import torch\n"
+        "class Stand(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(16, 16)\n"
+        "    def forward(self, imgs, labels):\n"
+        "        assert imgs.shape[1:] == (16, 16, 16) and labels.shape == imgs.shape[:1]\n"
+        "        x = imgs.flatten(2).transpose(1, 2).cuda()\n"
+        "        return (self.lin(x) - x).pow(2).mean()\n"
+        "def mar_base(**kw):\n"
+        "    assert kw['diffusion_batch_mul'] == 4 and kw['buffer_size'] == 64\n"
+        "    return Stand()\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    common = ["--peer-root", str(tmp_path), "--families", "mar-train", "--precisions", "bf16-autocast", "--repeat",
+              "2", "--train-batch", "2", "--train-preset", "tiny"]  # fmt: skip
+    for row, (peer_params, ours_params) in isolated_and_shared_rows(common):
+        assert row["model"] == "MAR-B train" and row["precision"] == "bf16-autocast"
+        assert peer_params == 16 * 16 + 16  # the stand-in's, so the peer side ran the checkout's mar_base
+        assert ours_params > peer_params
+        assert row["peer tokens/s"] > 0 and row["lit_ar tokens/s"] == pytest.approx(256 * row["lit_ar images/s"])
+    monkeypatch.delitem(sys.modules, "models.mar", raising=False)
+
+
 def test_peers_var_rows_time_each_side_in_its_own_process_or_in_one(tmp_path, monkeypatch):
     """VAR's build_vae_var is stood in for by a small module at the path the real checkout has (models/__init__.py);
     lit_ar's side is a depth-2 VAR. With --isolate, every timed call ran in a worker process holding one side only."""
