@@ -138,6 +138,14 @@ assert euler[32] < euler[4] < euler[1] and heun[8] < euler[8]
 # a 4x4 grid of 4-wide tokens), then the two debug generators: `backbone: mar` (bidirectional transformer, random
 # order, cosine schedule of N AR steps, linear CFG) and `backbone: flowar` (scales 1, 2, 4, block-causal, each
 # scale's input the previous scale upsampled). `backbone: causal` is the same head on raster causal AR.
+#
+# Two things about how MAR trains here. Each step hides a random share of every image's tokens (at least 70%,
+# MAR's truncated normal) and the loss counts the hidden tokens only, as MAR's mask weight does; so the decoder's
+# last block and the head run at the hidden positions alone (the same loss, checked against MAR's weighted form in
+# the tests; a sampling step likewise computes only the tokens it reveals). And under `bf16-mixed` the head's MLP
+# trains in bf16, as MAR trains its diffusion head under autocast, while its time embedding and the loss stay fp32.
+# Together these made a MAR-B-size training step about 3x faster on a CPU with bf16 matrix units
+# (benchmarks/RESULTS.md).
 
 
 # %%
