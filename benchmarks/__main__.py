@@ -38,6 +38,7 @@ from benchmarks import scale_ar as scale_bench
 from benchmarks.common import (
     machine,
     matmul_peak_flops,
+    optimizer_step,
     peak_memory_mb,
     precision_context,
     print_table,
@@ -121,17 +122,9 @@ def train_step(family: str, system, batch: int, precision: str) -> Callable[[], 
     """One training step: the system's own training_step (loss), backward and optimizer step (the AdamW its
     configure_optimizers returns). Puts the system in train mode."""
     data = random_batch(family, system, batch)
-    opt = system.make_optimizer()
     system.train()
-
-    def step():
-        with precision_context(precision, system.device.type):
-            loss = system.training_step(data, 0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    step = optimizer_step(lambda: system.training_step(data, 0), system.make_optimizer(), system.device.type)
+    return lambda: step(precision)
 
 
 def sample_call(family: str, system, batch: int, precision: str, args) -> Callable[[], None]:

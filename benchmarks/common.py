@@ -76,6 +76,19 @@ def precision_context(precision: str, device: str):
     return contextlib.nullcontext()
 
 
+def optimizer_step(loss_of, opt: torch.optim.Optimizer, device: str):
+    """A benchmark's training step(precision): loss_of() under the precision's autocast, backward, optimizer step."""
+
+    def step(precision: str) -> None:
+        with precision_context(precision, device):
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated since the last reset on CUDA; else the process's peak resident set (MB)."""
     if torch.cuda.is_available():

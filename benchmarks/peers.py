@@ -43,6 +43,7 @@ import torch
 from benchmarks.common import (
     aten_calls,
     machine,
+    optimizer_step,
     parameter_count,
     precision_context,
     print_table,
@@ -135,14 +136,7 @@ def llamagen_train_step(root: Path, device: str, side: str, compile: bool, batch
         def loss_of():
             return model.training_step({"tokens": tokens, "label": labels}, 0)
 
-    def step(precision: str) -> None:
-        with precision_context(precision, device):
-            loss = loss_of()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, parameter_count(model if side == "peer" else model.model)
+    return optimizer_step(loss_of, opt, device), parameter_count(model if side == "peer" else model.model)
 
 
 def train_side_times(root: Path, device: str, family: str, side: str, precision: str, compile: bool, repeat: int,
@@ -378,14 +372,7 @@ def mar_train_step(root: Path, device: str, side: str, compile: bool, batch: int
         def loss_of():
             return model.training_step({"tokens": tokens, "label": labels}, 0)
 
-    def step(precision: str) -> None:
-        with precision_context(precision, device):
-            loss = loss_of()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, parameter_count(model)
+    return optimizer_step(loss_of, opt, device), parameter_count(model)
 
 
 def mar_rows(root: Path, device: str, precisions: list[str], batch: int, settings: list[tuple[int, str, int]],
