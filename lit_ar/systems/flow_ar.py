@@ -211,9 +211,10 @@ class FlowARSystem(GeneratorSystem):
 
         # MAR's diffusion_batch_mul: m (noise, time) draws per token share one backbone pass
         m, T = self.hparams.head_batch_mul, cond.shape[1]
-        # drawn for every position, so the random stream does not depend on how many are hidden
-        noise = self.draw(torch.randn, g, B, m, target.shape[1] if hidden is None else L, D)  # (B, m, T or L, D)
-        t = flow_times(self.draw(torch.rand, g, B, m, noise.shape[2]), self.hparams.time_sampling)  # (B, m, T or L)
+        # MAR: drawn for every position, so the random stream does not depend on how many are hidden
+        drawn = T if hidden is None else L
+        noise = self.draw(torch.randn, g, B, m, drawn, D)  # (B, m, drawn, D)
+        t = flow_times(self.draw(torch.rand, g, B, m, drawn), self.hparams.time_sampling)  # (B, m, drawn)
         if hidden is not None:
             noise = noise.gather(2, hidden[:, None, :, None].expand(B, m, T, D))  # (B, m, n, D)
             t = t.gather(2, hidden[:, None].expand(B, m, T))  # (B, m, n)
