@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -407,6 +408,29 @@ def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_
     a = system.sample(labels, cfg=2.0, top_k=16, generator=torch.Generator().manual_seed(7))
     b = system.sample(labels, cfg=2.0, top_k=16, generator=torch.Generator().manual_seed(7))
     assert a.shape == (4, 3, 16, 16) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("other_in_eval", [False, True])
+def test_only_the_frozen_tokenizer_is_exempt_from_the_eval_mode_warning(other_in_eval, debug_tokenizer, tmp_path):
+    cli = cli_main(["--config", str(DEBUG), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt",
+                    str(debug_tokenizer), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"],
+                   run=False)  # fmt: skip
+    left = cli.model.model.layers[0].attn  # a module the user left in eval mode by mistake
+    if other_in_eval:
+        left.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    eval_warnings = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    frozen = sum(1 for _ in cli.model.tokenizer.modules())
+    assert cli.model.tokenizer is not None and frozen > 1
+    if other_in_eval:  # the user's module still gets Lightning's warning, and its count includes the tokenizer
+        count = frozen + len(list(left.modules()))
+        assert eval_warnings == [f"Found {count} module(s) in eval mode at the start of training. This may lead to "
+                                 "unexpected behavior during training. If this is intentional, you can ignore this "
+                                 "warning."]  # fmt: skip
+    else:
+        assert eval_warnings == []
 
 
 def test_help_lists_the_family_and_the_base_settings(capsys):

@@ -8,6 +8,7 @@ A family subclasses it and implements `training_step`/`validation_step` (tokens 
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterable, Iterator
 
 import lightning as L
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -255,6 +257,18 @@ class GeneratorSystem(L.LightningModule):
         if self.tokenizer is not None:
             self.tokenizer.eval()  # frozen: its norms and quantizer statistics never switch to training
         return self
+
+    def on_fit_start(self) -> None:
+        # Lightning warns when any module is in eval mode as training starts; the frozen tokenizer always is, by
+        # design. Silence exactly that count, so that any other module left in eval mode still gets the warning.
+        if self.tokenizer is not None:
+            frozen = sum(1 for _ in self.tokenizer.modules())
+            others = sum(1 for m in self.modules() if not m.training) - frozen
+            if others == 0:
+                warnings.filterwarnings(
+                    "ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training",
+                    category=PossibleUserWarning,
+                )  # fmt: skip
 
     # -- training loss ---------------------------------------------------------------------------------------
     def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,

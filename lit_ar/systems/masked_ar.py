@@ -147,6 +147,7 @@ class MaskedARSystem(GeneratorSystem):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         # one base seed for every rank (rank 0's), whatever each process's own seeding was
         self._train_seed = int(self.trainer.strategy.broadcast(torch.initial_seed() & 0x7FFFFFFFFFFFFFFF))
 
