@@ -181,7 +181,8 @@ def test_loss_trains_and_same_seed_gives_same_samples(backbone):
 
 def test_mar_loss_equals_the_head_at_every_position_weighted_by_the_mask():
     """The system runs the backbone's last block and the head at the hidden tokens only; MAR runs them everywhere
-    and weights the loss by the mask. Same draws, same loss."""
+    and weights the loss by the mask. Same draws, same loss. The head embeds each hidden token's condition once for
+    its head_batch_mul draws."""
     system = tiny_system("mar", class_dropout=0.0, head_batch_mul=2)
     head_off_zero(system)
     batch = token_batch(4)
@@ -201,7 +202,10 @@ def test_mar_loss_equals_the_head_at_every_position_weighted_by_the_mask():
     weight = mask[:, None].expand(B, m, L).reshape(-1).float()
     expected = ((v - (x1 - noise)).pow(2).mean(-1) * weight).sum() / weight.sum()
     assert 0 < weight.mean() < 1  # some tokens known: the two forms differ in work
+    embedded_rows = []
+    system.head.cond_embed.register_forward_hook(lambda m, i, out: embedded_rows.append(out.shape[:-1].numel()))
     torch.testing.assert_close(system.loss(batch, torch.Generator().manual_seed(3)), expected, rtol=1e-5, atol=1e-6)
+    assert embedded_rows == [int(mask.sum())]  # each hidden token's condition embedded once, not once per draw
 
 
 def test_mar_sampling_fills_every_token_in_any_number_of_steps():

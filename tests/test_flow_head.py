@@ -161,6 +161,31 @@ def test_time_embedding_and_loss_stay_fp32_under_bf16_autocast():
     assert isinstance(head.time_embed, TimeEmbedding)
 
 
+def test_the_condition_is_embedded_once_a_sampling_call_and_the_velocity_is_unchanged():
+    """head_velocity_fn embeds the conditions once, not at every flow step, and the velocities equal the head's own
+    with the raw conditions: guided and unguided steps (a guidance interval mixes both)."""
+    torch.manual_seed(0)
+    head = FlowHead(token_dim=4, cond_dim=8, width=16, depth=2)
+    for p in head.parameters():  # off MAR's zero init, so the condition moves every output
+        torch.nn.init.normal_(p, std=0.3)
+    cond, uncond = torch.randn(5, 8), torch.randn(5, 8)
+    calls = []
+    head.cond_embed.register_forward_hook(lambda m, i, out: calls.append(out.shape[0]))
+    velocity = head_velocity_fn(head, cond, uncond)
+    assert calls == [10]  # conditional and null-class rows, together, once
+    x, t = torch.randn(5, 4), torch.full((1,), 0.3)
+    torch.testing.assert_close(velocity(x, t, False), head(x, t, cond), rtol=0, atol=1e-6)
+    both = velocity(x, t, True)
+    torch.testing.assert_close(both, head(torch.cat([x, x]), t, torch.cat([cond, uncond])), rtol=0, atol=1e-6)
+    calls.clear()
+    sample_flow(velocity, torch.randn(5, 4), 6, "heun", cfg=2.0, guidance_interval=(0.2, 0.8))
+    assert calls == []  # 11 head evaluations, no more embeddings
+    with pytest.raises(ValueError, match="cond or cond_embedding, exactly one"):
+        head(x, t, cond, cond_embedding=head.cond_embed(cond))
+    with pytest.raises(ValueError, match="cond or cond_embedding, exactly one"):
+        head(x, t)
+
+
 def test_head_has_mar_b_size():
     """MAR-B's SimpleMLPAdaLN (token 16, condition 768, width 1024, depth 6) has 35,749,920 parameters, of which
     16,400 predict the learned variance of its diffusion; the flow head predicts a velocity only."""

@@ -120,8 +120,14 @@ class FlowHead(nn.Module):
                 "new model"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(t) + self.cond_embed(cond)  # (N, W); (1, W) + (N, W) when t is one time for all rows
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                cond_embedding: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """cond (N, cond_dim), or cond_embedding (N, W): `self.cond_embed(cond)` made once by a caller that reuses it
+        (every flow step of a sampling call, MAR's repeated noise draws in training)."""
+        if (cond is None) == (cond_embedding is None):
+            raise ValueError("the flow head takes cond or cond_embedding, exactly one of them")
+        c = self.cond_embed(cond) if cond_embedding is None else cond_embedding  # (N, W)
+        y = self.time_embed(t) + c  # (N, W); (1, W) + (N, W) when t is one time for all rows
         h = self.input_proj(x.to(self.input_proj.weight.dtype))  # (N, W); noise arrives in fp32
         for block in self.blocks:
             h = block(h, y)
@@ -144,21 +150,22 @@ def sample_time(n: int, kind: str, generator: torch.Generator | None, device: to
 def flow_loss(
     head: FlowHead,
     target: torch.Tensor,
-    cond: torch.Tensor,
+    cond: torch.Tensor | None,
     noise: torch.Tensor,
     t: torch.Tensor,
+    cond_embedding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared velocity error. target (N, D) tokens, cond (N, C), noise (N, D) and t (N,) drawn by the caller
-    (so that they can be drawn per global sample: identical on 1 or N devices). MAR's diffusion_batch_mul is the
-    caller repeating target/cond with fresh noise and times; its mask weight is the caller passing only the hidden
-    tokens."""
+    """Mean squared velocity error. target (N, D) tokens, cond (N, C) (or its `cond_embedding` (N, W), see
+    FlowHead.forward), noise (N, D) and t (N,) drawn by the caller (so that they can be drawn per global sample:
+    identical on 1 or N devices). MAR's diffusion_batch_mul is the caller repeating target and the condition with
+    fresh noise and times; its mask weight is the caller passing only the hidden tokens."""
     head.check_tokens(target)
     # No fp32 island around the head: its MLP trains in the caller's precision (bf16 under bf16-mixed, as MAR trains
     # its diffusion head under autocast), and its time embedding is an fp32 island of its own. x1, x0, t and the
     # error are fp32 tensors, and autocast leaves elementwise arithmetic and reductions alone, so they stay fp32.
     x1, x0, t = target.float(), noise.float(), t.float()
     xt = t[:, None] * x1 + (1 - t[:, None]) * x0  # (N, D)
-    v = head(xt, t, cond).float()  # (N, D)
+    v = head(xt, t, cond, cond_embedding).float()  # (N, D)
     return (v - (x1 - x0)).pow(2).mean()
 
 
@@ -242,13 +249,17 @@ def sample_flow(
 
 
 def head_velocity_fn(head: FlowHead, cond: torch.Tensor, uncond: torch.Tensor | None = None):
-    """The velocity_fn of `sample_flow` for a head and its conditions (N, C) (and null-class conditions for CFG)."""
+    """The velocity_fn of `sample_flow` for a head and its conditions (N, C) (and null-class conditions for CFG).
+    The conditions are embedded once here, not at every flow step."""
+    both = cond if uncond is None else torch.cat([cond, uncond])  # (N, C) or (2N, C) [cond; uncond]
+    embedded = head.cond_embed(both)  # (N, W) or (2N, W)
+    embedded_cond = embedded[: cond.shape[0]]  # (N, W)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
         if not guided:
-            return head(x, t, cond)
+            return head(x, t, cond_embedding=embedded_cond)
         if uncond is None:
             raise ValueError("cfg != 1 needs the unconditional (null-class) conditions")
-        return head(torch.cat([x, x]), t, torch.cat([cond, uncond]))  # t (1,) serves both halves
+        return head(torch.cat([x, x]), t, cond_embedding=embedded)  # t (1,) serves both halves
 
     return velocity

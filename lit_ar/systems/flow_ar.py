@@ -219,7 +219,8 @@ class FlowARSystem(GeneratorSystem):
             noise = noise.gather(2, hidden[:, None, :, None].expand(B, m, T, D))  # (B, m, n, D)
             t = t.gather(2, hidden[:, None].expand(B, m, T))  # (B, m, n)
         rep = lambda x: x[:, None].expand(B, m, *x.shape[1:]).reshape(B * m * T, *x.shape[2:])  # noqa: E731
-        return flow_loss(self.head, rep(target), rep(cond), noise.reshape(-1, D), t.reshape(-1))
+        embedded = self.head.cond_embed(cond)  # (B, T, W): once per token, not once per draw
+        return flow_loss(self.head, rep(target), None, noise.reshape(-1, D), t.reshape(-1), rep(embedded))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.step_generator(batch_idx, "train"))
