@@ -208,6 +208,58 @@ def test_cache_write_read_round_trip(quantizer, tmp_path):
             assert ae.decode(split_scales(batch["tokens"], ae.scales)).shape == (6, 3, 16, 16)
 
 
+def test_ten_crop_cache_holds_llamagen_s_ten_views_and_training_draws_among_them(tmp_path):
+    """crops="ten" (LlamaGen's --ten-crop): the image enlarged by data.resize_scale (16 -> 20 px), its centre and four
+    corner crops, each mirrored. Every variant is the tokenizer's code of that crop; the centre one is the centre-crop
+    cache's; training draws among all ten (the unmirrored five without hflip); validation takes the centre."""
+    from lit_ar.data.datamodule import TransformedDataset
+    from lit_ar.data.transforms import ImageTransform
+
+    ckpt = save_checkpoint(tiny_system("vq"), tmp_path / "tok.ckpt")
+    ae = load_tokenizer(ckpt)
+    ten = write_token_cache(ckpt, str(tmp_path / "ten"), data(resize_scale=1.25), crops="ten", batch_size=5)
+    centre = write_token_cache(ckpt, str(tmp_path / "centre"), data(resize_scale=1.25), batch_size=5)
+    corners = ["center", "top_left", "top_right", "bottom_left", "bottom_right"]
+    assert TokenCache(str(ten)).meta["variants"] == corners + [f"{c}_hflip" for c in corners]
+    source = data(resize_scale=1.25)
+    source.setup("fit")
+    enlarged = TransformedDataset(source.splits.val, ImageTransform(20, 3, 1.0, "center", False), False)
+    images = torch.stack([enlarged[i]["image"] for i in range(8)])  # (8, 3, 20, 20)
+    offsets = [(2, 2), (0, 0), (0, 4), (4, 0), (4, 4)]  # top, left of each 16-px crop
+    views = [images[..., i : i + 16, j : j + 16] for i, j in offsets]
+    stored = torch.from_numpy(np.load(ten / "val_tokens.npy").astype(np.int64))  # (8, 10, 16)
+    for v, view in enumerate(views + [x.flip(-1) for x in views]):
+        assert torch.equal(stored[:, v], ae.encode(view)), f"variant {v}"
+    assert torch.equal(stored[:, [0, 5]], torch.from_numpy(np.load(centre / "val_tokens.npy").astype(np.int64)))
+    assert len({tuple(stored[0, v].tolist()) for v in range(10)}) > 5, "the crops encode to different codes"
+    # the variants a training sample draws: (index, epoch) as the ResumableSampler yields
+    cache = TokenCache(str(ten))
+    for hflip, allowed in [(True, range(10)), (False, range(5))]:
+        train = cache.dataset("train", train=True, hflip=hflip)
+        tokens = torch.from_numpy(np.load(ten / "train_tokens.npy").astype(np.int64))
+        drawn = {next(v for v in range(10) if torch.equal(train[(i, e)]["tokens"], tokens[i, v]))
+                 for i in range(24) for e in range(3)}  # fmt: skip
+        assert drawn <= set(allowed) and len(drawn) > len(allowed) // 2, (hflip, drawn)
+    val = cache.dataset("val", train=False, hflip=True)
+    assert all(torch.equal(val[i]["tokens"], stored[i, 0]) for i in range(8))
+    with pytest.raises(ValueError, match=r"crops='ten' with data.resize_scale=1.0 gives five identical crops"):
+        write_token_cache(ckpt, str(tmp_path / "bad"), data(), crops="ten")
+    with pytest.raises(ValueError, match=r"crops='nine' is not known; use one of \('center', 'ten'\)"):
+        write_token_cache(ckpt, str(tmp_path / "bad"), data(), crops="nine")
+
+
+def test_a_generator_trains_through_the_cli_on_a_ten_crop_cache(debug_tokenizer, tmp_path):
+    folder = main(["--tokenizer_ckpt", str(debug_tokenizer), "--output", str(tmp_path / "cache"), "--crops", "ten",
+                   "--data.resize_scale", "1.1", "--data.image_size", "16", "--data.num_train", "64",
+                   "--data.num_val", "16"])  # fmt: skip
+    assert len(TokenCache(str(folder)).meta["variants"]) == 10
+    cli = cli_main(["fit", "--config", str(CONFIGS / "debug" / "causal.yaml"), *run_dir_args(tmp_path / "run"),
+                    "--model.init_args.tokenizer_ckpt", str(debug_tokenizer), "--data.token_cache", str(folder),
+                    "--data.hflip", "true", "--trainer.max_steps", "3"])  # fmt: skip
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_cache_refuses_another_tokenizer(tmp_path):
     ckpt = save_checkpoint(tiny_system(seed=0), tmp_path / "a.ckpt")
     other = save_checkpoint(tiny_system(seed=1), tmp_path / "b.ckpt")

@@ -116,7 +116,8 @@ class ImageDataModule(L.LightningDataModule):
             drop_last: Drop the last incomplete training batch.
             predict_per_class: `lit_ar predict` on a generator samples this many images of every class.
             token_cache: A token cache folder (written by `python -m lit_ar.data.token_cache`): batches then carry
-                `tokens` (and `label`) instead of `image`, `hflip` picks the mirrored encoding at random, and the
+                `tokens` (and `label`) instead of `image`, a training sample takes one of the cached views at random
+                (the mirrored ones only with `hflip`; five crops with a cache written with `--crops ten`), and the
                 model's `tokenizer_ckpt` must be the tokenizer that wrote the cache.
         """
         super().__init__()

@@ -4,7 +4,11 @@
         --output caches/vq_shapes --data.dataset shapes --data.image_size 64
     lit_ar fit --config configs/<generator>.yaml --data.token_cache caches/vq_shapes
 
-Every image is encoded at its centre crop and, with `hflip`, mirrored (variant 1), as MAR caches its latents.
+Every image is encoded at its centre crop and, with `hflip`, mirrored (variant 1), as MAR caches its latents. With
+`crops="ten"`, as LlamaGen's `extract_codes_c2i.py --ten-crop` does: the image resized by `data.resize_scale`
+(LlamaGen's crop range, 1.1), then its centre and four corner crops, each also mirrored with `hflip` (10 variants).
+Training picks one variant per sample at random (among the unmirrored ones when the datamodule's `hflip` is off);
+validation takes the centre crop.
 A cache folder holds, per split (`train`, `val`), memory-mapped numpy arrays and one `meta.json`:
   discrete tokens  {split}_tokens.npy  (N, V, L_total) uint16/int32; multi-scale scales are concatenated
                    coarse to fine (L_total = sum s*s; `split_scales` cuts a batch back into the per-scale list)
@@ -27,6 +31,17 @@ from lit_ar.data.builtin import _mix_seed
 
 CACHE_VERSION = 1
 META = "meta.json"
+CROPS = ("center", "ten")
+FIVE_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")  # variant 0 is the centre
+
+
+def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """(B, C, H, W) -> the centre and four corner crops (B, C, size, size), in FIVE_CROPS order (the centre offset
+    rounds as torchvision's TenCrop, which LlamaGen's ten-crop codes use)."""
+    H, W = x.shape[-2:]
+    top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    corners = [(top, left), (0, 0), (0, W - size), (H - size, 0), (H - size, W - size)]
+    return [x[..., i : i + size, j : j + size] for i, j in corners]
 
 
 def tokenizer_fingerprint(autoencoder: torch.nn.Module) -> str:
@@ -46,10 +61,12 @@ def split_scales(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Te
 
 @torch.no_grad()
 def write_token_cache(
-    tokenizer_ckpt: str, output: str, data, hflip: bool = True, batch_size: int = 64, device: str = "cpu"
-) -> Path:
-    """Encode `data` (an ImageDataModule; its train and validation splits at the centre crop) with the tokenizer
-    checkpoint into `output`. Returns the cache folder."""
+    tokenizer_ckpt: str, output: str, data, hflip: bool = True, batch_size: int = 64, device: str = "cpu",
+    crops: str = "center",
+) -> Path:  # fmt: skip
+    """Encode `data` (an ImageDataModule; its train and validation splits at the centre crop, or with crops="ten" at
+    five crops of the image enlarged by data.resize_scale) with the tokenizer checkpoint into `output`, each view
+    also mirrored with `hflip`. Returns the cache folder."""
     from lit_ar.data.datamodule import TransformedDataset
     from lit_ar.data.transforms import ImageTransform
     from lit_ar.systems.tokenizer import load_tokenizer
@@ -61,11 +78,24 @@ def write_token_cache(
             f"data.image_size={h.image_size}, data.channels={h.channels} differ from the tokenizer's "
             f"{ae.image_size}x{ae.image_size}x{ae.channels} ({tokenizer_ckpt}); encode at the tokenizer's resolution"
         )
+    if crops not in CROPS:
+        raise ValueError(f"crops={crops!r} is not known; use one of {CROPS}")
+    enlarged = max(h.image_size, round(h.image_size * h.resize_scale))
+    if crops == "ten" and enlarged == h.image_size:
+        raise ValueError(
+            f"crops='ten' with data.resize_scale={h.resize_scale} gives five identical crops of a "
+            f"{h.image_size}x{h.image_size} image; set data.resize_scale above 1 (LlamaGen's crop range: 1.1)"
+        )
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # a half-written cache has no meta and is refused
-    transform = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
-    variants = 2 if hflip else 1
+    if crops == "ten":  # the whole enlarged square; its five crops are cut per batch below
+        transform = ImageTransform(enlarged, h.channels, 1.0, "center", False)
+        names = list(FIVE_CROPS)
+    else:
+        transform = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)
+        names = ["center"]
+    names += [f"{n}_hflip" for n in names] if hflip else []
     splits = {}
     for split, source in (("train", data.splits.train), ("val", data.splits.val)):
         dataset = TransformedDataset(source, transform, h.unconditional)
@@ -74,7 +104,8 @@ def write_token_cache(
         start = 0
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=h.num_workers):
             x, b = batch["image"].to(device), len(batch["label"])
-            views = [x, x.flip(-1)][:variants]
+            views = five_crops(x, h.image_size) if crops == "ten" else [x]  # [(b, C, size, size)]
+            views += [v.flip(-1) for v in views] if hflip else []
             if ae.is_continuous:
                 per_view = [ae.quantizer.moments(ae.quant_conv(ae.encoder(v))) for v in views]
                 mean = torch.stack([m.flatten(2).transpose(1, 2) for m, _ in per_view], 1)  # (b, V, L, D)
@@ -112,7 +143,8 @@ def write_token_cache(
         "image_size": ae.image_size,
         "channels": ae.channels,
         "num_classes": data.num_classes,
-        "variants": ["center", "center_hflip"][:variants],
+        "variants": names,
+        "resize_scale": h.resize_scale,
         "splits": splits,
         "data": {k: h[k] for k in ("dataset", "data_dir", "data_files", "split_seed", "num_train", "num_val")},
     }
@@ -155,22 +187,24 @@ class TokenCache:
 
     def dataset(self, split: str, train: bool, hflip: bool, unconditional: bool = False, seed: int = 0
                 ) -> "TokenCacheDataset":  # fmt: skip
-        return TokenCacheDataset(self, split, random_variant=train and hflip, sample=train, unconditional=unconditional,
-                                 seed=seed)  # fmt: skip
+        return TokenCacheDataset(self, split, random_variant=train, hflip=hflip, sample=train,
+                                 unconditional=unconditional, seed=seed)  # fmt: skip
 
 
 class TokenCacheDataset(Dataset):
-    """Items `{"tokens": (L_total,) long | (L, D) float, "label": ()}` from a cache split; `random_variant` picks the
-    original or the mirrored encoding at random, `sample` draws kl latents from their posterior."""
+    """Items `{"tokens": (L_total,) long | (L, D) float, "label": ()}` from a cache split; `random_variant` picks one
+    of the cached views at random (the mirrored ones only with `hflip`), else the centre crop; `sample` draws kl
+    latents from their posterior."""
 
     def __init__(self, cache: TokenCache, split: str, random_variant: bool, sample: bool, unconditional: bool,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, hflip: bool = True):  # fmt: skip
         self.meta, self.random_variant, self.sample = cache.meta, random_variant, sample
         self.unconditional, self.seed = unconditional, seed
         names = ("mean", "std") if cache.meta["is_continuous"] else ("tokens",)
         self.arrays = {k: np.load(cache.folder / f"{split}_{k}.npy", mmap_mode="r") for k in names}
         self.labels = np.load(cache.folder / f"{split}_labels.npy", mmap_mode="r")
-        self.num_variants = len(cache.meta["variants"])
+        names = cache.meta["variants"]
+        self.variants = [i for i, name in enumerate(names) if hflip or not name.endswith("_hflip")]  # to draw from
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -182,7 +216,9 @@ class TokenCacheDataset(Dataset):
         if isinstance(index, tuple):
             index, epoch = index
             generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
-        v = int(torch.randint(self.num_variants, (), generator=generator)) if self.random_variant else 0
+        v = 0  # the centre crop
+        if self.random_variant and len(self.variants) > 1:
+            v = self.variants[int(torch.randint(len(self.variants), (), generator=generator))]
         if "tokens" in self.arrays:
             tokens = torch.from_numpy(self.arrays["tokens"][index, v].astype(np.int64))  # (L_total,)
         else:
@@ -204,13 +240,16 @@ def main(args: list[str] | None = None) -> Path:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--tokenizer_ckpt", type=str, required=True, help="TokenizerSystem checkpoint.")
     parser.add_argument("--output", type=str, required=True, help="Cache folder to write.")
-    parser.add_argument("--hflip", type=bool, default=True, help="Also encode each image mirrored.")
+    parser.add_argument("--hflip", type=bool, default=True, help="Also encode each view mirrored.")
+    crops_help = ("center: the centre crop; ten: LlamaGen's ten-crop, the centre and four corners of the image "
+                  "enlarged by --data.resize_scale (e.g. 1.1), each also mirrored with --hflip.")  # fmt: skip
+    parser.add_argument("--crops", type=str, default="center", choices=CROPS, help=crops_help)
     parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size.")
     parser.add_argument("--device", type=str, default="cpu", help="Device to encode on, e.g. cuda.")
     parser.add_class_arguments(ImageDataModule, "data")
     cfg = parser.parse_args(args)
     data = parser.instantiate_classes(cfg).data
-    folder = write_token_cache(cfg.tokenizer_ckpt, cfg.output, data, cfg.hflip, cfg.batch_size, cfg.device)
+    folder = write_token_cache(cfg.tokenizer_ckpt, cfg.output, data, cfg.hflip, cfg.batch_size, cfg.device, cfg.crops)
     print(f"token cache written to {folder}: {json.loads((folder / META).read_text())['splits']}")
     return folder
 
