@@ -23,23 +23,27 @@ QUANTIZERS = ("vq", "fsq", "lfq", "msvq", "kl")
 # VAR's scales for a 16x16 grid; other grids get them rescaled (see default_scales)
 VAR_SCALES_16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
-# Architecture and codebook per preset. Downsampling factor = 2 ** (len(ch_mult) - 1).
+# Architecture and codebook per preset. Downsampling factor = 2 ** (len(ch_mult) - 1). The peers' tokenizers pad their
+# stride-2 convs as taming-transformers does (see HalvingConv): their presets do too, so that their weights load.
 PRESETS: dict[str, dict] = {
     # 64x64 shapes at 4x: 16x16 tokens, trains on a CPU in minutes
     "shapes": dict(base_channels=16, ch_mult=(1, 2, 4), num_res_blocks=1, mid_attention=False, z_channels=64,
-                   codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5)),
+                   codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5), downsample_padding="symmetric"),
     # 32x32 digits at 4x: 8x8 tokens
     "digits": dict(base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False, z_channels=32,
-                   codebook_size=256, latent_dim=8, levels=(8, 5, 5)),
+                   codebook_size=256, latent_dim=8, levels=(8, 5, 5), downsample_padding="symmetric"),
     # LlamaGen's VQ-16 (256x256 -> 16x16, 16384 l2-normalised 8-d codes, ~72M parameters)
     "llamagen_vq16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
-                          z_channels=256, codebook_size=16384, latent_dim=8, levels=(8, 8, 8, 5, 5, 5)),
+                          z_channels=256, codebook_size=16384, latent_dim=8, levels=(8, 8, 8, 5, 5, 5),
+                          downsample_padding="taming"),
     # VAR's multi-scale VQVAE (256x256 -> scales up to 16x16, 4096 32-d codes)
     "var_msvq16": dict(base_channels=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
-                       z_channels=32, codebook_size=4096, latent_dim=32, levels=(8, 8, 8, 5, 5, 5)),
+                       z_channels=32, codebook_size=4096, latent_dim=32, levels=(8, 8, 8, 5, 5, 5),
+                       downsample_padding="taming"),
     # MAR's KL-16 (256x256 -> 16x16x16 continuous latents)
     "mar_kl16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
-                     z_channels=16, codebook_size=16384, latent_dim=16, levels=(8, 8, 8, 5, 5, 5)),
+                     z_channels=16, codebook_size=16384, latent_dim=16, levels=(8, 8, 8, 5, 5, 5),
+                     downsample_padding="taming"),
 }  # fmt: skip
 
 
@@ -81,12 +85,31 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
+DOWNSAMPLE_PADDINGS = ("symmetric", "taming")
+
+
+class HalvingConv(nn.Conv2d):
+    """A 3x3 stride-2 conv that halves the map. `symmetric` pads one pixel on every side; `taming` pads none on the
+    left and top and one on the right and bottom (taming-transformers' Downsample, kept by LlamaGen's, VAR's and
+    MAR's tokenizers): the same parameters, a half-pixel shift apart."""
+
+    def __init__(self, c: int, padding: str = "symmetric"):
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"downsample_padding={padding!r} is not known; use one of {DOWNSAMPLE_PADDINGS}")
+        super().__init__(c, c, 3, stride=2, padding=1 if padding == "symmetric" else 0)
+        self.taming = padding == "taming"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)) if self.taming else x)  # (B, c, H / 2, W / 2)
+
+
 class Encoder(nn.Module):
     """conv_in; per level `num_res_blocks` ResBlocks then a stride-2 conv (not after the last level); mid
     ResBlock + ResBlock; norm, SiLU, conv_out to `c_out` channels. `attn` adds self-attention at the lowest
     resolution (after each ResBlock of the last level and in the mid block), as LlamaGen and VAR do."""
 
-    def __init__(self, channels: int, base: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: bool, c_out: int):
+    def __init__(self, channels: int, base: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: bool, c_out: int,
+                 downsample_padding: str = "symmetric"):  # fmt: skip
         super().__init__()
         self.conv_in = nn.Conv2d(channels, base, 3, padding=1)
         blocks, c = [], base
@@ -97,7 +120,7 @@ class Encoder(nn.Module):
                 if attn and i == len(ch_mult) - 1:
                     blocks.append(AttnBlock(c))
             if i < len(ch_mult) - 1:
-                blocks.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                blocks.append(HalvingConv(c, downsample_padding))
         self.down = nn.Sequential(*blocks)
         self.mid = nn.Sequential(ResBlock(c, c), AttnBlock(c) if attn else nn.Identity(), ResBlock(c, c))
         self.out = nn.Sequential(Norm(c), nn.SiLU(), nn.Conv2d(c, c_out, 3, padding=1))
@@ -151,6 +174,7 @@ class Autoencoder(nn.Module):
         ch_mult: tuple[int, ...] | None = None,
         num_res_blocks: int | None = None,
         mid_attention: bool | None = None,
+        downsample_padding: str | None = None,
         z_channels: int | None = None,
         codebook_size: int | None = None,
         latent_dim: int | None = None,
@@ -176,8 +200,8 @@ class Autoencoder(nn.Module):
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset={preset!r} is not known; use one of {tuple(PRESETS)} or null")
         given = dict(base_channels=base_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                     mid_attention=mid_attention, z_channels=z_channels, codebook_size=codebook_size,
-                     latent_dim=latent_dim, levels=levels)  # fmt: skip
+                     mid_attention=mid_attention, downsample_padding=downsample_padding, z_channels=z_channels,
+                     codebook_size=codebook_size, latent_dim=latent_dim, levels=levels)  # fmt: skip
         cfg = {**PRESETS[preset or "shapes"], **{k: v for k, v in given.items() if v is not None}}
         ch_mult, levels = tuple(cfg["ch_mult"]), tuple(cfg["levels"])
         self.downsample = 2 ** (len(ch_mult) - 1)
@@ -211,7 +235,8 @@ class Autoencoder(nn.Module):
 
         zc = cfg["z_channels"]
         enc_out = 2 * self.latent_channels if self.is_continuous else self.latent_channels
-        self.encoder = Encoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc)
+        self.encoder = Encoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc,
+                               cfg["downsample_padding"])  # fmt: skip
         self.quant_conv = nn.Conv2d(zc, enc_out, 1)  # to the code width (factorised codes, LlamaGen)
         self.post_quant_conv = nn.Conv2d(self.latent_channels, zc, 1)
         self.decoder = Decoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc)

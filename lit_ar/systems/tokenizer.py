@@ -26,8 +26,8 @@ from lit_ar.systems.lr_schedule import warmup_cosine
 # TokenizerSystem settings that build the Autoencoder (load_tokenizer rebuilds it from a checkpoint's hparams)
 AUTOENCODER_ARGS = (
     "image_size", "channels", "quantizer", "preset", "base_channels", "ch_mult", "num_res_blocks", "mid_attention",
-    "z_channels", "codebook_size", "latent_dim", "levels", "scales", "beta", "l2_norm", "ema", "ema_decay",
-    "dead_code_steps", "phi_count", "phi_ratio", "entropy_weight", "entropy_gamma", "entropy_temperature",
+    "downsample_padding", "z_channels", "codebook_size", "latent_dim", "levels", "scales", "beta", "l2_norm", "ema",
+    "ema_decay", "dead_code_steps", "phi_count", "phi_ratio", "entropy_weight", "entropy_gamma", "entropy_temperature",
     "kl_weight", "latent_scale",
 )  # fmt: skip
 
@@ -68,6 +68,7 @@ class TokenizerSystem(L.LightningModule):
         ch_mult: tuple[int, ...] | None = None,
         num_res_blocks: int | None = None,
         mid_attention: bool | None = None,
+        downsample_padding: Literal["symmetric", "taming"] | None = None,
         z_channels: int | None = None,
         codebook_size: int | None = None,
         latent_dim: int | None = None,
@@ -120,6 +121,9 @@ class TokenizerSystem(L.LightningModule):
             ch_mult: Width multiplier per level; the downsampling factor is 2**(len(ch_mult) - 1) (null: preset).
             num_res_blocks: ResBlocks per encoder level; the decoder has one more (null: preset).
             mid_attention: Self-attention at the lowest resolution (null: preset).
+            downsample_padding: Padding of the encoder's stride-2 convs: `symmetric` (one pixel each side) or
+                `taming` (right and bottom only: LlamaGen's, VAR's and MAR's tokenizers, and their presets) (null:
+                preset).
             z_channels: Channels of the encoder output and decoder input, before the 1x1 quant convs (null: preset).
             codebook_size: Number of codes for vq, msvq and lfq (a power of two for lfq) (null: preset).
             latent_dim: Width of a code (vq, msvq) or of a continuous token (kl); fsq uses len(levels) and lfq

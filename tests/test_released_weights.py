@@ -1,0 +1,123 @@
+"""LlamaGen's released weights in lit_ar, checked against LlamaGen's own code: tests/fixtures/llamagen_tiny.pt holds a
+tiny LlamaGen VQ and c2i GPT and their outputs, made by tests/fixtures/make_llamagen_fixture.py with LlamaGen's
+code. Imported, lit_ar's models give the same codes, decoded images and logits."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, run_dir_args
+
+from lit_ar.checkpoints import load_system
+from lit_ar.cli import cli_main
+from lit_ar.models.autoencoder import PRESETS, Autoencoder
+from lit_ar.released_weights import main, read_weights, write_llamagen_checkpoints
+from lit_ar.systems.causal_ar import CausalARSystem
+from lit_ar.systems.tokenizer import load_tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llamagen_tiny.pt"
+# the tiny VQ's architecture (the released VQ-16 is lit_ar's `llamagen_vq16` preset) and the tiny GPT's size
+TOKENIZER_ARCH = dict(preset=None, base_channels=32, ch_mult=(1, 2), num_res_blocks=1, mid_attention=True,
+                      z_channels=32, codebook_size=64, latent_dim=8, downsample_padding="taming")  # fmt: skip
+TINY_VQ = {**TOKENIZER_ARCH, "disc_width": 8, "disc_layers": 2}
+
+
+@pytest.fixture(scope="module")
+def fixture() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def released_files(fixture, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("llamagen")
+    for part in ("vq", "gpt"):
+        torch.save(fixture[part], folder / f"{part}.pt")  # as LlamaGen's released files: {"model": state_dict}
+    return folder / "vq.pt", folder / "gpt.pt"
+
+
+@pytest.fixture(scope="module")
+def imported(released_files) -> tuple[Path, Path]:
+    vq, gpt = released_files
+    return write_llamagen_checkpoints(str(vq), str(gpt), str(vq.parent / "out"), "GPT-nano", 16, 10,
+                                      tokenizer_settings=TINY_VQ)  # fmt: skip
+
+
+def test_imported_tokenizer_gives_llamagen_s_codes_and_images(fixture, imported):
+    tokenizer = load_tokenizer(str(imported[0]))
+    codes = tokenizer.encode(fixture["images"])  # (2, 64)
+    assert torch.equal(codes, fixture["codes"])
+    decoded = fixture["decoded"].clamp(-1, 1)  # lit_ar decodes to images in [-1, 1]
+    assert 0 < (decoded != fixture["decoded"]).float().mean() < 0.5
+    torch.testing.assert_close(tokenizer.decode(fixture["codes"]), decoded, rtol=1e-4, atol=1e-5)
+
+
+def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
+    system = load_system(str(imported[1]), CausalARSystem)
+    assert system.hparams.prefix_rope == "zero" and system.model.vocab_size == 64
+    logits = system.model(fixture["tokens"][:, :-1], fixture["labels"])  # (2, 64, 64)
+    torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_taming_padding_is_what_makes_the_codes_match(fixture, imported):
+    """lit_ar's own tokenizers pad their stride-2 convs symmetrically; LlamaGen's weights need taming's padding."""
+    tokenizer = load_tokenizer(str(imported[0]))
+    symmetric = Autoencoder(image_size=16, **{**TOKENIZER_ARCH, "downsample_padding": "symmetric"})
+    symmetric.load_state_dict(tokenizer.state_dict())
+    assert not torch.equal(symmetric.encode(fixture["images"]), fixture["codes"])
+    assert PRESETS["llamagen_vq16"]["downsample_padding"] == "taming"
+    known = r"\('symmetric', 'taming'\)"
+    with pytest.raises(ValueError, match=rf"downsample_padding='reflect' is not known; use one of {known}"):
+        Autoencoder(image_size=16, **{**TOKENIZER_ARCH, "downsample_padding": "reflect"})
+
+
+def test_imported_generator_samples_through_the_cli(imported, tmp_path):
+    """`lit_ar predict` with the written generator.yaml stacked on a causal config: LlamaGen's model, its weights."""
+    model_config = imported[1].with_suffix(".yaml")
+    cli = cli_main(["predict", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config", str(model_config),
+                    *run_dir_args(tmp_path), "--ckpt_path", str(imported[1])])  # fmt: skip
+    assert cli.model.hparams.prefix_rope == "zero" and cli.model.hparams.tokenizer_ckpt == str(imported[0])
+    loaded = load_system(str(imported[1]), CausalARSystem)
+    assert all(
+        torch.equal(a, b) for a, b in zip(cli.model.model.state_dict().values(), loaded.model.state_dict().values())
+    )
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and (tmp_path / "grid.png").is_file()
+
+
+def test_the_command_line_and_its_bad_inputs(fixture, released_files, tmp_path):
+    vq, gpt = released_files
+    with pytest.raises(FileNotFoundError, match=r"gpt_ckpt='/nonexistent.pt': no such file"):
+        main(["--vq_ckpt", str(vq), "--gpt_ckpt", "/nonexistent.pt", "--output", str(tmp_path)])
+    # the command builds LlamaGen's VQ-16: the tiny VQ does not fit it, and the message says how
+    with pytest.raises(ValueError, match=r"vq_ckpt=.*vq.pt' does not fit the model its settings build: .*shapes"):
+        main(["--vq_ckpt", str(vq), "--gpt_ckpt", str(gpt), "--gpt_preset", "GPT-nano", "--image_size", "64",
+              "--num_classes", "10", "--output", str(tmp_path / "cli")])  # fmt: skip
+    # the wrong size of GPT: every mismatch is named, with the setting to change
+    wrong = r"\['cls_embedding.weight: file \(11, 64\), model \(11, 128\)'.*gpt_preset"
+    with pytest.raises(ValueError, match=rf"gpt_ckpt=.* does not fit the model its settings build: .*{wrong}"):
+        write_llamagen_checkpoints(str(vq), str(gpt), str(tmp_path / "micro"), "GPT-micro", 16, 10,
+                                   tokenizer_settings=TINY_VQ)  # fmt: skip
+    # LlamaGen's training scripts store their argparse arguments beside the weights: read without unpickling code
+    with_args = tmp_path / "with_args.pt"
+    torch.save({"model": fixture["gpt"]["model"], "args": argparse.Namespace(gpt_model="GPT-B"), "steps": 5}, with_args)
+    assert read_weights(str(with_args), "gpt_ckpt").keys() == fixture["gpt"]["model"].keys()
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"vq_ckpt=.*list.pt' holds no state dict"):
+        read_weights(str(tmp_path / "list.pt"), "vq_ckpt")
+
+
+def test_lit_ar_test_scores_the_imported_generator(imported, classifier_ckpt, tmp_path):
+    """The evaluation stack of the README on the imported model: LlamaGen's weights under lit_ar's protocol."""
+    from test_generator_evaluation import EVAL_CONFIG, evaluator_args
+
+    from lit_ar.evaluation import EvaluationRecord
+
+    model_config = str(imported[1].with_suffix(".yaml"))
+    cli_main(["test", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config", model_config, "--config",
+              EVAL_CONFIG, *run_dir_args(tmp_path / "run"), *evaluator_args(classifier_ckpt, tmp_path), "--ckpt_path",
+              str(imported[1])])  # fmt: skip
+    record = EvaluationRecord.from_json(tmp_path / "run" / "eval" / "evaluation.json")
+    assert record.checkpoint["path"] == str(imported[1]) and record.num_samples == 40
+    assert record.metrics["fid"] > 0 and 0 <= record.metrics["class_accuracy"] <= 1
