@@ -28,7 +28,13 @@ class LitARCLI(LightningCLI):
         if isinstance(checkpoint_io, SafeCheckpointIO):
             checkpoint_io.expect(self.model)
 
-    before_fit = before_validate = before_test = before_predict = _check_checkpoints_against_model
+    def before_fit(self) -> None:
+        self._check_checkpoints_against_model()
+        # a generator resuming a run reads its weights from that checkpoint, not from its init_weights
+        if hasattr(self.model, "resume_from"):
+            self.model.resume_from = self.config.fit.get("ckpt_path")
+
+    before_validate = before_test = before_predict = _check_checkpoints_against_model
 
     def _parse_ckpt_path(self) -> None:
         """Lightning merges the hyper-parameters saved in a `--ckpt_path` file over the config: it silently switches

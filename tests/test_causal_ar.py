@@ -433,6 +433,40 @@ def test_only_the_frozen_tokenizer_is_exempt_from_the_eval_mode_warning(other_in
         assert eval_warnings == []
 
 
+def test_init_weights_start_a_fine_tuning_run_from_a_checkpoint(trained_debug, debug_tokenizer, checkpoints_root,
+                                                                 tmp_path):  # fmt: skip
+    """`model.init_args.init_weights`: a new run starts from a checkpoint's weights (with a fresh optimizer and step
+    count); a resumed run reads its own checkpoint instead; another family's checkpoint, or one trained on another
+    tokenizer's tokens, is refused by name."""
+    saved = torch.load(trained_debug, weights_only=True)["state_dict"]
+    base = ["fit", "--config", str(DEBUG), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
+            "--trainer.limit_val_batches", "0", "--model.init_args.lr", "0"]  # fmt: skip
+    # lr 0: one step leaves the weights where they started, so they are the checkpoint's
+    init = ["--model.init_args.init_weights", str(trained_debug)]
+    cli = cli_main([*base, *run_dir_args(tmp_path / "ft"), *init, "--trainer.max_steps", "1"])
+    state = cli.model.state_dict()
+    assert cli.trainer.global_step == 1 and all(torch.equal(state[k], v) for k, v in saved.items())
+    fresh = cli_main([*base, *run_dir_args(tmp_path / "fresh"), "--trainer.max_steps", "1"]).model.state_dict()
+    assert not torch.equal(fresh["model.tok_embeddings.weight"], saved["model.tok_embeddings.weight"])
+    # resuming: the run's own last checkpoint; init_weights is not read (here it no longer exists)
+    resumed = cli_main([*base, *run_dir_args(tmp_path / "ft"), "--model.init_args.init_weights", "/gone.ckpt",
+                        "--trainer.max_steps", "2", "--ckpt_path", "last"])  # fmt: skip
+    assert resumed.trainer.global_step == 2
+    with pytest.raises(FileNotFoundError, match=r"model.init_args.init_weights='/gone.ckpt': no checkpoint file"):
+        cli_main([*base, *run_dir_args(tmp_path / "new"), "--model.init_args.init_weights", "/gone.ckpt"])
+    masked = checkpoint_for_config(CONFIGS / "debug" / "masked.yaml", checkpoints_root,
+                                   extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.init_args.init_weights=.* is a checkpoint of .*MaskedARSystem"):
+        cli_main([*base, *run_dir_args(tmp_path / "masked"), "--model.init_args.init_weights", str(masked)])
+    other = torch.load(debug_tokenizer, weights_only=True)
+    other["state_dict"]["autoencoder.quantizer.codebook.weight"] += 1.0
+    torch.save(other, tmp_path / "other_tokenizer.ckpt")
+    with pytest.raises(ValueError, match=r"init_weights=.* was trained on the tokens of another tokenizer than "
+                                         r"model.init_args.tokenizer_ckpt=.*other_tokenizer.ckpt"):  # fmt: skip
+        cli_main([*base, *run_dir_args(tmp_path / "other"), *init, "--model.init_args.tokenizer_ckpt",
+                  str(tmp_path / "other_tokenizer.ckpt")])  # fmt: skip
+
+
 def test_help_lists_the_family_and_the_base_settings(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model.help", "lit_ar.systems.CausalARSystem"])

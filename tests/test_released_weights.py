@@ -121,3 +121,16 @@ def test_lit_ar_test_scores_the_imported_generator(imported, classifier_ckpt, tm
     record = EvaluationRecord.from_json(tmp_path / "run" / "eval" / "evaluation.json")
     assert record.checkpoint["path"] == str(imported[1]) and record.num_samples == 40
     assert record.metrics["fid"] > 0 and 0 <= record.metrics["class_accuracy"] <= 1
+
+
+def test_the_imported_generator_fine_tunes_on_other_data(imported, tmp_path):
+    """`init_weights` starts a new `fit` from LlamaGen's weights: here on the built-in shapes, through the CLI."""
+    cli = cli_main(["fit", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config",
+                    str(imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path), "--model.init_args.init_weights",
+                    str(imported[1]), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    loaded = load_system(str(imported[1]), CausalARSystem)
+    start, tuned = loaded.model.state_dict(), cli.model.model.state_dict()
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    # trained from LlamaGen's weights: moved by 3 steps of at most lr each, not re-initialised
+    moved = max(float((tuned[k] - v).abs().max()) for k, v in start.items())
+    assert 0 < moved < 3 * 2 * cli.model.hparams.lr

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
+from lit_ar.checkpoints import load_checkpoint
 from lit_ar.evaluation import GeneratorEvaluator
 from lit_ar.models.layers import Block
 from lit_ar.systems.lr_schedule import warmup_cosine
@@ -118,6 +119,7 @@ class GeneratorSystem(L.LightningModule):
         min_lr_ratio: float = 0.0,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_weights: str | None = None,
         predict_seed: int = 0,
         predict_kwargs: dict | None = None,
         evaluator: GeneratorEvaluator | None = None,
@@ -141,6 +143,10 @@ class GeneratorSystem(L.LightningModule):
             activation_checkpointing: Recompute each transformer block's activations in the backward pass
                 (less memory, about a third more compute). Under FSDP prefer the strategy's own
                 `activation_checkpointing_policy`.
+            init_weights: A checkpoint of this family (a lit_ar run, or LlamaGen's released weights through `python
+                -m lit_ar.released_weights`) whose weights start a new `fit`: fine-tuning, with a fresh optimizer,
+                schedule and step count. Every weight but the tokenizer's is loaded, strictly; the checkpoint's
+                tokenizer must be the configured one. Not read when `lit_ar fit` resumes from `--ckpt_path`.
             predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
             predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
             evaluator: The evaluation protocol `lit_ar test` runs (a `lit_ar.evaluation.GeneratorEvaluator`:
@@ -151,6 +157,7 @@ class GeneratorSystem(L.LightningModule):
         # collects the init arguments of the family subclass too (Lightning walks the __init__ frames); the
         # evaluator is how this run is measured, not part of the model
         self.save_hyperparameters(ignore=["evaluator"])
+        self.resume_from: str | None = None  # the checkpoint `lit_ar fit --ckpt_path` resumes from (set by the CLI)
         self.evaluator = evaluator
         if evaluator is not None and evaluator.sampling is None:  # sample as `lit_ar predict` does
             evaluator.sampling = dict(predict_kwargs or {})
@@ -322,6 +329,21 @@ class GeneratorSystem(L.LightningModule):
         """labels (B,) -> images (B, C, H, W) in [-1, 1]. Implemented by each family."""
         raise NotImplementedError
 
+    def load_init_weights(self, path: str) -> None:
+        """Every weight but the tokenizer's from a checkpoint of this family (see `init_weights`), before any
+        training state exists: the optimizer and schedule are then built over them as over fresh ones."""
+        setting = "model.init_args.init_weights"
+        saved = load_checkpoint(path, expected_system=type(self), module=self, setting=setting)["state_dict"]
+        tokenizer = {k[len("tokenizer.") :]: v for k, v in saved.items() if k.startswith("tokenizer.")}
+        if self.tokenizer is not None and any(not torch.equal(v, tokenizer[k].to(v.device))
+                                              for k, v in self.tokenizer.state_dict().items()):  # fmt: skip
+            raise ValueError(
+                f"{setting}={path!r} was trained on the tokens of another tokenizer than "
+                f"model.init_args.tokenizer_ckpt={self.hparams.tokenizer_ckpt!r}; fine-tune with the tokenizer it "
+                "was trained on"
+            )
+        self.load_state_dict({k: v for k, v in saved.items() if not k.startswith("tokenizer.")}, strict=False)
+
     # -- evaluation: `lit_ar test` (and `lit_ar validate`) run the evaluator's protocol --------------------------
     def _require_evaluator(self, stage: str) -> GeneratorEvaluator:
         if self.evaluator is None:
@@ -335,6 +357,10 @@ class GeneratorSystem(L.LightningModule):
         return self.evaluator
 
     def setup(self, stage: str) -> None:
+        # Lightning restores a resumed run's checkpoint after this hook, so init_weights would only be overwritten:
+        # `lit_ar fit --ckpt_path` says it is resuming (resume_from), and the file is then not read at all.
+        if stage == "fit" and self.hparams.init_weights and self.resume_from is None:
+            self.load_init_weights(self.hparams.init_weights)
         if stage == "test":
             # The test split only drives the loop (test_step does nothing): one batch of it, whatever the config says
             self.trainer.limit_test_batches = 1
