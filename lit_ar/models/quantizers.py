@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -327,10 +328,12 @@ class MultiScaleVQ(nn.Module):
         self.phis = nn.ModuleList(Phi(dim, phi_ratio) for _ in range(phi_count))
 
     def phi(self, k: int) -> Phi:
-        """The Phi of scale k: the one whose tick (spread over [0, 1]) is nearest to k / (K - 1)."""
+        """The Phi of scale k: the one whose tick (spread over [0, 1]) is nearest to k / (K - 1), computed as VAR does,
+        in float64 with numpy: with 4 Phis, scales 3 and 8 of VAR's 10 (and scale 4 of 7) lie exactly halfway
+        between two ticks, and float32 rounding picked the other Phi than VAR's tokenizer does."""
         n, depth = len(self.phis), k / max(1, len(self.scales) - 1)
-        ticks = torch.linspace(1 / 3 / n, 1 - 1 / 3 / n, n)
-        return self.phis[int((ticks - depth).abs().argmin())]
+        ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n)
+        return self.phis[int(np.argmin(np.abs(ticks - depth)))]
 
     def upsample(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """Code map of scale k (B, C, s_k, s_k) -> refined full-grid contribution (B, C, H, H)."""
