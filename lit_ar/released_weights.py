@@ -1,20 +1,24 @@
-"""LlamaGen's released weights in lit_ar: its VQ tokenizer and class-conditional GPT as lit_ar checkpoints.
+"""Released LlamaGen and VAR weights in lit_ar: their tokenizers and class-conditional generators as lit_ar checkpoints.
 
-    python -m lit_ar.released_weights --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt --gpt_preset GPT-B \\
+    python -m lit_ar.released_weights llamagen --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt --gpt_preset GPT-B \\
         --output runs/released/llamagen_B_256
+    python -m lit_ar.released_weights var --vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth --depth 16 \\
+        --output runs/released/var_d16
 
-writes `tokenizer.ckpt` (a TokenizerSystem, preset `llamagen_vq16`), `generator.ckpt` (a CausalARSystem that
-names that tokenizer; its weights only, no training state) and `generator.yaml` (its model settings). `load_system`
-reads the checkpoints like those of any lit_ar run, and `lit_ar predict|test` run them with the model settings
-stacked on a causal config (lit_ar builds the model from the config, and the data gives the classes and image size):
+each write `tokenizer.ckpt` (a TokenizerSystem: preset `llamagen_vq16`, or `var_msvq16`), `generator.ckpt` (a
+CausalARSystem or ScaleARSystem that names that tokenizer; weights only, no training state) and `generator.yaml` (its
+model settings). `load_system` reads the checkpoints like those of any lit_ar run; `lit_ar predict|test` run them
+with the model settings stacked on a config of the family (lit_ar builds the model from the config, and the data
+gives the classes and image size), and `lit_ar fit` with `init_weights` fine-tunes them:
 
     lit_ar predict --config configs/causal/llamagen_shapes.yaml --config runs/released/llamagen_B_256/generator.yaml \\
         --ckpt_path runs/released/llamagen_B_256/generator.ckpt --data.dataset imagefolder \\
         --data.data_dir /data/imagenet/train --data.image_size 256
 
-The weights are renamed, never changed: lit_ar's tokenizer and GPT presets are LlamaGen's layouts (same parameter
-counts, the tokenizer's taming-style downsampling padding, LlamaGen's zeroed RoPE on the class prefix), and
-tests/test_released_weights.py checks codes, decoded images and logits against LlamaGen's own code.
+The weights are renamed (and VAR's AdaLN chunks reordered), never changed: lit_ar's presets are the peers' layouts
+(the same parameter counts, taming's downsampling padding, LlamaGen's zeroed RoPE on the class prefix, VAR's 3x3
+quant convs and shared Phi convs), and tests/test_released_weights.py checks codes, decoded images and logits
+against outputs of the peers' own code.
 
 Files are read with `torch.load(weights_only=True)`; the only object allowed beyond tensors and containers is
 `argparse.Namespace`, which LlamaGen's training scripts store beside the weights.
@@ -34,7 +38,8 @@ GPT_RENAMES = (
     (r"^layers\.(\d+)\.attention_norm\.", r"layers.\1.norm1."),
     (r"^layers\.(\d+)\.ffn_norm\.", r"layers.\1.norm2."),
 )
-RES_RENAMES = {"nin_shortcut": "skip"}  # a ResBlock's 1x1 skip conv; norm1/conv1/norm2/conv2 keep their names
+# a ResBlock's 1x1 skip conv and an attention block's output conv; norm1/conv1/norm2/conv2/norm/qkv keep their names
+BLOCK_RENAMES = {"nin_shortcut": "skip", "proj_out": "proj"}
 
 
 def read_weights(path: str, setting: str) -> dict[str, torch.Tensor]:
@@ -65,72 +70,138 @@ def llamagen_gpt_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _conv_blocks(weights: dict[str, torch.Tensor], part: str) -> dict[int, dict]:
-    """{level: {"res": n, "attn": n, "resample": "downsample" | "upsample" | None}} of LlamaGen's encoder or decoder."""
+# Where LlamaGen's VQ and taming-transformers' layout (VAR's VQVAE, MAR's KL-16) keep the parts of one conv autoencoder:
+# the lists of each resolution level, a level's ResBlocks, the middle blocks, and the order of the decoder's levels
+# (LlamaGen numbers them in running order, taming by resolution, so its decoder runs them from the highest index).
+LLAMAGEN_LAYOUT = {"levels": {"encoder": "conv_blocks", "decoder": "conv_blocks"}, "res": "res",
+                   "mid": ("mid.0", "mid.1", "mid.2"), "decoder_from_highest": False}  # fmt: skip
+TAMING_LAYOUT = {"levels": {"encoder": "down", "decoder": "up"}, "res": "block",
+                 "mid": ("mid.block_1", "mid.attn_1", "mid.block_2"), "decoder_from_highest": True}  # fmt: skip
+
+
+def _levels(weights: dict[str, torch.Tensor], prefix: str, res: str) -> dict[int, dict]:
+    """{level: {"res": n, "attn": n, "resample": "downsample" | "upsample" | None}} of the lists under `prefix`."""
     levels: dict[int, dict] = {}
     for name in weights:
-        m = re.match(rf"^{part}\.conv_blocks\.(\d+)\.(res|attn|downsample|upsample)\.(\d+)?", name)
+        m = re.match(rf"^{re.escape(prefix)}\.(\d+)\.({res}|attn|downsample|upsample)\.(\d+)?", name)
         if m:
             level = levels.setdefault(int(m[1]), {"res": 0, "attn": 0, "resample": None})
-            if m[2] in ("res", "attn"):
-                level[m[2]] = max(level[m[2]], int(m[3]) + 1)
+            if m[2] in (res, "attn"):
+                kind = "res" if m[2] == res else "attn"
+                level[kind] = max(level[kind], int(m[3]) + 1)
             else:
                 level["resample"] = m[2]
     return levels
 
 
 def _block(weights: dict, source: str, target: str, out: dict) -> None:
-    """One ResBlock or AttnBlock from `source.` in LlamaGen's names to `target.` in lit_ar's: an attention block's
-    q, k and v 1x1 convs become lit_ar's one qkv conv (out channels [q; k; v])."""
+    """One ResBlock or AttnBlock from `source.` in the peer's names to `target.` in lit_ar's. An attention block's
+    separate q, k and v 1x1 convs (LlamaGen) become lit_ar's one qkv conv (out channels [q; k; v]); taming's is one
+    already."""
     names = {n[len(source) + 1 :] for n in weights if n.startswith(source + ".")}
+    if not names:
+        raise KeyError(f"the weights have no block {source!r}")
     if {"q.weight", "k.weight", "v.weight"} <= names:
         for kind in ("weight", "bias"):
             out[f"{target}.qkv.{kind}"] = torch.cat([weights[f"{source}.{p}.{kind}"] for p in "qkv"])
-            out[f"{target}.proj.{kind}"] = weights[f"{source}.proj_out.{kind}"]
-            out[f"{target}.norm.{kind}"] = weights[f"{source}.norm.{kind}"]
-        return
+        names -= {f"{p}.{kind}" for p in "qkv" for kind in ("weight", "bias")}
     for name in names:
         layer, kind = name.split(".")
-        out[f"{target}.{RES_RENAMES.get(layer, layer)}.{kind}"] = weights[f"{source}.{name}"]
+        out[f"{target}.{BLOCK_RENAMES.get(layer, layer)}.{kind}"] = weights[f"{source}.{name}"]
 
 
-def llamagen_vq_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LlamaGen VQ weights (tokenizer/tokenizer_image/vq_model.py) -> the state dict of lit_ar's Autoencoder, less
-    its codebook-usage buffer (LlamaGen's own usage counter is dropped). LlamaGen keeps each level's blocks in
-    lists (res, attn, down/upsample); lit_ar runs them as one sequence, in the same order: res 0, attn 0, res 1, ...,
-    then the resampling conv."""
-    out = {
-        "quantizer.codebook.weight": weights["quantize.embedding.weight"],
-        **{
-            f"{conv}.{kind}": weights[f"{conv}.{kind}"]
-            for conv in ("quant_conv", "post_quant_conv")
-            for kind in ("weight", "bias")
-        },  # fmt: skip
-    }
+def conv_autoencoder_state_dict(weights: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
+    """The encoder, decoder and 1x1/3x3 quant convs of a LlamaGen or taming-style autoencoder -> lit_ar's
+    Autoencoder names. The peers keep each level's blocks in lists (ResBlocks, attention blocks, the resampling
+    conv); lit_ar runs them as one sequence, in the same order: res 0, attn 0, res 1, ..., then the resampling conv."""
+    out = {f"{conv}.{kind}": weights[f"{conv}.{kind}"] for conv in ("quant_conv", "post_quant_conv")
+           for kind in ("weight", "bias")}  # fmt: skip
     for part, sequence, resample in (("encoder", "down", "downsample"), ("decoder", "up", "upsample")):
         for kind in ("weight", "bias"):
             out[f"{part}.conv_in.{kind}"] = weights[f"{part}.conv_in.{kind}"]
-        for i in range(3):  # ResBlock, AttnBlock, ResBlock in both
-            _block(weights, f"{part}.mid.{i}", f"{part}.mid.{i}", out)
+        for i, name in enumerate(layout["mid"]):  # ResBlock, AttnBlock, ResBlock in both
+            _block(weights, f"{part}.{name}", f"{part}.mid.{i}", out)
+        prefix = f"{part}.{layout['levels'][part]}"
+        levels = _levels(weights, prefix, layout["res"])
+        order = sorted(levels, reverse=part == "decoder" and layout["decoder_from_highest"])
         index = 0
-        levels = _conv_blocks(weights, part)
-        for level in sorted(levels):
+        for level in order:
             blocks = levels[level]
             for j in range(blocks["res"]):
-                _block(weights, f"{part}.conv_blocks.{level}.res.{j}", f"{part}.{sequence}.{index}", out)
+                _block(weights, f"{prefix}.{level}.{layout['res']}.{j}", f"{part}.{sequence}.{index}", out)
                 index += 1
                 if j < blocks["attn"]:
-                    _block(weights, f"{part}.conv_blocks.{level}.attn.{j}", f"{part}.{sequence}.{index}", out)
+                    _block(weights, f"{prefix}.{level}.attn.{j}", f"{part}.{sequence}.{index}", out)
                     index += 1
             if blocks["resample"] == resample:
                 conv = f"{part}.{sequence}.{index}" + (".conv" if part == "decoder" else "")
                 for kind in ("weight", "bias"):
-                    out[f"{conv}.{kind}"] = weights[f"{part}.conv_blocks.{level}.{resample}.conv.{kind}"]
+                    out[f"{conv}.{kind}"] = weights[f"{prefix}.{level}.{resample}.conv.{kind}"]
                 index += 1
         norm, conv = ("out.0", "out.2") if part == "encoder" else ("norm_out", "conv_out")
         for kind in ("weight", "bias"):
             out[f"{part}.{norm}.{kind}"] = weights[f"{part}.norm_out.{kind}"]
             out[f"{part}.{conv}.{kind}"] = weights[f"{part}.conv_out.{kind}"]
+    return out
+
+
+def llamagen_vq_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LlamaGen VQ weights (tokenizer/tokenizer_image/vq_model.py) -> the state dict of lit_ar's Autoencoder, less
+    its codebook-usage buffer (LlamaGen's own usage counter is dropped)."""
+    return {"quantizer.codebook.weight": weights["quantize.embedding.weight"],
+            **conv_autoencoder_state_dict(weights, LLAMAGEN_LAYOUT)}  # fmt: skip
+
+
+def var_vae_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """VAR's multi-scale VQVAE weights (models/vqvae.py, basic_vae.py, quant.py) -> the state dict of lit_ar's
+    Autoencoder with the msvq quantizer (its shared Phi convs in order), less the codebook-usage buffers."""
+    phis = {f"quantizer.phis.{m[1]}.{m[2]}": v for k, v in weights.items()
+            if (m := re.match(r"^quantize\.quant_resi\.qresi_ls\.(\d+)\.(weight|bias)$", k))}  # fmt: skip
+    if not phis:
+        raise KeyError("the weights have no quantize.quant_resi.qresi_ls (VAR's shared Phi convs)")
+    return {"quantizer.codebook.weight": weights["quantize.embedding.weight"], **phis,
+            **conv_autoencoder_state_dict(weights, TAMING_LAYOUT)}  # fmt: skip
+
+
+# VAR's transformer (models/var.py, basic_var.py) -> lit_ar's ScaleTransformer
+VAR_RENAMES = (
+    (r"^blocks\.(\d+)\.attn\.mat_qkv\.", r"blocks.\1.attn.wqkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"blocks.\1.attn.wo."),
+    (r"^blocks\.(\d+)\.ffn\.", r"blocks.\1.mlp."),
+    (r"^blocks\.(\d+)\.ada_lin\.", r"blocks.\1.ada."),
+    (r"^head_nm\.ada_lin\.", "head_nm.ada."),
+)
+# VAR's AdaLN chunks are (gamma1, gamma2, scale1, scale2, shift1, shift2); lit_ar's Block reads (shift1, scale1,
+# gate1, shift2, scale2, gate2): lit_ar's chunk i is VAR's chunk VAR_BLOCK_ADA[i]. Its head reads (shift, scale),
+# VAR's (scale, shift).
+VAR_BLOCK_ADA, VAR_HEAD_ADA = (4, 2, 0, 5, 3, 1), (1, 0)
+
+
+def _reorder_chunks(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    chunks = t.chunk(len(order), dim=0)  # along the output rows of the linear (its bias too)
+    return torch.cat([chunks[i] for i in order])
+
+
+def var_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """VAR transformer weights -> the state dict of lit_ar's ScaleTransformer (cosine attention, per-block AdaLN)."""
+    if any(k.startswith("shared_ada_lin.") for k in weights):
+        raise ValueError("these VAR weights share one AdaLN linear across blocks (shared_aln); VAR's released d16 to "
+                         "d30 do not, and lit_ar imports those only")  # fmt: skip
+    out = {}
+    for name, tensor in weights.items():
+        # buffers lit_ar builds itself: level ids, the block-causal mask, the zero key bias
+        if name in ("lvl_1L", "attn_bias_for_masking") or name.endswith(".zero_k_bias"):
+            continue
+        if name.endswith(".attn.scale_mul_1H11"):  # (1, H, 1, 1) -> (H, 1, 1), the same log-scale
+            out[name.replace("scale_mul_1H11", "logit_scale")] = tensor.reshape(-1, 1, 1)
+            continue
+        for pattern, replacement in VAR_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        if re.match(r"^blocks\.\d+\.ada\.1\.", name):
+            tensor = _reorder_chunks(tensor, VAR_BLOCK_ADA)
+        elif name.startswith("head_nm.ada.1."):
+            tensor = _reorder_chunks(tensor, VAR_HEAD_ADA)
+        out[name] = tensor
     return out
 
 
@@ -161,36 +232,74 @@ def write_llamagen_checkpoints(
     tokenizer_settings: dict | None = None,
     generator_settings: dict | None = None,
 ) -> tuple[Path, Path]:
-    """LlamaGen's VQ and GPT checkpoint files -> `output`/tokenizer.ckpt and `output`/generator.ckpt.
+    """LlamaGen's VQ and GPT checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and generator.yaml.
     `tokenizer_settings` and `generator_settings` add to or override the systems' settings (the defaults are
     LlamaGen's VQ-16 and its c2i GPT with class dropout 0.1, LlamaGen's training value, which also lets it sample
     with CFG)."""
     from lit_ar.systems.causal_ar import CausalARSystem
+
+    tokenizer = {"quantizer": "vq", "preset": "llamagen_vq16", "l2_norm": True, **(tokenizer_settings or {})}
+    generator = {"preset": gpt_preset, "prefix_rope": "zero", "class_dropout": 0.1, **(generator_settings or {})}
+    return write_checkpoints(
+        output, image_size, num_classes,
+        (tokenizer, llamagen_vq_state_dict(read_weights(vq_ckpt, "vq_ckpt")), "vq_ckpt", vq_ckpt),
+        (CausalARSystem, generator, llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt")), "gpt_ckpt", gpt_ckpt),
+        "configs/causal/llamagen_shapes.yaml",
+    )  # fmt: skip
+
+
+def write_var_checkpoints(
+    vae_ckpt: str,
+    var_ckpt: str,
+    output: str,
+    depth: int = 16,
+    image_size: int = 256,
+    num_classes: int = 1000,
+    tokenizer_settings: dict | None = None,
+    generator_settings: dict | None = None,
+) -> tuple[Path, Path]:
+    """VAR's VQVAE and VAR-d{depth} checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and generator.yaml.
+    The defaults are VAR's multi-scale VQVAE (its 10 scales) and VAR's transformer (width 64 * depth, cosine
+    attention, per-block AdaLN) with class dropout 0.1, VAR's training value."""
+    from lit_ar.systems.scale_ar import ScaleARSystem
+
+    tokenizer = {"quantizer": "msvq", "preset": "var_msvq16", **(tokenizer_settings or {})}
+    generator = {"depth": depth, "cosine_attn": True, "shared_adaln": False, "class_dropout": 0.1,
+                 **(generator_settings or {})}  # fmt: skip
+    return write_checkpoints(
+        output, image_size, num_classes,
+        (tokenizer, var_vae_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt),
+        (ScaleARSystem, generator, var_state_dict(read_weights(var_ckpt, "var_ckpt")), "var_ckpt", var_ckpt),
+        "configs/scale/var_shapes.yaml",
+    )  # fmt: skip
+
+
+def write_checkpoints(output: str, image_size: int, num_classes: int, tokenizer: tuple, generator: tuple,
+                      family_config: str) -> tuple[Path, Path]:  # fmt: skip
+    """tokenizer: (TokenizerSystem settings, its autoencoder's weights, setting name, file); generator: (system
+    class, settings, its core's weights, setting name, file). Writes the two checkpoints and the model config."""
     from lit_ar.systems.tokenizer import TokenizerSystem
 
-    vq_weights = llamagen_vq_state_dict(read_weights(vq_ckpt, "vq_ckpt"))
-    gpt_weights = llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt"))
+    settings, weights, setting, path = tokenizer
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    vq16 = {"quantizer": "vq", "preset": "llamagen_vq16", "l2_norm": True}
-    tokenizer = TokenizerSystem(
-        image_size=image_size, num_classes=num_classes, **{**vq16, **(tokenizer_settings or {})}
-    )
-    load_strictly(tokenizer.autoencoder, vq_weights, "vq_ckpt", vq_ckpt, skip=("quantizer.codebook.steps_since_used",))
-    tokenizer_path = save_system(tokenizer, folder / "tokenizer.ckpt")
-    generator = CausalARSystem(**{"tokenizer_ckpt": str(tokenizer_path), "preset": gpt_preset, "image_size": image_size,
-                                  "num_classes": num_classes, "prefix_rope": "zero", "class_dropout": 0.1,
-                                  **(generator_settings or {})})  # fmt: skip
-    load_strictly(generator.model, gpt_weights, "gpt_ckpt", gpt_ckpt)
-    generator_path = save_system(generator, folder / "generator.ckpt")
-    write_model_config(generator, folder / "generator.yaml")
+    system = TokenizerSystem(image_size=image_size, num_classes=num_classes, **settings)
+    load_strictly(system.autoencoder, weights, setting, path, skip=("quantizer.codebook.steps_since_used",))
+    tokenizer_path = save_system(system, folder / "tokenizer.ckpt")
+    system_class, settings, weights, setting, path = generator
+    system = system_class(tokenizer_ckpt=str(tokenizer_path), image_size=image_size, num_classes=num_classes,
+                          **settings)  # fmt: skip
+    load_strictly(system.model, weights, setting, path)
+    generator_path = save_system(system, folder / "generator.ckpt")
+    write_model_config(system, folder / "generator.yaml", family_config)
     return tokenizer_path, generator_path
 
 
-def write_model_config(system, path: Path) -> Path:
-    """The `model:` section that rebuilds `system`, to stack on a causal config: `lit_ar` builds the model from the
-    config, not from the checkpoint's saved settings, and LlamaGen's prefix RoPE has no weights by which a
-    checkpoint check could tell it apart. The linked settings (image size, channels, classes) come from `data`."""
+def write_model_config(system, path: Path, family_config: str) -> Path:
+    """The `model:` section that rebuilds `system`, to stack on a config of its family: `lit_ar` builds the model from
+    the config, not from the checkpoint's saved settings, and some settings (LlamaGen's prefix RoPE) have no weights
+    by which a checkpoint check could tell them apart. The linked settings (image size, channels, classes) come from
+    `data`."""
     import yaml
 
     linked = ("image_size", "channels", "num_classes")
@@ -198,9 +307,8 @@ def write_model_config(system, path: Path) -> Path:
     init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in init_args.items()}
     ckpt = path.with_suffix(".ckpt")
     header = (
-        f"# Written by `python -m lit_ar.released_weights`: the model of {ckpt.name}. Stack it on a causal config:\n"
-        f"#   lit_ar predict --config configs/causal/llamagen_shapes.yaml --config {path} --ckpt_path {ckpt} "
-        "--data.* ...\n"
+        f"# Written by `python -m lit_ar.released_weights`: the model of {ckpt.name}. Stack it on a config of its "
+        f"family:\n#   lit_ar predict --config {family_config} --config {path} --ckpt_path {ckpt} --data.* ...\n"
     )
     body = {"model": {"class_path": f"lit_ar.systems.{type(system).__name__}", "init_args": init_args}}
     path.write_text(header + yaml.safe_dump(body, sort_keys=False))
@@ -217,23 +325,35 @@ def load_strictly(module: torch.nn.Module, weights: dict, setting: str, path: st
     if missing or unexpected or shapes:
         raise ValueError(
             f"{setting}={path!r} does not fit the model its settings build: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, other shapes {shapes[:5]} (at most five of each); pick the preset the weights were "
-            "trained with (gpt_preset for the GPT; the VQ is VQ-16)"
+            f"{unexpected[:5]}, other shapes {shapes[:5]} (at most five of each); pick the size the weights were "
+            "trained with (--gpt_preset for LlamaGen's GPT, --depth for VAR; the tokenizers are VQ-16 and VAR's "
+            "VQVAE)"
         )
     module.load_state_dict({**module.state_dict(), **weights}, strict=True)
 
 
 def main(args: list[str] | None = None) -> tuple[Path, Path]:
-    parser = argparse.ArgumentParser(description="LlamaGen's released VQ and c2i GPT weights as lit_ar checkpoints.")
-    parser.add_argument("--vq_ckpt", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
-    parser.add_argument("--gpt_ckpt", required=True, help="LlamaGen c2i GPT checkpoint, e.g. c2i_B_256.pt")
-    parser.add_argument("--gpt_preset", default="GPT-B", help="its size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL")
-    parser.add_argument("--image_size", type=int, default=256, help="256 or 384, as the GPT was trained")
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--output", required=True, help="folder for tokenizer.ckpt and generator.ckpt")
+    parser = argparse.ArgumentParser(description="Released LlamaGen and VAR weights as lit_ar checkpoints.")
+    families = parser.add_subparsers(dest="family", required=True)
+    llamagen = families.add_parser("llamagen", help="LlamaGen's VQ-16 and a class-conditional GPT")
+    llamagen.add_argument("--vq_ckpt", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
+    llamagen.add_argument("--gpt_ckpt", required=True, help="LlamaGen c2i GPT checkpoint, e.g. c2i_B_256.pt")
+    llamagen.add_argument("--gpt_preset", default="GPT-B", help="its size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL")
+    llamagen.add_argument("--image_size", type=int, default=256, help="256 or 384, as the GPT was trained")
+    var = families.add_parser("var", help="VAR's multi-scale VQVAE and a VAR transformer")
+    var.add_argument("--vae_ckpt", required=True, help="VAR's VQVAE checkpoint, vae_ch160v4096z32.pth")
+    var.add_argument("--var_ckpt", required=True, help="VAR transformer checkpoint, e.g. var_d16.pth")
+    var.add_argument("--depth", type=int, default=16, help="its depth: 16, 20, 24 or 30")
+    var.add_argument("--image_size", type=int, default=256)
+    for family in (llamagen, var):
+        family.add_argument("--num_classes", type=int, default=1000)
+        family.add_argument("--output", required=True, help="folder for tokenizer.ckpt, generator.ckpt, generator.yaml")
     a = parser.parse_args(args)
-    paths = write_llamagen_checkpoints(a.vq_ckpt, a.gpt_ckpt, a.output, a.gpt_preset, a.image_size, a.num_classes)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    if a.family == "llamagen":
+        paths = write_llamagen_checkpoints(a.vq_ckpt, a.gpt_ckpt, a.output, a.gpt_preset, a.image_size, a.num_classes)
+    else:
+        paths = write_var_checkpoints(a.vae_ckpt, a.var_ckpt, a.output, a.depth, a.image_size, a.num_classes)
+    print(f"wrote {paths[0]}, {paths[1]} and {paths[1].with_suffix('.yaml')}")
     return paths
 
 

@@ -13,8 +13,9 @@ from conftest import CONFIGS, run_dir_args
 from lit_ar.checkpoints import load_system
 from lit_ar.cli import cli_main
 from lit_ar.models.autoencoder import PRESETS, Autoencoder
-from lit_ar.released_weights import main, read_weights, write_llamagen_checkpoints
+from lit_ar.released_weights import main, read_weights, write_llamagen_checkpoints, write_var_checkpoints
 from lit_ar.systems.causal_ar import CausalARSystem
+from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import load_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamagen_tiny.pt"
@@ -89,11 +90,11 @@ def test_imported_generator_samples_through_the_cli(imported, tmp_path):
 def test_the_command_line_and_its_bad_inputs(fixture, released_files, tmp_path):
     vq, gpt = released_files
     with pytest.raises(FileNotFoundError, match=r"gpt_ckpt='/nonexistent.pt': no such file"):
-        main(["--vq_ckpt", str(vq), "--gpt_ckpt", "/nonexistent.pt", "--output", str(tmp_path)])
+        main(["llamagen", "--vq_ckpt", str(vq), "--gpt_ckpt", "/nonexistent.pt", "--output", str(tmp_path)])
     # the command builds LlamaGen's VQ-16: the tiny VQ does not fit it, and the message says how
     with pytest.raises(ValueError, match=r"vq_ckpt=.*vq.pt' does not fit the model its settings build: .*shapes"):
-        main(["--vq_ckpt", str(vq), "--gpt_ckpt", str(gpt), "--gpt_preset", "GPT-nano", "--image_size", "64",
-              "--num_classes", "10", "--output", str(tmp_path / "cli")])  # fmt: skip
+        main(["llamagen", "--vq_ckpt", str(vq), "--gpt_ckpt", str(gpt), "--gpt_preset", "GPT-nano", "--image_size",
+              "64", "--num_classes", "10", "--output", str(tmp_path / "cli")])  # fmt: skip
     # the wrong size of GPT: every mismatch is named, with the setting to change
     wrong = r"\['cls_embedding.weight: file \(11, 64\), model \(11, 128\)'.*gpt_preset"
     with pytest.raises(ValueError, match=rf"gpt_ckpt=.* does not fit the model its settings build: .*{wrong}"):
@@ -134,3 +135,65 @@ def test_the_imported_generator_fine_tunes_on_other_data(imported, tmp_path):
     # trained from LlamaGen's weights: moved by 3 steps of at most lr each, not re-initialised
     moved = max(float((tuned[k] - v).abs().max()) for k, v in start.items())
     assert 0 < moved < 3 * 2 * cli.model.hparams.lr
+
+
+# ---- VAR ---------------------------------------------------------------------------------------------------------
+VAR_FIXTURE = Path(__file__).parent / "fixtures" / "var_tiny.pt"
+# the tiny VQVAE of tests/fixtures/make_var_fixture.py (the released one is lit_ar's `var_msvq16` preset)
+VAR_VAE = dict(preset=None, base_channels=32, ch_mult=(1, 2), num_res_blocks=1, mid_attention=True, z_channels=8,
+               codebook_size=64, latent_dim=8, downsample_padding="taming", quant_conv_kernel=3,
+               scales=(1, 2, 3, 4, 5, 6, 8), disc_width=8, disc_layers=2)  # fmt: skip
+
+
+VAR_TOKENS = [s * s for s in VAR_VAE["scales"]]
+
+
+@pytest.fixture(scope="module")
+def var_fixture() -> dict:
+    return torch.load(VAR_FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def var_imported(var_fixture, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("var")
+    for part in ("vae", "var"):
+        torch.save(var_fixture[part], folder / f"{part}.pth")  # as VAR's released files: a bare state dict
+    return write_var_checkpoints(str(folder / "vae.pth"), str(folder / "var.pth"), str(folder / "out"), 2, 16, 10,
+                                 tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip
+
+
+def test_imported_var_tokenizer_gives_var_s_codes_and_images(var_fixture, var_imported):
+    tokenizer = load_tokenizer(str(var_imported[0]))
+    codes = torch.cat(tokenizer.encode(var_fixture["images"]), 1)  # (2, 155): 7 scales, 1 + 4 + ... + 64 tokens
+    assert torch.equal(codes, var_fixture["codes"])
+    decoded = tokenizer.decode(list(var_fixture["codes"].split(VAR_TOKENS, dim=1)))
+    torch.testing.assert_close(decoded, var_fixture["decoded"], rtol=1e-4, atol=1e-5)
+
+
+def test_imported_var_gives_var_s_logits(var_fixture, var_imported):
+    system = load_system(str(var_imported[1]), ScaleARSystem)
+    indices = list(var_fixture["codes"].split(VAR_TOKENS, dim=1))
+    inputs = system.tokenizer.quantizer.teacher_forcing_inputs(indices)  # (2, L - 1, 8)
+    logits = system.model(var_fixture["labels"], inputs)  # (2, 155, 64)
+    torch.testing.assert_close(logits.float(), var_fixture["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_imported_var_samples_through_the_cli(var_imported, tmp_path):
+    cli = cli_main(["predict", "--config", str(CONFIGS / "debug" / "scale.yaml"), "--config",
+                    str(var_imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path), "--ckpt_path",
+                    str(var_imported[1])])  # fmt: skip
+    assert cli.model.hparams.depth == 2 and cli.model.hparams.tokenizer_ckpt == str(var_imported[0])
+    assert np.load(tmp_path / "samples.npz")["images"].shape[1:] == (16, 16, 3)
+
+
+def test_var_command_line_and_bad_inputs(var_fixture, var_imported, tmp_path):
+    folder = var_imported[0].parent.parent
+    # the command builds VAR's VQVAE: the tiny one does not fit it, and the message says how
+    with pytest.raises(ValueError, match=r"vae_ckpt=.*vae.pth' does not fit the model its settings build: .*shapes"):
+        main(["var", "--vae_ckpt", str(folder / "vae.pth"), "--var_ckpt", str(folder / "var.pth"), "--depth", "2",
+              "--output", str(tmp_path / "cli")])  # fmt: skip
+    shared = {**var_fixture["var"], "shared_ada_lin.1.weight": torch.zeros(1)}
+    torch.save(shared, tmp_path / "shared.pth")
+    with pytest.raises(ValueError, match=r"share one AdaLN linear across blocks \(shared_aln\)"):
+        write_var_checkpoints(str(folder / "vae.pth"), str(tmp_path / "shared.pth"), str(tmp_path / "x"), 2, 16, 10,
+                              tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip

@@ -28,22 +28,24 @@ VAR_SCALES_16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PRESETS: dict[str, dict] = {
     # 64x64 shapes at 4x: 16x16 tokens, trains on a CPU in minutes
     "shapes": dict(base_channels=16, ch_mult=(1, 2, 4), num_res_blocks=1, mid_attention=False, z_channels=64,
-                   codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5), downsample_padding="symmetric"),
+                   codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5), downsample_padding="symmetric",
+                   quant_conv_kernel=1),
     # 32x32 digits at 4x: 8x8 tokens
     "digits": dict(base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False, z_channels=32,
-                   codebook_size=256, latent_dim=8, levels=(8, 5, 5), downsample_padding="symmetric"),
+                   codebook_size=256, latent_dim=8, levels=(8, 5, 5), downsample_padding="symmetric",
+                   quant_conv_kernel=1),
     # LlamaGen's VQ-16 (256x256 -> 16x16, 16384 l2-normalised 8-d codes, ~72M parameters)
     "llamagen_vq16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                           z_channels=256, codebook_size=16384, latent_dim=8, levels=(8, 8, 8, 5, 5, 5),
-                          downsample_padding="taming"),
+                          downsample_padding="taming", quant_conv_kernel=1),
     # VAR's multi-scale VQVAE (256x256 -> scales up to 16x16, 4096 32-d codes)
     "var_msvq16": dict(base_channels=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                        z_channels=32, codebook_size=4096, latent_dim=32, levels=(8, 8, 8, 5, 5, 5),
-                       downsample_padding="taming"),
+                       downsample_padding="taming", quant_conv_kernel=3),
     # MAR's KL-16 (256x256 -> 16x16x16 continuous latents)
     "mar_kl16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                      z_channels=16, codebook_size=16384, latent_dim=16, levels=(8, 8, 8, 5, 5, 5),
-                     downsample_padding="taming"),
+                     downsample_padding="taming", quant_conv_kernel=1),
 }  # fmt: skip
 
 
@@ -175,6 +177,7 @@ class Autoencoder(nn.Module):
         num_res_blocks: int | None = None,
         mid_attention: bool | None = None,
         downsample_padding: str | None = None,
+        quant_conv_kernel: int | None = None,
         z_channels: int | None = None,
         codebook_size: int | None = None,
         latent_dim: int | None = None,
@@ -200,7 +203,8 @@ class Autoencoder(nn.Module):
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset={preset!r} is not known; use one of {tuple(PRESETS)} or null")
         given = dict(base_channels=base_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                     mid_attention=mid_attention, downsample_padding=downsample_padding, z_channels=z_channels,
+                     mid_attention=mid_attention, downsample_padding=downsample_padding,
+                     quant_conv_kernel=quant_conv_kernel, z_channels=z_channels,
                      codebook_size=codebook_size, latent_dim=latent_dim, levels=levels)  # fmt: skip
         cfg = {**PRESETS[preset or "shapes"], **{k: v for k, v in given.items() if v is not None}}
         ch_mult, levels = tuple(cfg["ch_mult"]), tuple(cfg["levels"])
@@ -237,8 +241,12 @@ class Autoencoder(nn.Module):
         enc_out = 2 * self.latent_channels if self.is_continuous else self.latent_channels
         self.encoder = Encoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc,
                                cfg["downsample_padding"])  # fmt: skip
-        self.quant_conv = nn.Conv2d(zc, enc_out, 1)  # to the code width (factorised codes, LlamaGen)
-        self.post_quant_conv = nn.Conv2d(self.latent_channels, zc, 1)
+        # to the code width (factorised codes, LlamaGen) and back; VAR's tokenizer uses 3x3 convs here
+        k = cfg["quant_conv_kernel"]
+        if k not in (1, 3):
+            raise ValueError(f"quant_conv_kernel={k} is not supported; use 1 or 3")
+        self.quant_conv = nn.Conv2d(zc, enc_out, k, padding=k // 2)
+        self.post_quant_conv = nn.Conv2d(self.latent_channels, zc, k, padding=k // 2)
         self.decoder = Decoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc)
 
     def check_scales(self, scales: tuple[int, ...]) -> tuple[int, ...]:
