@@ -1,15 +1,18 @@
-"""Released LlamaGen and VAR weights in lit_ar: their tokenizers and class-conditional generators as lit_ar checkpoints.
+"""Released LlamaGen, VAR and MAR weights in lit_ar: their tokenizers and class-conditional generators as lit_ar
+checkpoints (MAR's KL-16 tokenizer only: MAR's diffusion head is not lit_ar's flow head).
 
     python -m lit_ar.released_weights llamagen --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt --gpt_preset GPT-B \\
         --output runs/released/llamagen_B_256
     python -m lit_ar.released_weights var --vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth --depth 16 \\
         --output runs/released/var_d16
+    python -m lit_ar.released_weights mar-kl --vae_ckpt kl16.ckpt --output runs/released/mar_kl16
 
-each write `tokenizer.ckpt` (a TokenizerSystem: preset `llamagen_vq16`, or `var_msvq16`), `generator.ckpt` (a
-CausalARSystem or ScaleARSystem that names that tokenizer; weights only, no training state) and `generator.yaml` (its
-model settings). `load_system` reads the checkpoints like those of any lit_ar run; `lit_ar predict|test` run them
-with the model settings stacked on a config of the family (lit_ar builds the model from the config, and the data
-gives the classes and image size), and `lit_ar fit` with `init_weights` fine-tunes them:
+write `tokenizer.ckpt` (a TokenizerSystem: preset `llamagen_vq16`, `var_msvq16` or `mar_kl16`) and, for LlamaGen and
+VAR, `generator.ckpt` (a CausalARSystem or ScaleARSystem that names that tokenizer; weights only, no training state)
+and `generator.yaml` (its model settings). `load_system` reads the checkpoints like those of any lit_ar run;
+`lit_ar predict|test` run them with the model settings stacked on a config of the family (lit_ar builds the model
+from the config, and the data gives the classes and image size), and `lit_ar fit` with `init_weights` fine-tunes
+them:
 
     lit_ar predict --config configs/causal/llamagen_shapes.yaml --config runs/released/llamagen_B_256/generator.yaml \\
         --ckpt_path runs/released/llamagen_B_256/generator.ckpt --data.dataset imagefolder \\
@@ -163,6 +166,12 @@ def var_vae_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             **conv_autoencoder_state_dict(weights, TAMING_LAYOUT)}  # fmt: skip
 
 
+def mar_kl_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAR's KL-16 weights (models/vae.py, LDM's KL-VAE) -> the state dict of lit_ar's Autoencoder with the kl
+    bottleneck (its latent scale is a setting, not a weight)."""
+    return conv_autoencoder_state_dict(weights, TAMING_LAYOUT)
+
+
 # VAR's transformer (models/var.py, basic_var.py) -> lit_ar's ScaleTransformer
 VAR_RENAMES = (
     (r"^blocks\.(\d+)\.attn\.mat_qkv\.", r"blocks.\1.attn.wqkv."),
@@ -274,6 +283,28 @@ def write_var_checkpoints(
     )  # fmt: skip
 
 
+def write_mar_kl_checkpoint(
+    vae_ckpt: str,
+    output: str,
+    image_size: int = 256,
+    num_classes: int = 1000,
+    latent_scale: float = 0.2325,
+    tokenizer_settings: dict | None = None,
+) -> Path:
+    """MAR's KL-16 checkpoint file -> `output`/tokenizer.ckpt, a KL tokenizer whose latents the flow family (MAR,
+    FlowAR) trains on; MAR multiplies them by 0.2325, its `latent_scale`. MAR's generator is not imported: its
+    diffusion head is not lit_ar's flow head."""
+    from lit_ar.systems.tokenizer import TokenizerSystem
+
+    settings = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
+    weights = mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt"))
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    system = TokenizerSystem(image_size=image_size, num_classes=num_classes, **settings)
+    load_strictly(system.autoencoder, weights, "vae_ckpt", vae_ckpt, skip=("quantizer.scale_factor",))
+    return save_system(system, folder / "tokenizer.ckpt")
+
+
 def write_checkpoints(output: str, image_size: int, num_classes: int, tokenizer: tuple, generator: tuple,
                       family_config: str) -> tuple[Path, Path]:  # fmt: skip
     """tokenizer: (TokenizerSystem settings, its autoencoder's weights, setting name, file); generator: (system
@@ -332,8 +363,8 @@ def load_strictly(module: torch.nn.Module, weights: dict, setting: str, path: st
     module.load_state_dict({**module.state_dict(), **weights}, strict=True)
 
 
-def main(args: list[str] | None = None) -> tuple[Path, Path]:
-    parser = argparse.ArgumentParser(description="Released LlamaGen and VAR weights as lit_ar checkpoints.")
+def main(args: list[str] | None = None) -> tuple[Path, ...]:
+    parser = argparse.ArgumentParser(description="Released LlamaGen, VAR and MAR weights as lit_ar checkpoints.")
     families = parser.add_subparsers(dest="family", required=True)
     llamagen = families.add_parser("llamagen", help="LlamaGen's VQ-16 and a class-conditional GPT")
     llamagen.add_argument("--vq_ckpt", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
@@ -345,10 +376,18 @@ def main(args: list[str] | None = None) -> tuple[Path, Path]:
     var.add_argument("--var_ckpt", required=True, help="VAR transformer checkpoint, e.g. var_d16.pth")
     var.add_argument("--depth", type=int, default=16, help="its depth: 16, 20, 24 or 30")
     var.add_argument("--image_size", type=int, default=256)
-    for family in (llamagen, var):
+    mar_kl = families.add_parser("mar-kl", help="MAR's KL-16 tokenizer (for the flow family)")
+    mar_kl.add_argument("--vae_ckpt", required=True, help="MAR's KL-VAE checkpoint, kl16.ckpt")
+    mar_kl.add_argument("--image_size", type=int, default=256)
+    mar_kl.add_argument("--latent_scale", type=float, default=0.2325, help="MAR's scale of the latents")
+    for family in (llamagen, var, mar_kl):
         family.add_argument("--num_classes", type=int, default=1000)
-        family.add_argument("--output", required=True, help="folder for tokenizer.ckpt, generator.ckpt, generator.yaml")
+        family.add_argument("--output", required=True, help="folder for the checkpoints (and generator.yaml)")
     a = parser.parse_args(args)
+    if a.family == "mar-kl":
+        path = write_mar_kl_checkpoint(a.vae_ckpt, a.output, a.image_size, a.num_classes, a.latent_scale)
+        print(f"wrote {path}")
+        return (path,)
     if a.family == "llamagen":
         paths = write_llamagen_checkpoints(a.vq_ckpt, a.gpt_ckpt, a.output, a.gpt_preset, a.image_size, a.num_classes)
     else:

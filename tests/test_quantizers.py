@@ -229,12 +229,14 @@ def test_presets_match_the_official_layouts():
     with torch.device("meta"):  # shapes only: nothing is allocated
         vq16 = Autoencoder(256, 3, "vq", preset="llamagen_vq16")
         var = Autoencoder(256, 3, "msvq", preset="var_msvq16")
+        kl16 = Autoencoder(256, 3, "kl", preset="mar_kl16")
     assert vq16.downsample == 16 and vq16.grid_size == 16 and vq16.vocab_size == 16384 and vq16.latent_channels == 8
-    # the parameter counts of LlamaGen's VQ_16 and VAR's VQVAE(ch=160, z_channels=32), counted on their code (their
-    # weights load into these presets: tests/test_released_weights.py)
+    # the parameter counts of LlamaGen's VQ_16, VAR's VQVAE(ch=160, z_channels=32) and MAR's AutoencoderKL(16), counted
+    # on their code (their weights load into these presets: tests/test_released_weights.py)
     assert sum(p.numel() for p in vq16.parameters()) == 71_883_403
     assert var.scales == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and var.vocab_size == 4096 and var.latent_channels == 32
     assert sum(p.numel() for p in var.parameters()) == 108_948_355
+    assert sum(p.numel() for p in kl16.parameters()) == 66_456_019 and kl16.latent_channels == 16
 
 
 def test_patch_discriminator_output_size():

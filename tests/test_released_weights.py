@@ -13,7 +13,13 @@ from conftest import CONFIGS, run_dir_args
 from lit_ar.checkpoints import load_system
 from lit_ar.cli import cli_main
 from lit_ar.models.autoencoder import PRESETS, Autoencoder
-from lit_ar.released_weights import main, read_weights, write_llamagen_checkpoints, write_var_checkpoints
+from lit_ar.released_weights import (
+    main,
+    read_weights,
+    write_llamagen_checkpoints,
+    write_mar_kl_checkpoint,
+    write_var_checkpoints,
+)
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import load_tokenizer
@@ -197,3 +203,32 @@ def test_var_command_line_and_bad_inputs(var_fixture, var_imported, tmp_path):
     with pytest.raises(ValueError, match=r"share one AdaLN linear across blocks \(shared_aln\)"):
         write_var_checkpoints(str(folder / "vae.pth"), str(tmp_path / "shared.pth"), str(tmp_path / "x"), 2, 16, 10,
                               tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip
+
+
+# ---- MAR's KL-16 -------------------------------------------------------------------------------------------------
+MAR_KL = dict(preset=None, base_channels=32, ch_mult=(1, 2), num_res_blocks=1, mid_attention=True, z_channels=4,
+              latent_dim=4, downsample_padding="taming", quant_conv_kernel=1, double_z=True,
+              decoder_level_attention=False, disc_width=8, disc_layers=2)  # fmt: skip
+
+
+def test_imported_mar_kl_tokenizer_gives_mar_s_latents_and_images(tmp_path):
+    """MAR's KL-VAE in lit_ar: the same posterior (mean, and std through the token cache's moments), the same
+    decoded images; latents scaled by MAR's 0.2325. Then the flow family trains on it through the CLI."""
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "mar_kl_tiny.pt", weights_only=True)
+    torch.save(fixture["vae"], tmp_path / "kl16.ckpt")
+    path = write_mar_kl_checkpoint(str(tmp_path / "kl16.ckpt"), str(tmp_path / "out"), 16, 10,
+                                   tokenizer_settings=MAR_KL)  # fmt: skip
+    tokenizer = load_tokenizer(str(path))
+    latents = tokenizer.encode(fixture["images"], sample=False)  # (2, 64, 4): the mean, scaled
+    expected = fixture["mean"].flatten(2).transpose(1, 2) * 0.2325
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+    mean, logvar = tokenizer.quantizer.moments(tokenizer.quant_conv(tokenizer.encoder(fixture["images"])))
+    torch.testing.assert_close(logvar, fixture["logvar"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tokenizer.decode(latents), fixture["decoded"].clamp(-1, 1), rtol=1e-4, atol=1e-5)
+    # the flow family (MAR-style) trains on the imported tokenizer's latents
+    cli = cli_main(["fit", "--config", str(CONFIGS / "debug" / "flow_mar.yaml"), *run_dir_args(tmp_path / "run"),
+                    "--model.init_args.tokenizer_ckpt", str(path), "--trainer.max_steps", "2",
+                    "--trainer.limit_val_batches", "0"])  # fmt: skip
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    with pytest.raises(ValueError, match=r"vae_ckpt=.*kl16.ckpt' does not fit the model its settings build"):
+        main(["mar-kl", "--vae_ckpt", str(tmp_path / "kl16.ckpt"), "--output", str(tmp_path / "cli")])

@@ -29,23 +29,26 @@ PRESETS: dict[str, dict] = {
     # 64x64 shapes at 4x: 16x16 tokens, trains on a CPU in minutes
     "shapes": dict(base_channels=16, ch_mult=(1, 2, 4), num_res_blocks=1, mid_attention=False, z_channels=64,
                    codebook_size=4096, latent_dim=8, levels=(7, 5, 5, 5, 5), downsample_padding="symmetric",
-                   quant_conv_kernel=1),
+                   quant_conv_kernel=1, double_z=False, decoder_level_attention=True),
     # 32x32 digits at 4x: 8x8 tokens
     "digits": dict(base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False, z_channels=32,
                    codebook_size=256, latent_dim=8, levels=(8, 5, 5), downsample_padding="symmetric",
-                   quant_conv_kernel=1),
+                   quant_conv_kernel=1, double_z=False, decoder_level_attention=True),
     # LlamaGen's VQ-16 (256x256 -> 16x16, 16384 l2-normalised 8-d codes, ~72M parameters)
     "llamagen_vq16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                           z_channels=256, codebook_size=16384, latent_dim=8, levels=(8, 8, 8, 5, 5, 5),
-                          downsample_padding="taming", quant_conv_kernel=1),
+                          downsample_padding="taming", quant_conv_kernel=1, double_z=False,
+                          decoder_level_attention=True),
     # VAR's multi-scale VQVAE (256x256 -> scales up to 16x16, 4096 32-d codes)
     "var_msvq16": dict(base_channels=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                        z_channels=32, codebook_size=4096, latent_dim=32, levels=(8, 8, 8, 5, 5, 5),
-                       downsample_padding="taming", quant_conv_kernel=3),
-    # MAR's KL-16 (256x256 -> 16x16x16 continuous latents)
+                       downsample_padding="taming", quant_conv_kernel=3, double_z=False,
+                       decoder_level_attention=True),
+    # MAR's KL-16 (LDM's KL-VAE; 256x256 -> 16x16x16 continuous latents; its encoder outputs mean and log-variance)
     "mar_kl16": dict(base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
                      z_channels=16, codebook_size=16384, latent_dim=16, levels=(8, 8, 8, 5, 5, 5),
-                     downsample_padding="taming", quant_conv_kernel=1),
+                     downsample_padding="taming", quant_conv_kernel=1, double_z=True,
+                     decoder_level_attention=False),
 }  # fmt: skip
 
 
@@ -141,9 +144,11 @@ class Upsample(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The encoder mirrored, with one more ResBlock per level (as taming/LlamaGen); nearest x2 + conv upsampling."""
+    """The encoder mirrored, with one more ResBlock per level (as taming/LlamaGen); nearest x2 + conv upsampling.
+    `level_attn` False keeps self-attention in the mid block only (MAR's KL-16 decoder)."""
 
-    def __init__(self, channels: int, base: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: bool, c_in: int):
+    def __init__(self, channels: int, base: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: bool, c_in: int,
+                 level_attn: bool = True):  # fmt: skip
         super().__init__()
         c = base * ch_mult[-1]
         self.conv_in = nn.Conv2d(c_in, c, 3, padding=1)
@@ -153,7 +158,7 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResBlock(c, base * m))
                 c = base * m
-                if attn and i == len(ch_mult) - 1:
+                if attn and level_attn and i == len(ch_mult) - 1:
                     blocks.append(AttnBlock(c))
             if i > 0:
                 blocks.append(Upsample(c))
@@ -178,6 +183,8 @@ class Autoencoder(nn.Module):
         mid_attention: bool | None = None,
         downsample_padding: str | None = None,
         quant_conv_kernel: int | None = None,
+        double_z: bool | None = None,
+        decoder_level_attention: bool | None = None,
         z_channels: int | None = None,
         codebook_size: int | None = None,
         latent_dim: int | None = None,
@@ -204,7 +211,8 @@ class Autoencoder(nn.Module):
             raise ValueError(f"preset={preset!r} is not known; use one of {tuple(PRESETS)} or null")
         given = dict(base_channels=base_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                      mid_attention=mid_attention, downsample_padding=downsample_padding,
-                     quant_conv_kernel=quant_conv_kernel, z_channels=z_channels,
+                     quant_conv_kernel=quant_conv_kernel, double_z=double_z,
+                     decoder_level_attention=decoder_level_attention, z_channels=z_channels,
                      codebook_size=codebook_size, latent_dim=latent_dim, levels=levels)  # fmt: skip
         cfg = {**PRESETS[preset or "shapes"], **{k: v for k, v in given.items() if v is not None}}
         ch_mult, levels = tuple(cfg["ch_mult"]), tuple(cfg["levels"])
@@ -238,16 +246,17 @@ class Autoencoder(nn.Module):
         self.config = {**cfg, "ch_mult": ch_mult, "levels": levels, "scales": self.scales, "quantizer": quantizer}
 
         zc = cfg["z_channels"]
+        zc_enc = 2 * zc if cfg["double_z"] else zc  # LDM's KL encoders output 2 z_channels (MAR's KL-16)
         enc_out = 2 * self.latent_channels if self.is_continuous else self.latent_channels
-        self.encoder = Encoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc,
-                               cfg["downsample_padding"])  # fmt: skip
+        arch = (cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"])
+        self.encoder = Encoder(channels, *arch, zc_enc, cfg["downsample_padding"])
         # to the code width (factorised codes, LlamaGen) and back; VAR's tokenizer uses 3x3 convs here
         k = cfg["quant_conv_kernel"]
         if k not in (1, 3):
             raise ValueError(f"quant_conv_kernel={k} is not supported; use 1 or 3")
-        self.quant_conv = nn.Conv2d(zc, enc_out, k, padding=k // 2)
+        self.quant_conv = nn.Conv2d(zc_enc, enc_out, k, padding=k // 2)
         self.post_quant_conv = nn.Conv2d(self.latent_channels, zc, k, padding=k // 2)
-        self.decoder = Decoder(channels, cfg["base_channels"], ch_mult, cfg["num_res_blocks"], cfg["mid_attention"], zc)
+        self.decoder = Decoder(channels, *arch, zc, cfg["decoder_level_attention"])
 
     def check_scales(self, scales: tuple[int, ...]) -> tuple[int, ...]:
         scales = tuple(scales)

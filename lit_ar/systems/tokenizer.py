@@ -26,9 +26,9 @@ from lit_ar.systems.lr_schedule import warmup_cosine
 # TokenizerSystem settings that build the Autoencoder (load_tokenizer rebuilds it from a checkpoint's hparams)
 AUTOENCODER_ARGS = (
     "image_size", "channels", "quantizer", "preset", "base_channels", "ch_mult", "num_res_blocks", "mid_attention",
-    "downsample_padding", "quant_conv_kernel", "z_channels", "codebook_size", "latent_dim", "levels", "scales", "beta",
-    "l2_norm", "ema", "ema_decay", "dead_code_steps", "phi_count", "phi_ratio", "entropy_weight", "entropy_gamma",
-    "entropy_temperature", "kl_weight", "latent_scale",
+    "downsample_padding", "quant_conv_kernel", "double_z", "decoder_level_attention", "z_channels", "codebook_size",
+    "latent_dim", "levels", "scales", "beta", "l2_norm", "ema", "ema_decay", "dead_code_steps", "phi_count",
+    "phi_ratio", "entropy_weight", "entropy_gamma", "entropy_temperature", "kl_weight", "latent_scale",
 )  # fmt: skip
 
 
@@ -70,6 +70,8 @@ class TokenizerSystem(L.LightningModule):
         mid_attention: bool | None = None,
         downsample_padding: Literal["symmetric", "taming"] | None = None,
         quant_conv_kernel: int | None = None,
+        double_z: bool | None = None,
+        decoder_level_attention: bool | None = None,
         z_channels: int | None = None,
         codebook_size: int | None = None,
         latent_dim: int | None = None,
@@ -127,6 +129,10 @@ class TokenizerSystem(L.LightningModule):
                 preset).
             quant_conv_kernel: Kernel of the convs between the encoder output and the codes and back: 1, or 3 (VAR's
                 tokenizer and the `var_msvq16` preset) (null: preset).
+            double_z: The encoder outputs 2 * z_channels before the quant conv (LDM's KL-VAE layout: MAR's KL-16 and
+                the `mar_kl16` preset) (null: preset).
+            decoder_level_attention: With mid_attention, the decoder's lowest-resolution level attends too; false keeps
+                the decoder's attention in its mid block only (MAR's KL-16 and the `mar_kl16` preset) (null: preset).
             z_channels: Channels of the encoder output and decoder input, before the quant convs (null: preset).
             codebook_size: Number of codes for vq, msvq and lfq (a power of two for lfq) (null: preset).
             latent_dim: Width of a code (vq, msvq) or of a continuous token (kl); fsq uses len(levels) and lfq
