@@ -294,29 +294,31 @@ def write_mar_kl_checkpoint(
     """MAR's KL-16 checkpoint file -> `output`/tokenizer.ckpt, a KL tokenizer whose latents the flow family (MAR,
     FlowAR) trains on; MAR multiplies them by 0.2325, its `latent_scale`. MAR's generator is not imported: its
     diffusion head is not lit_ar's flow head."""
-    from lit_ar.systems.tokenizer import TokenizerSystem
-
     settings = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
     weights = mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt"))
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    system = TokenizerSystem(image_size=image_size, num_classes=num_classes, **settings)
-    load_strictly(system.autoencoder, weights, "vae_ckpt", vae_ckpt, skip=("quantizer.scale_factor",))
-    return save_system(system, folder / "tokenizer.ckpt")
+    return write_tokenizer(output, image_size, num_classes, (settings, weights, "vae_ckpt", vae_ckpt))
 
 
-def write_checkpoints(output: str, image_size: int, num_classes: int, tokenizer: tuple, generator: tuple,
-                      family_config: str) -> tuple[Path, Path]:  # fmt: skip
-    """tokenizer: (TokenizerSystem settings, its autoencoder's weights, setting name, file); generator: (system
-    class, settings, its core's weights, setting name, file). Writes the two checkpoints and the model config."""
+def write_tokenizer(output: str, image_size: int, num_classes: int, tokenizer: tuple) -> Path:
+    """tokenizer: (TokenizerSystem settings, its autoencoder's weights, setting name, file) -> `output`/tokenizer.ckpt.
+    The codebook-usage counter and the latent scale come from the settings, not from the file."""
     from lit_ar.systems.tokenizer import TokenizerSystem
 
     settings, weights, setting, path = tokenizer
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     system = TokenizerSystem(image_size=image_size, num_classes=num_classes, **settings)
-    load_strictly(system.autoencoder, weights, setting, path, skip=("quantizer.codebook.steps_since_used",))
-    tokenizer_path = save_system(system, folder / "tokenizer.ckpt")
+    load_strictly(system.autoencoder, weights, setting, path,
+                  skip=("quantizer.codebook.steps_since_used", "quantizer.scale_factor"))  # fmt: skip
+    return save_system(system, folder / "tokenizer.ckpt")
+
+
+def write_checkpoints(output: str, image_size: int, num_classes: int, tokenizer: tuple, generator: tuple,
+                      family_config: str) -> tuple[Path, Path]:  # fmt: skip
+    """tokenizer: as `write_tokenizer` takes it; generator: (system class, settings, its core's weights, setting name,
+    file). Writes the two checkpoints and the model config."""
+    tokenizer_path = write_tokenizer(output, image_size, num_classes, tokenizer)
+    folder = tokenizer_path.parent
     system_class, settings, weights, setting, path = generator
     system = system_class(tokenizer_ckpt=str(tokenizer_path), image_size=image_size, num_classes=num_classes,
                           **settings)  # fmt: skip
