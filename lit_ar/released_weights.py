@@ -41,6 +41,8 @@ GPT_RENAMES = (
     (r"^layers\.(\d+)\.attention_norm\.", r"layers.\1.norm1."),
     (r"^layers\.(\d+)\.ffn_norm\.", r"layers.\1.norm2."),
 )
+# LlamaGen's guidance scale for its FID figures, per GPT size (its README's sampling commands; top-k and top-p off)
+LLAMAGEN_FID_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
 # a ResBlock's 1x1 skip conv and an attention block's output conv; norm1/conv1/norm2/conv2/norm/qkv keep their names
 BLOCK_RENAMES = {"nin_shortcut": "skip", "proj_out": "proj"}
 
@@ -248,7 +250,9 @@ def write_llamagen_checkpoints(
     from lit_ar.systems.causal_ar import CausalARSystem
 
     tokenizer = {"quantizer": "vq", "preset": "llamagen_vq16", "l2_norm": True, **(tokenizer_settings or {})}
-    generator = {"preset": gpt_preset, "prefix_rope": "zero", "class_dropout": 0.1, **(generator_settings or {})}
+    sampling = {"cfg": LLAMAGEN_FID_CFG.get(gpt_preset, 2.0), "temperature": 1.0}  # LlamaGen's FID settings
+    generator = {"preset": gpt_preset, "prefix_rope": "zero", "class_dropout": 0.1, "predict_kwargs": sampling,
+                 **(generator_settings or {})}  # fmt: skip
     return write_checkpoints(
         output, image_size, num_classes,
         (tokenizer, llamagen_vq_state_dict(read_weights(vq_ckpt, "vq_ckpt")), "vq_ckpt", vq_ckpt),
@@ -273,8 +277,11 @@ def write_var_checkpoints(
     from lit_ar.systems.scale_ar import ScaleARSystem
 
     tokenizer = {"quantizer": "msvq", "preset": "var_msvq16", **(tokenizer_settings or {})}
+    # VAR's FID sampling (its README: cfg=1.5, top_p=0.96, top_k=900). VAR ramps the guidance scale linearly from 1 to
+    # 1 + cfg over the scales; lit_ar's linear schedule ramps from 1 to cfg, so VAR's cfg=1.5 is lit_ar's 2.5.
+    sampling = {"cfg": 2.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96}
     generator = {"depth": depth, "cosine_attn": True, "shared_adaln": False, "class_dropout": 0.1,
-                 **(generator_settings or {})}  # fmt: skip
+                 "predict_kwargs": sampling, **(generator_settings or {})}  # fmt: skip
     return write_checkpoints(
         output, image_size, num_classes,
         (tokenizer, var_vae_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt),
@@ -371,7 +378,7 @@ def main(args: list[str] | None = None) -> tuple[Path, ...]:
     llamagen = families.add_parser("llamagen", help="LlamaGen's VQ-16 and a class-conditional GPT")
     llamagen.add_argument("--vq_ckpt", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
     llamagen.add_argument("--gpt_ckpt", required=True, help="LlamaGen c2i GPT checkpoint, e.g. c2i_B_256.pt")
-    llamagen.add_argument("--gpt_preset", default="GPT-B", help="its size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL")
+    llamagen.add_argument("--gpt_preset", default="GPT-B", help="its size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
     llamagen.add_argument("--image_size", type=int, default=256, help="256 or 384, as the GPT was trained")
     var = families.add_parser("var", help="VAR's multi-scale VQVAE and a VAR transformer")
     var.add_argument("--vae_ckpt", required=True, help="VAR's VQVAE checkpoint, vae_ch160v4096z32.pth")

@@ -62,7 +62,8 @@ def cfg_scale(
     power: float = 1.0,
 ) -> float:
     """The guidance scale at `progress` in [0, 1] (fraction of tokens, steps or scales generated so far).
-    constant: cfg; linear: 1 -> cfg (MAR, VAR); interval: cfg inside [lo, hi], 1 outside;
+    constant: cfg; linear: 1 -> cfg (MAR; VAR's ramp too, but VAR's own `cfg` c ends at 1 + c, so it is lit_ar's
+    1 + c); interval: cfg inside [lo, hi], 1 outside;
     power_cosine: 1 + (cfg - 1) * (1 - cos(pi * progress**power)) / 2 (MUSE/MaskGIT style)."""
     if schedule == "constant":
         return cfg

@@ -76,6 +76,9 @@ def test_gpt_b_has_llamagen_layout_and_parameter_count():
     assert model.layers[0].attn.wqkv.weight.shape == (3 * 768, 768)
     assert all("bias" not in name for name, _ in model.named_parameters())
     assert model.layers[0].norm1.eps == 1e-5 and model.output.weight.shape == (16384, 768)
+    with torch.device("meta"):  # LlamaGen's GPT_3B (its released c2i_3B), counted on its code: 3,096,659,200
+        gpt_3b = CausalTransformer(vocab_size=16384, grid_size=16, num_classes=1000, **PRESETS["GPT-3B"])
+    assert sum(p.numel() for p in gpt_3b.parameters()) == 3_096_659_200
 
 
 def test_output_layer_starts_at_zero_so_the_first_prediction_is_uniform():

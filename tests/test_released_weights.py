@@ -20,6 +20,7 @@ from lit_ar.released_weights import (
     write_mar_kl_checkpoint,
     write_var_checkpoints,
 )
+from lit_ar.sampling import cfg_scale, guide
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import load_tokenizer
@@ -63,6 +64,7 @@ def test_imported_tokenizer_gives_llamagen_s_codes_and_images(fixture, imported)
 def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
     system = load_system(str(imported[1]), CausalARSystem)
     assert system.hparams.prefix_rope == "zero" and system.model.vocab_size == 64
+    assert system.hparams.predict_kwargs == {"cfg": 2.0, "temperature": 1.0}  # LlamaGen's FID sampling (GPT-B, GPT-L)
     logits = system.model(fixture["tokens"][:, :-1], fixture["labels"])  # (2, 64, 64)
     torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
 
@@ -182,6 +184,18 @@ def test_imported_var_gives_var_s_logits(var_fixture, var_imported):
     inputs = system.tokenizer.quantizer.teacher_forcing_inputs(indices)  # (2, L - 1, 8)
     logits = system.model(var_fixture["labels"], inputs)  # (2, 155, 64)
     torch.testing.assert_close(logits.float(), var_fixture["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_imported_var_samples_with_var_s_fid_settings(var_imported):
+    """VAR's README samples for FID with cfg=1.5, top_k=900, top_p=0.96, and guides scale k of K with
+    (1 + t) * cond - t * uncond, t = cfg * k / (K - 1): lit_ar's linear schedule with cfg 2.5 is that guidance."""
+    kwargs = load_system(str(var_imported[1]), ScaleARSystem).hparams.predict_kwargs
+    assert kwargs == {"cfg": 2.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96}
+    cond, uncond = torch.randn(3, 64), torch.randn(3, 64)
+    for k in range(10):
+        t = 1.5 * k / 9
+        ours = guide(cond, uncond, cfg_scale("linear", kwargs["cfg"], k / 9))
+        torch.testing.assert_close(ours, (1 + t) * cond - t * uncond)
 
 
 def test_imported_var_samples_through_the_cli(var_imported, tmp_path):

@@ -32,6 +32,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "GPT-XL": dict(dim=1280, n_layer=36, n_head=20),
     "GPT-XXL": dict(dim=1536, n_layer=48, n_head=24),
     "GPT-XXXL": dict(dim=2560, n_layer=48, n_head=40),
+    "GPT-3B": dict(dim=3200, n_layer=24, n_head=32),  # LlamaGen's released c2i 3B model (3.1B)
     "GPT-nano": dict(dim=64, n_layer=2, n_head=4),
     "GPT-micro": dict(dim=128, n_layer=4, n_head=4),
     "GPT-mini": dict(dim=256, n_layer=6, n_head=8),

@@ -16,7 +16,9 @@ from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
 from lit_ar.systems.generator import GeneratorSystem
 
-PresetName = Literal["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-nano", "GPT-micro", "GPT-mini"]
+PresetName = Literal[
+    "GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-3B", "GPT-nano", "GPT-micro", "GPT-mini"
+]  # fmt: skip
 
 
 class CausalARSystem(GeneratorSystem):
@@ -43,7 +45,8 @@ class CausalARSystem(GeneratorSystem):
         """
         Args:
             preset: Transformer size: LlamaGen's GPT-B (111M with 1000 classes and vocab 16384), GPT-L, GPT-XL,
-                GPT-XXL, GPT-XXXL, or a CPU size GPT-nano (dim 64, 2 layers), GPT-micro (128, 4), GPT-mini (256, 6).
+                GPT-XXL, GPT-XXXL, GPT-3B, or a CPU size GPT-nano (dim 64, 2 layers), GPT-micro (128, 4), GPT-mini
+                (256, 6).
             vocab_size: Token vocabulary; taken from the tokenizer (must agree when both are set). Needed without
                 a tokenizer (training from a token cache).
             grid_size: Side of the token grid (L = grid_size**2 tokens); taken from the tokenizer like vocab_size.
