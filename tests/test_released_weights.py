@@ -69,6 +69,14 @@ def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
     torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
 
 
+def test_imported_gpt_decodes_llamagen_s_greedy_sequences(fixture, imported):
+    """LlamaGen's KV-cached `generate`, greedy, CFG 2.0, and lit_ar's sampler (KV cache, CFG batch, LlamaGen's
+    prefix RoPE) with top-k 1 make the same 64 tokens."""
+    system = load_system(str(imported[1]), CausalARSystem)
+    tokens = system.generate(torch.tensor([3, 7]), cfg=2.0, top_k=1)  # (2, 64)
+    assert torch.equal(tokens, fixture["greedy"].long())
+
+
 def test_the_taming_padding_is_what_makes_the_codes_match(fixture, imported):
     """lit_ar's own tokenizers pad their stride-2 convs symmetrically; LlamaGen's weights need taming's padding."""
     tokenizer = load_tokenizer(str(imported[0]))
@@ -196,6 +204,14 @@ def test_imported_var_samples_with_var_s_fid_settings(var_imported):
         t = 1.5 * k / 9
         ours = guide(cond, uncond, cfg_scale("linear", kwargs["cfg"], k / 9))
         torch.testing.assert_close(ours, (1 + t) * cond - t * uncond)
+
+
+def test_imported_var_samples_var_s_greedy_images(var_fixture, var_imported):
+    """VAR's `autoregressive_infer_cfg`, greedy (top-k 1), cfg=1.5, and lit_ar's scale-by-scale sampler with the KV
+    cache, linear cfg 2.5 and top-k 1 make the same images."""
+    system = load_system(str(var_imported[1]), ScaleARSystem)
+    images = system.sample(torch.tensor([3, 7]), cfg=2.5, cfg_schedule="linear", top_k=1)  # (2, 3, 16, 16) in [-1, 1]
+    torch.testing.assert_close((images + 1) / 2, var_fixture["greedy"], rtol=1e-4, atol=1e-5)
 
 
 def test_imported_var_samples_through_the_cli(var_imported, tmp_path):
