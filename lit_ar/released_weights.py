@@ -15,8 +15,8 @@ from the config, and the data gives the classes and image size), and `lit_ar fit
 them:
 
     lit_ar predict --config configs/causal/llamagen_shapes.yaml --config runs/released/llamagen_B_256/generator.yaml \\
-        --ckpt_path runs/released/llamagen_B_256/generator.ckpt --data.dataset imagefolder \\
-        --data.data_dir /data/imagenet/train --data.image_size 256
+        --ckpt_path runs/released/llamagen_B_256/generator.ckpt --data.dataset labels --data.classes 1000 \\
+        --data.image_size 256
 
 The weights are renamed (and VAR's AdaLN chunks reordered), never changed: lit_ar's presets are the peers' layouts
 (the same parameter counts, taming's downsampling padding, LlamaGen's zeroed RoPE on the class prefix, VAR's 3x3

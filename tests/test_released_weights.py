@@ -103,6 +103,24 @@ def test_imported_generator_samples_through_the_cli(imported, tmp_path):
     assert samples["images"].shape == (20, 16, 16, 3) and (tmp_path / "grid.png").is_file()
 
 
+def test_imported_generator_samples_without_its_training_data(imported, tmp_path):
+    """`data.dataset: labels` gives the classes and no images: enough for `lit_ar predict` of a released model."""
+    cli_main(["predict", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config",
+              str(imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path), "--ckpt_path", str(imported[1]),
+              "--data.dataset", "labels", "--data.classes", "10", "--data.predict_per_class", "1"])  # fmt: skip
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (10, 16, 16, 3) and samples["labels"].tolist() == list(range(10))
+    with pytest.raises(ValueError, match=r"data.dataset='labels' has classes but no images: it serves `lit_ar "
+                                         r"predict` only; `fit` needs image data"):  # fmt: skip
+        cli_main(["fit", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config",
+                  str(imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path / "fit"), "--data.dataset", "labels",
+                  "--data.classes", "10"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.dataset='labels' needs data.classes, the number of classes"):
+        cli_main(["predict", "--config", str(CONFIGS / "debug" / "causal.yaml"), "--config",
+                  str(imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path / "none"), "--ckpt_path",
+                  str(imported[1]), "--data.dataset", "labels"])  # fmt: skip
+
+
 def test_the_command_line_and_its_bad_inputs(fixture, released_files, tmp_path):
     vq, gpt = released_files
     with pytest.raises(FileNotFoundError, match=r"gpt_ckpt='/nonexistent.pt': no such file"):

@@ -2,7 +2,8 @@
 
 `shapes` is procedural: image `i` of a split is drawn from a generator seeded with (seed, split, i), so any
 resolution and any size of dataset is reproducible bit for bit. `digits` is scikit-learn's real 8x8 digits,
-kept in the package (see DIGITS_SOURCE.md).
+kept in the package (see DIGITS_SOURCE.md). `labels` has classes and no images: it lets `lit_ar predict` sample a
+class-conditional generator (a released ImageNet model, say) without the data it was trained on.
 """
 
 import math
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 SHAPE_CLASSES = (
     "disk", "ring", "square", "square_frame", "triangle", "star", "cross", "crescent", "half_disk", "ellipse",
 )  # fmt: skip
-BUILTIN_DATASETS = ("shapes", "digits")
+BUILTIN_DATASETS = ("shapes", "digits", "labels")
 
 
 def _shape_inside(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,3 +124,16 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
+
+
+class NoImages(Dataset):
+    """The `labels` dataset's splits: `num_classes` classes and no images."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        raise IndexError("the `labels` dataset has no images")

@@ -80,10 +80,12 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: bool = True,
         predict_per_class: int = 10,
         token_cache: str | None = None,
+        classes: int | None = None,
     ):
         """
         Args:
-            dataset: A built-in offline dataset (`shapes`, `digits`), `imagefolder` (with `data_dir`, one
+            dataset: A built-in offline dataset (`shapes`, `digits`, or `labels`: `classes` classes and no
+                images, for `lit_ar predict` without the training data), `imagefolder` (with `data_dir`, one
                 sub-folder per class), `parquet` (with `data_files`), `disk` (a `datasets.save_to_disk` folder
                 in `data_dir`), or a Hugging Face hub name such as `cifar10` (needs the network or a local cache).
             data_dir: Folder for `imagefolder` and `disk`; passed on to `load_dataset` for hub names.
@@ -119,6 +121,7 @@ class ImageDataModule(L.LightningDataModule):
                 `tokens` (and `label`) instead of `image`, a training sample takes one of the cached views at random
                 (the mirrored ones only with `hflip`; five crops with a cache written with `--crops ten`), and the
                 model's `tokenizer_ckpt` must be the tokenizer that wrote the cache.
+            classes: The number of classes of the `labels` dataset.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -156,6 +159,7 @@ class ImageDataModule(L.LightningDataModule):
                 num_val=h.num_val,
                 check_images=h.check_images,
                 skip_corrupt=h.skip_corrupt,
+                classes=h.classes,
             )
             if self._splits.skipped_corrupt:
                 rank_zero_info(f"ImageDataModule: skipped {self._splits.skipped_corrupt} corrupt images")
@@ -191,6 +195,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.cache is not None:
             return self._setup_token_cache()
         h = self.hparams
+        if h.dataset == "labels" and stage != "predict":
+            raise ValueError(
+                f"data.dataset='labels' has classes but no images: it serves `lit_ar predict` only; "
+                f"`{getattr(stage, 'value', stage)}` needs "
+                "image data (a built-in dataset, a folder, parquet or a hub name)"
+            )
         self.per_device_batch_size()  # fail now, not at the first batch, on a bad global batch size
         train_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, h.crop, h.hflip)
         val_tf = ImageTransform(h.image_size, h.channels, h.resize_scale, "center", False)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from lit_ar.data.builtin import BUILTIN_DATASETS, DigitsDataset, ShapesDataset
+from lit_ar.data.builtin import BUILTIN_DATASETS, DigitsDataset, NoImages, ShapesDataset
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -88,8 +88,13 @@ def load_source(
     num_val: int,
     check_images: bool,
     skip_corrupt: bool,
+    classes: int | None = None,
 ) -> SourceSplits:
     """Resolve the `data.dataset` setting into train/validation splits (see ImageDataModule for the settings)."""
+    if dataset == "labels":
+        if classes is None or classes < 1:
+            raise ValueError(f"data.dataset='labels' needs data.classes, the number of classes (got {classes})")
+        return SourceSplits(NoImages(classes), NoImages(classes), classes)
     if dataset == "shapes":
         train = ShapesDataset(num_train, image_size, seed=split_seed, split="train")
         val = ShapesDataset(num_val, image_size, seed=split_seed, split="validation")
