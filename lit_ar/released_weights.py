@@ -48,8 +48,8 @@ BLOCK_RENAMES = {"nin_shortcut": "skip", "proj_out": "proj"}
 
 
 def read_weights(path: str, setting: str) -> dict[str, torch.Tensor]:
-    """The state dict in a LlamaGen checkpoint file: the file itself, or its "model", "module" or "state_dict"
-    entry (what LlamaGen's sample scripts accept)."""
+    """The state dict in a peer's checkpoint file: the file itself (VAR's), or its "model", "module" or "state_dict"
+    entry (LlamaGen's and MAR's use "model"; LlamaGen's sample scripts accept all three)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{setting}={path!r}: no such file")
     with torch.serialization.safe_globals([argparse.Namespace]):

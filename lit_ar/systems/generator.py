@@ -143,10 +143,11 @@ class GeneratorSystem(L.LightningModule):
             activation_checkpointing: Recompute each transformer block's activations in the backward pass
                 (less memory, about a third more compute). Under FSDP prefer the strategy's own
                 `activation_checkpointing_policy`.
-            init_weights: A checkpoint of this family (a lit_ar run, or LlamaGen's released weights through `python
-                -m lit_ar.released_weights`) whose weights start a new `fit`: fine-tuning, with a fresh optimizer,
-                schedule and step count. Every weight but the tokenizer's is loaded, strictly; the checkpoint's
-                tokenizer must be the configured one. Not read when `lit_ar fit` resumes from `--ckpt_path`.
+            init_weights: A checkpoint of this family (a lit_ar run, or LlamaGen's or VAR's released weights
+                through `python -m lit_ar.released_weights`) whose weights start a new `fit`: fine-tuning, with a
+                fresh optimizer, schedule and step count. Every weight but the tokenizer's is loaded, strictly; the
+                checkpoint's tokenizer must be the configured one. Not read when `lit_ar fit` resumes from
+                `--ckpt_path`.
             predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
             predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
             evaluator: The evaluation protocol `lit_ar test` runs (a `lit_ar.evaluation.GeneratorEvaluator`:
