@@ -1,9 +1,9 @@
 """Released LlamaGen, VAR and MAR weights in lit_ar: their tokenizers and class-conditional generators as lit_ar
 checkpoints (MAR's KL-16 tokenizer only: MAR's diffusion head is not lit_ar's flow head).
 
-    python -m lit_ar.released_weights llamagen --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt --gpt_preset GPT-B \\
+    python -m lit_ar.released_weights llamagen --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt \\
         --output runs/released/llamagen_B_256
-    python -m lit_ar.released_weights var --vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth --depth 16 \\
+    python -m lit_ar.released_weights var --vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth \\
         --output runs/released/var_d16
     python -m lit_ar.released_weights mar-kl --vae_ckpt kl16.ckpt --output runs/released/mar_kl16
 
@@ -233,22 +233,36 @@ def save_system(system, path: Path) -> Path:
     return path
 
 
+def _count(weights: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many numbered blocks the weights hold: 1 + the largest index that `pattern`'s group captures."""
+    return 1 + max((int(m[1]) for name in weights if (m := re.match(pattern, name))), default=-1)
+
+
 def write_llamagen_checkpoints(
     vq_ckpt: str,
     gpt_ckpt: str,
     output: str,
-    gpt_preset: str = "GPT-B",
+    gpt_preset: str | None = None,
     image_size: int = 256,
     num_classes: int = 1000,
     tokenizer_settings: dict | None = None,
     generator_settings: dict | None = None,
 ) -> tuple[Path, Path]:
     """LlamaGen's VQ and GPT checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and generator.yaml.
-    `tokenizer_settings` and `generator_settings` add to or override the systems' settings (the defaults are
-    LlamaGen's VQ-16 and its c2i GPT with class dropout 0.1, LlamaGen's training value, which also lets it sample
-    with CFG)."""
+    `gpt_preset` None reads the size from the weights. `tokenizer_settings` and `generator_settings` add to or
+    override the systems' settings (the defaults are LlamaGen's VQ-16 and its c2i GPT with class dropout 0.1,
+    LlamaGen's training value, which also lets it sample with CFG)."""
+    from lit_ar.models.causal_ar import PRESETS
     from lit_ar.systems.causal_ar import CausalARSystem
 
+    gpt_weights = llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt"))
+    if gpt_preset is None:
+        width, layers = gpt_weights["tok_embeddings.weight"].shape[1], _count(gpt_weights, r"^layers\.(\d+)\.")
+        sizes = [name for name, p in PRESETS.items() if (p["dim"], p["n_layer"]) == (width, layers)]
+        if not sizes:
+            raise ValueError(f"gpt_ckpt={gpt_ckpt!r} holds a GPT of width {width} and {layers} layers, which no preset "
+                             f"has; known sizes: {list(PRESETS)}")  # fmt: skip
+        gpt_preset = sizes[0]
     tokenizer = {"quantizer": "vq", "preset": "llamagen_vq16", "l2_norm": True, **(tokenizer_settings or {})}
     sampling = {"cfg": LLAMAGEN_FID_CFG.get(gpt_preset, 2.0), "temperature": 1.0}  # LlamaGen's FID settings
     generator = {"preset": gpt_preset, "prefix_rope": "zero", "class_dropout": 0.1, "predict_kwargs": sampling,
@@ -256,7 +270,7 @@ def write_llamagen_checkpoints(
     return write_checkpoints(
         output, image_size, num_classes,
         (tokenizer, llamagen_vq_state_dict(read_weights(vq_ckpt, "vq_ckpt")), "vq_ckpt", vq_ckpt),
-        (CausalARSystem, generator, llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt")), "gpt_ckpt", gpt_ckpt),
+        (CausalARSystem, generator, gpt_weights, "gpt_ckpt", gpt_ckpt),
         "configs/causal/llamagen_shapes.yaml",
     )  # fmt: skip
 
@@ -265,7 +279,7 @@ def write_var_checkpoints(
     vae_ckpt: str,
     var_ckpt: str,
     output: str,
-    depth: int = 16,
+    depth: int | None = None,
     image_size: int = 256,
     num_classes: int = 1000,
     tokenizer_settings: dict | None = None,
@@ -273,9 +287,11 @@ def write_var_checkpoints(
 ) -> tuple[Path, Path]:
     """VAR's VQVAE and VAR-d{depth} checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and generator.yaml.
     The defaults are VAR's multi-scale VQVAE (its 10 scales) and VAR's transformer (width 64 * depth, cosine
-    attention, per-block AdaLN) with class dropout 0.1, VAR's training value."""
+    attention, per-block AdaLN) with class dropout 0.1, VAR's training value; `depth` None counts the blocks."""
     from lit_ar.systems.scale_ar import ScaleARSystem
 
+    var_weights = var_state_dict(read_weights(var_ckpt, "var_ckpt"))
+    depth = _count(var_weights, r"^blocks\.(\d+)\.") if depth is None else depth
     tokenizer = {"quantizer": "msvq", "preset": "var_msvq16", **(tokenizer_settings or {})}
     # VAR's FID sampling (its README: cfg=1.5, top_p=0.96, top_k=900). VAR ramps the guidance scale linearly from 1 to
     # 1 + cfg over the scales; lit_ar's linear schedule ramps from 1 to cfg, so VAR's cfg=1.5 is lit_ar's 2.5.
@@ -285,7 +301,7 @@ def write_var_checkpoints(
     return write_checkpoints(
         output, image_size, num_classes,
         (tokenizer, var_vae_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt),
-        (ScaleARSystem, generator, var_state_dict(read_weights(var_ckpt, "var_ckpt")), "var_ckpt", var_ckpt),
+        (ScaleARSystem, generator, var_weights, "var_ckpt", var_ckpt),
         "configs/scale/var_shapes.yaml",
     )  # fmt: skip
 
@@ -378,12 +394,15 @@ def main(args: list[str] | None = None) -> tuple[Path, ...]:
     llamagen = families.add_parser("llamagen", help="LlamaGen's VQ-16 and a class-conditional GPT")
     llamagen.add_argument("--vq_ckpt", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
     llamagen.add_argument("--gpt_ckpt", required=True, help="LlamaGen c2i GPT checkpoint, e.g. c2i_B_256.pt")
-    llamagen.add_argument("--gpt_preset", default="GPT-B", help="its size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
+    sizes = "its size (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B); default: read from the weights"
+    llamagen.add_argument("--gpt_preset", default=None, help=sizes)
     llamagen.add_argument("--image_size", type=int, default=256, help="256 or 384, as the GPT was trained")
     var = families.add_parser("var", help="VAR's multi-scale VQVAE and a VAR transformer")
     var.add_argument("--vae_ckpt", required=True, help="VAR's VQVAE checkpoint, vae_ch160v4096z32.pth")
     var.add_argument("--var_ckpt", required=True, help="VAR transformer checkpoint, e.g. var_d16.pth")
-    var.add_argument("--depth", type=int, default=16, help="its depth: 16, 20, 24 or 30")
+    var.add_argument(
+        "--depth", type=int, default=None, help="its depth (16, 20, 24, 30); default: read from the weights"
+    )
     var.add_argument("--image_size", type=int, default=256)
     mar_kl = families.add_parser("mar-kl", help="MAR's KL-16 tokenizer (for the flow family)")
     mar_kl.add_argument("--vae_ckpt", required=True, help="MAR's KL-VAE checkpoint, kl16.ckpt")

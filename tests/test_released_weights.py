@@ -48,7 +48,7 @@ def released_files(fixture, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def imported(released_files) -> tuple[Path, Path]:
     vq, gpt = released_files
-    return write_llamagen_checkpoints(str(vq), str(gpt), str(vq.parent / "out"), "GPT-nano", 16, 10,
+    return write_llamagen_checkpoints(str(vq), str(gpt), str(vq.parent / "out"), None, 16, 10,  # size: read
                                       tokenizer_settings=TINY_VQ)  # fmt: skip
 
 
@@ -64,6 +64,7 @@ def test_imported_tokenizer_gives_llamagen_s_codes_and_images(fixture, imported)
 def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
     system = load_system(str(imported[1]), CausalARSystem)
     assert system.hparams.prefix_rope == "zero" and system.model.vocab_size == 64
+    assert system.hparams.preset == "GPT-nano"  # read from the weights: width 64, 2 layers
     assert system.hparams.predict_kwargs == {"cfg": 2.0, "temperature": 1.0}  # LlamaGen's FID sampling (GPT-B, GPT-L)
     logits = system.model(fixture["tokens"][:, :-1], fixture["labels"])  # (2, 64, 64)
     torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
@@ -134,6 +135,10 @@ def test_the_command_line_and_its_bad_inputs(fixture, released_files, tmp_path):
     with pytest.raises(ValueError, match=rf"gpt_ckpt=.* does not fit the model its settings build: .*{wrong}"):
         write_llamagen_checkpoints(str(vq), str(gpt), str(tmp_path / "micro"), "GPT-micro", 16, 10,
                                    tokenizer_settings=TINY_VQ)  # fmt: skip
+    one_layer = {k: v for k, v in fixture["gpt"]["model"].items() if not k.startswith("layers.1.")}
+    torch.save({"model": one_layer}, tmp_path / "one_layer.pt")
+    with pytest.raises(ValueError, match=r"holds a GPT of width 64 and 1 layers, which no preset has; known sizes"):
+        write_llamagen_checkpoints(str(vq), str(tmp_path / "one_layer.pt"), str(tmp_path / "one"), None, 16, 10)
     # LlamaGen's training scripts store their argparse arguments beside the weights: read without unpickling code
     with_args = tmp_path / "with_args.pt"
     torch.save({"model": fixture["gpt"]["model"], "args": argparse.Namespace(gpt_model="GPT-B"), "steps": 5}, with_args)
@@ -192,7 +197,7 @@ def var_imported(var_fixture, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("var")
     for part in ("vae", "var"):
         torch.save(var_fixture[part], folder / f"{part}.pth")  # as VAR's released files: a bare state dict
-    return write_var_checkpoints(str(folder / "vae.pth"), str(folder / "var.pth"), str(folder / "out"), 2, 16, 10,
+    return write_var_checkpoints(str(folder / "vae.pth"), str(folder / "var.pth"), str(folder / "out"), None, 16, 10,
                                  tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip
 
 
