@@ -10,6 +10,7 @@ from conftest import CONFIGS, assert_same_training_step, checkpoint_for_config, 
 from lit_ar.cli import cli_main
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer, block_causal_mask, scale_levels
+from lit_ar.systems.scale_ar import smoothed_codes
 
 SCALES = (1, 2, 3, 4)  # L = 30 tokens
 CV = 8  # codebook width
@@ -252,6 +253,24 @@ def test_same_seed_same_samples_and_return_scales(system):
     assert not torch.equal(a, c)
     assert len(per_scale) == len(system.scales) and torch.equal(per_scale[-1], a)
     assert not torch.equal(per_scale[0], a)  # the coarsest scale alone is a blurrier image
+
+
+def test_more_smooth_mixes_codes_and_reduces_to_hard_sampling_with_one_candidate(system):
+    """VAR's `more_smooth`: each scale adds a Gumbel-softmax mixture of the codes. With top_k=1 only one code has
+    weight, so the images equal hard sampling's; with more candidates they differ, and the same seed repeats them."""
+    labels, g = torch.arange(4), lambda: torch.Generator().manual_seed(5)
+    hard = system.sample(labels, cfg=1.5, top_k=1, generator=g())
+    torch.testing.assert_close(system.sample(labels, cfg=1.5, top_k=1, generator=g(), more_smooth=True), hard,
+                               rtol=0, atol=1e-6)  # fmt: skip
+    kw = dict(cfg=1.5, top_k=20, generator=g())
+    smooth = system.sample(labels, more_smooth=True, **kw)
+    assert torch.isfinite(smooth).all() and not torch.equal(smooth, system.sample(labels, **{**kw, "generator": g()}))
+    assert torch.equal(smooth, system.sample(labels, more_smooth=True, **{**kw, "generator": g()}))
+    codes = system.tokenizer.quantizer.codebook.codes()  # (V, C)
+    mixed = smoothed_codes(torch.randn(2, 3, codes.shape[0]), 1.0, None, None, 0.0, g(), codes)  # (2, 3, C)
+    # a convex combination of the codes: inside their bounding box, dimension by dimension
+    assert mixed.shape == (2, 3, codes.shape[1])
+    assert (mixed >= codes.min(0).values - 1e-6).all() and (mixed <= codes.max(0).values + 1e-6).all()
 
 
 def test_sampling_under_bf16_autocast(system):

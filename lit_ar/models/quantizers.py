@@ -392,9 +392,16 @@ class MultiScaleVQ(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Add scale k's codes (B, s_k^2) to f_hat (None before scale 0); return the new f_hat (B, C, H, W) and the
         input of scale k + 1, f_hat area-downsampled to (B, s_{k+1}^2, C) (None after the last scale)."""
-        with fp32(indices_k):
+        return self.next_scale_input_from_vectors(k, f_hat, self.embed(indices_k))
+
+    def next_scale_input_from_vectors(
+        self, k: int, f_hat: torch.Tensor | None, vectors_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`next_scale_input` from scale k's code vectors (B, s_k^2, C) rather than their indices: a mixture of codes
+        too (VAR's smoothed sampling)."""
+        with fp32(vectors_k):
             s = self.scales[k]
-            h = self.upsample(to_map(self.embed(indices_k), s), k)  # (B, C, H, W)
+            h = self.upsample(to_map(vectors_k.float(), s), k)  # (B, C, H, W)
             f_hat = h if f_hat is None else f_hat.float() + h
             if k + 1 == len(self.scales):
                 return f_hat, None

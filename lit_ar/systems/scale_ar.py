@@ -14,8 +14,21 @@ import torch.nn.functional as F
 
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer
-from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
+from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, filter_logits, guide, sample_logits
 from lit_ar.systems.generator import GeneratorSystem
+
+
+def smoothed_codes(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, progress: float,
+                   generator: torch.Generator | None, codes: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """VAR's `more_smooth`: a Gumbel-softmax over the (filtered) logits (B, T, V), sharpened by 1 + progress and
+    cooled from tau 0.27 to 0.0135 over the scales (MaskGIT's schedule, as VAR), mixing the codes (V, C) -> (B, T, C).
+    With one logit left by the filters (top_k=1) the mixture is that one code: the same input as hard sampling."""
+    tau = max(0.27 * (1 - progress * 0.95), 0.005)
+    scores = filter_logits(logits.float() / temperature, top_k, top_p) * (1 + progress)  # (B, T, V)
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
+    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
+    weights = ((scores + gumbel) / tau).softmax(dim=-1)  # (B, T, V)
+    return weights @ codes  # (B, T, C)
 
 
 class ScaleARSystem(GeneratorSystem):
@@ -154,6 +167,7 @@ class ScaleARSystem(GeneratorSystem):
         cfg_schedule: str = "linear",
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         cfg_power: float = 1.0,
+        more_smooth: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """labels (B,) -> the sampled index maps [(B, s_k^2) long per scale] and the tokenizer's cumulative latent
         map f_hat (B, Cv, G, G) after each scale. See `sample` for the arguments."""
@@ -180,7 +194,12 @@ class ScaleARSystem(GeneratorSystem):
                         logits = guide(logits[:B].float(), logits[B:].float(), scale)  # (B, s_k^2, V)
                     idx = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, s_k^2)
                     # the same quantizer function that built the teacher-forcing inputs builds the next input
-                    f_hat, nxt = quantizer.next_scale_input(k, f_hat, idx)  # (B, Cv, G, G), (B, s_{k+1}^2, Cv)
+                    if more_smooth:  # (B, s_k^2, Cv): a Gumbel-softmax mixture of the codes in place of idx's codes
+                        vectors = smoothed_codes(logits, temperature, top_k, top_p, k / max(1, K - 1), generator,
+                                                 quantizer.codebook.codes())  # fmt: skip
+                        f_hat, nxt = quantizer.next_scale_input_from_vectors(k, f_hat, vectors)
+                    else:
+                        f_hat, nxt = quantizer.next_scale_input(k, f_hat, idx)  # (B, Cv, G, G), (B, s_{k+1}^2, Cv)
                     indices.append(idx)
                     f_hats.append(f_hat)
                     if nxt is not None:
@@ -203,6 +222,7 @@ class ScaleARSystem(GeneratorSystem):
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         cfg_power: float = 1.0,
         return_scales: bool = False,
+        more_smooth: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Class-conditional samples, scale by scale.
 
@@ -218,11 +238,14 @@ class ScaleARSystem(GeneratorSystem):
             cfg_interval, cfg_power: Settings of the 'interval' and 'power_cosine' schedules.
             return_scales: Also return the images decoded from the cumulative latent after each scale (the
                 coarse-to-fine sequence), a list of K (B, C, H, W) tensors.
+            more_smooth: VAR's option for smoother pictures (VAR's README: for visual quality, not for FID): each
+                scale adds a Gumbel-softmax mixture of the codes, sharper at finer scales, instead of the sampled
+                codes. The sampled indices are returned as usual.
         Returns:
             images (B, C, H, W) in [-1, 1], or (images, per-scale images) with return_scales.
         """
         _, f_hats = self.sample_tokens(labels, cfg, temperature, top_k, top_p, generator, cfg_schedule,
-                                       cfg_interval, cfg_power)  # fmt: skip
+                                       cfg_interval, cfg_power, more_smooth)  # fmt: skip
         images = self.decode_fhat(f_hats[-1])
         if return_scales:
             return images, [self.decode_fhat(f) for f in f_hats]
