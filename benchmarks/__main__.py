@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {machine()}; matmul {n}^3 peak: "
           + ", ".join(f"{pr} {f / 1e12:.3g} TFLOP/s" for pr, f in peak.items()))  # fmt: skip
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
-    folder = Path(tempfile.mkdtemp(prefix="lit_ar_bench_"))
+    # the tokenizer checkpoints the generators load: removed at the end (every test run of the harness made one)
+    workspace = tempfile.TemporaryDirectory(prefix="lit_ar_bench_")
+    folder = Path(workspace.name)
     rows: list[dict] = []
     for grid in args.grids:
         for family in args.families:
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.json:  # after every model, so a run cut short keeps what it measured
                     write_json(rows, args.json, device=device, matmul_n=n, matmul_peak_flops=peak,
                                formulas=FORMULAS, args=vars(args))  # fmt: skip
+    workspace.cleanup()
     print_table(rows, f"\n## lit_ar benchmarks, size {args.size} ({machine()})")
     result = {"machine": machine(), "device": device, "matmul_n": n, "matmul_peak_flops": peak,
               "formulas": FORMULAS, "rows": rows}  # fmt: skip

@@ -258,8 +258,9 @@ def build_var_ours(device: str, compile: bool, depth: int = 16):
     """lit_ar's VAR at `depth` (d16: VAR-d16's size) and a sampler with VAR's demo settings; (system, run)."""
     from benchmarks.scale_ar import make_var, tokenizer_ckpt
 
-    ckpt = tokenizer_ckpt(Path(tempfile.mkdtemp(prefix="lit_ar_peers_")), "var_msvq16", 256, 4096, 32)
-    state = {"system": make_var(ckpt, depth, 1000, 256, compile, device)}
+    with tempfile.TemporaryDirectory(prefix="lit_ar_peers_") as folder:  # the system reads its tokenizer once, here
+        ckpt = tokenizer_ckpt(Path(folder), "var_msvq16", 256, 4096, 32)
+        state = {"system": make_var(ckpt, depth, 1000, 256, compile, device)}
     labels = torch.arange(VAR_BATCH, device=device)
 
     def run(precision: str):

@@ -166,7 +166,8 @@ def main() -> None:
             print("note: the causal family (lit_ar.systems.causal_ar) is not in this checkout; VAR rows only")
     print(f"machine: {machine()}")
     rows: list[dict] = []
-    folder = Path(tempfile.mkdtemp(prefix="lit_ar_bench_scale_"))
+    workspace = tempfile.TemporaryDirectory(prefix="lit_ar_bench_scale_")  # the tokenizer checkpoints; removed below
+    folder = Path(workspace.name)
 
     mid_ckpt = tokenizer_ckpt(folder, "shapes", 64, args.vocab, 8)
     for compile in modes:
@@ -229,6 +230,7 @@ def main() -> None:
                 del causal
             del var
 
+    workspace.cleanup()
     print_table(rows, "scale-wise AR (VAR) vs causal AR; ratio = lit_ar / VAR's own sampler")
     if args.json:
         write_json(rows, args.json, args=vars(args))

@@ -59,7 +59,7 @@ TIER = "small" if SMALL else os.environ.get("LIT_AR_TIER", "shapes")
 if TIER not in ("small", "shapes32", "shapes", "digits"):
     raise ValueError(f"LIT_AR_TIER={TIER!r}; accepted: 'shapes32' (CPU), 'digits' (CPU) or 'shapes' (64x64, GPU)")
 DATASET = "digits" if TIER == "digits" else "shapes"
-RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook01_")))
+RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_notebook01_"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
 BUDGETS = {"small": (32, 16), "shapes32": (1000, 32), "digits": (1000, 32), "shapes": (3000, 32)}  # steps, batch
 STEPS, BATCH = BUDGETS[TIER]  # the equal training budget of every family

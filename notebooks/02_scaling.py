@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 from benchmarks.__main__ import main as benchmark
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_notebook02_")))
+RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_notebook02_"))
 RUN_DIR.mkdir(parents=True, exist_ok=True)
 SIZE = os.environ.get("LIT_AR_BENCH_SIZE", "tiny" if SMALL else "small")
 GRIDS = [4, 8, 16] if SMALL else [8, 16, 32]

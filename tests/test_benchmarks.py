@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,16 @@ import pytest
 from benchmarks.__main__ import FAMILIES, main
 
 
-def test_harness_writes_one_row_per_family_and_mode(tmp_path):
+def test_harness_writes_one_row_per_family_and_mode(tmp_path, monkeypatch):
     path = tmp_path / "bench.json"
     argv = ["--size", "tiny", "--grids", "8", "--batches", "1", "2", "--steps", "1", "--repeat", "1",
             "--precision", "32", "bf16", "--masked-steps", "2", "--mar-steps", "4", "--flow-steps", "2",
             "--json", str(path)]  # fmt: skip
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     main(argv)
+    assert list(scratch.iterdir()) == [], "the harness removes its temporary tokenizer checkpoints"
     data = json.loads(path.read_text())
     assert set(data["matmul_peak_flops"]) == {"32", "bf16"} and min(data["matmul_peak_flops"].values()) > 0
     assert "6 * params" in data["formulas"]["train_flops"]

@@ -30,7 +30,7 @@ from lit_ar.cli import cli_main
 from lit_ar.data import SHAPE_CLASSES, ImageDataModule
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_tutorial01_"))
+RUN_DIR = os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial01_")
 
 # %% [markdown]
 # ## The built-in datasets

@@ -46,7 +46,7 @@ from lit_ar.metrics import psnr
 from lit_ar.systems.tokenizer import load_tokenizer
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_tutorial02_"))
+RUN_DIR = os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial02_")
 QUANTIZERS = ["vq", "fsq", "lfq", "msvq", "kl"]
 
 # %% [markdown]

@@ -38,7 +38,7 @@ from lit_ar.cli import cli_main
 from lit_ar.systems import CausalARSystem
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_tutorial03_")))
+RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial03_"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 

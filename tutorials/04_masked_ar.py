@@ -35,7 +35,7 @@ from lit_ar.sampling import MASK_SCHEDULES, mask_ratio
 from lit_ar.systems import ClassifierSystem, MaskedARSystem
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_tutorial04_"))
+RUN_DIR = os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial04_")
 
 
 def fit(config: str, name: str, *extra: str) -> str:

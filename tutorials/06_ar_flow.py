@@ -35,7 +35,7 @@ from lit_ar.models.flow_head import FlowHead, flow_loss, head_velocity_fn, sampl
 from lit_ar.systems import FlowARSystem
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
-RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR", tempfile.mkdtemp(prefix="lit_ar_tutorial06_")))
+RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial06_"))
 if SMALL:
     torch.set_num_threads(1)  # tiny models: on a shared CPU, more threads only wait on each other
 torch.manual_seed(0)
