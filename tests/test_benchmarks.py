@@ -340,3 +340,13 @@ def test_autocast_linears_benchmark_times_both_forms_and_checks_their_tokens(fam
     assert row["cast / uncast"] == pytest.approx(row["cast images/s"] / row["uncast images/s"])
     assert lit_ar.systems.generator.linears_in_autocast_dtype is linears_in_autocast_dtype  # put back after timing
     assert len(json.loads(out.read_text())["rows"]) == 1
+
+
+def test_released_parity_refuses_a_missing_peer_checkout(tmp_path):
+    """`benchmarks.released_parity` builds the peers' models from their checkouts (the tests compare on fixtures made
+    by the same code, tests/test_released_weights.py); without a checkout it says which, before building anything."""
+    from benchmarks import released_parity
+
+    (tmp_path / "LlamaGen").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--peer-root .*: no VAR/ checkout for var"):
+        released_parity.main(["--peer-root", str(tmp_path), "--peers", "llamagen", "var"])
