@@ -13,7 +13,8 @@ from test_quantizers import random_lpips_weights
 from lit_ar.cli import cli_main
 from lit_ar.data import ImageDataModule
 from lit_ar.data.token_cache import TokenCache, main, split_scales, tokenizer_fingerprint, write_token_cache
-from lit_ar.systems.tokenizer import TokenizerSystem, load_tokenizer
+from lit_ar.models.autoencoder import Autoencoder
+from lit_ar.systems.tokenizer import BEFORE_PEER_LAYOUTS, TokenizerSystem, autoencoder_kwargs, load_tokenizer
 
 QUANTIZERS = ["vq", "fsq", "lfq", "msvq", "kl"]
 DEBUG = {q: str(CONFIGS / "debug" / f"tokenizer_{q}.yaml") for q in QUANTIZERS}
@@ -258,6 +259,23 @@ def test_a_generator_trains_through_the_cli_on_a_ten_crop_cache(debug_tokenizer,
                     "--data.hflip", "true", "--trainer.max_steps", "3"])  # fmt: skip
     assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_checkpoints_from_before_the_peer_layouts_load_as_they_were_built(tmp_path):
+    """A tokenizer checkpoint saved before downsample_padding, quant_conv_kernel, double_z and decoder_level_attention
+    existed (its hyper-parameters lack them) was built with symmetric padding, 1x1 quant convs, a single z and level
+    attention in the decoder, whatever its preset: it loads that way, not as the preset now reads."""
+    system = tiny_system("msvq", preset="var_msvq16", ch_mult=(1, 2, 2))  # 16 px -> 4x4, scales 1, 2, 4
+    hparams = {k: v for k, v in system.hparams.items() if k not in BEFORE_PEER_LAYOUTS}
+    old = Autoencoder(**autoencoder_kwargs(hparams))
+    assert old.quant_conv.kernel_size == (1, 1) and not old.encoder.down[2].taming
+    now = Autoencoder(**autoencoder_kwargs(dict(system.hparams)))  # saved with the settings: the preset's values
+    assert now.quant_conv.kernel_size == (3, 3) and now.encoder.down[2].taming
+    path = save_checkpoint(TokenizerSystem(**{**hparams, **BEFORE_PEER_LAYOUTS}), tmp_path / "old.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"] = hparams  # as an old checkpoint holds them
+    torch.save(checkpoint, path)
+    assert load_tokenizer(path).quant_conv.kernel_size == (1, 1)
 
 
 def test_cache_refuses_another_tokenizer(tmp_path):

@@ -32,8 +32,16 @@ AUTOENCODER_ARGS = (
 )  # fmt: skip
 
 
+# Settings added when the peers' presets were made to load the peers' weights. A checkpoint saved before they existed
+# has none of them, and its autoencoder was built this way, whatever its preset.
+BEFORE_PEER_LAYOUTS = {"downsample_padding": "symmetric", "quant_conv_kernel": 1, "double_z": False,
+                       "decoder_level_attention": True}  # fmt: skip
+
+
 def autoencoder_kwargs(hparams) -> dict:
     kwargs = {k: hparams[k] for k in AUTOENCODER_ARGS if k in hparams}
+    if not any(k in hparams for k in BEFORE_PEER_LAYOUTS):
+        kwargs.update(BEFORE_PEER_LAYOUTS)
     for k in ("ch_mult", "levels", "scales"):
         if kwargs.get(k) is not None:
             kwargs[k] = tuple(kwargs[k])
