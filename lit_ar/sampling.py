@@ -49,9 +49,13 @@ def sample_logits(
     """logits (..., V) -> sampled indices (...) long. Uses the Gumbel-max trick with noise drawn from `generator`,
     so the same generator state gives the same tokens, and the step has no data-dependent shapes (compiles)."""
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
-    return torch.argmax(logits + gumbel, dim=-1)
+    return torch.argmax(logits + gumbel_noise(logits.shape, generator, logits.device), dim=-1)
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise of `shape` (fp32), from uniforms drawn from `generator` (clamped away from log(0))."""
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
 
 
 def cfg_scale(

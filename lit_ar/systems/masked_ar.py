@@ -23,6 +23,7 @@ from lit_ar.sampling import (
     check_sampling_args,
     filter_logits,
     guide,
+    gumbel_noise,
     mask_ratio,
     sample_logits,
     tokens_to_reveal,
@@ -296,8 +297,7 @@ class MaskedARSystem(GeneratorSystem):
                     logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]  # (B, M)
                     # MaskGIT: Gumbel noise on the confidence, its temperature annealed to 0 at the last step
                     noise_temp = choice_temperature * (1.0 - (step + 1) / len(counts))
-                    u = torch.rand(B, M, generator=generator, device=self.device)
-                    gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+                    gumbel = gumbel_noise((B, M), generator, self.device)  # (B, M)
                     top = (logp + noise_temp * gumbel).topk(k, dim=-1).indices  # (B, k) the most confident
                     chosen, picked = where.gather(1, top), sampled.gather(1, top)  # positions, tokens (B, k)
                 tokens = tokens.scatter(1, chosen, picked)  # chosen positions are masked: nothing is overwritten

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer
-from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, filter_logits, guide, sample_logits
+from lit_ar.sampling import (
+    cfg_scale,
+    check_cfg_schedule,
+    check_sampling_args,
+    filter_logits,
+    guide,
+    gumbel_noise,
+    sample_logits,
+)
 from lit_ar.systems.generator import GeneratorSystem
 
 
@@ -25,9 +33,7 @@ def smoothed_codes(logits: torch.Tensor, temperature: float, top_k: int | None, 
     With one logit left by the filters (top_k=1) the mixture is that one code: the same input as hard sampling."""
     tau = max(0.27 * (1 - progress * 0.95), 0.005)
     scores = filter_logits(logits.float() / temperature, top_k, top_p) * (1 + progress)  # (B, T, V)
-    uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
-    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
-    weights = ((scores + gumbel) / tau).softmax(dim=-1)  # (B, T, V)
+    weights = ((scores + gumbel_noise(scores.shape, generator, scores.device)) / tau).softmax(dim=-1)  # (B, T, V)
     return weights @ codes  # (B, T, C)
 
 
