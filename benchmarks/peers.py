@@ -56,11 +56,17 @@ def maybe_bf16(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     return module.to(torch.bfloat16) if precision == "bf16-weights" else module.float()
 
 
-def on_path(folder: Path):
-    """Import a peer's modules from its checkout (their packages are named `models`, `utils`, ...: one at a time)."""
-    for name in [m for m in sys.modules if m.split(".")[0] in ("models", "utils", "autoregressive", "dist",
-                                                                  "diffusion")]:  # fmt: skip
+PEER_CHECKOUTS = ("LlamaGen", "VAR", "mar")  # the folders under --peer-root
+PEER_PACKAGES = ("models", "utils", "autoregressive", "tokenizer", "dist", "diffusion")  # their top-level packages
+
+
+def on_path(folder: Path) -> None:
+    """Import one peer's packages from its checkout, and no other peer's: their top-level names collide (VAR's and
+    MAR's `models`), and a regular package later on the path shadows a namespace package earlier on it (MAR's
+    `models` has no __init__.py, VAR's has), so the other checkouts leave the path too."""
+    for name in [m for m in sys.modules if m.split(".")[0] in PEER_PACKAGES]:
         del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if Path(p).parent != folder.parent or Path(p).name not in PEER_CHECKOUTS]
     sys.path.insert(0, str(folder))
 
 

@@ -11,7 +11,6 @@ About 2 minutes and 6 GB on a 2-core CPU.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,22 +18,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import print_table, write_json
+from benchmarks.peers import on_path
 from lit_ar.checkpoints import load_system
 from lit_ar.released_weights import main as import_weights
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import load_tokenizer
-
-PEER_PACKAGES = ("models", "utils", "autoregressive", "tokenizer", "dist", "diffusion")
-
-
-def on_path(folder: Path) -> None:
-    """Import one peer's packages from its checkout, and no other peer's: their top-level names collide (VAR's and
-    MAR's `models`), and a regular package later on the path would shadow a namespace package earlier on it."""
-    for name in [m for m in sys.modules if m.split(".")[0] in PEER_PACKAGES]:
-        del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if Path(p).parent != folder.parent or Path(p).name not in CHECKOUTS.values()]
-    sys.path.insert(0, str(folder))
 
 
 def perturb(*modules: torch.nn.Module) -> None:
