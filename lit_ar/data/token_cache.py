@@ -203,8 +203,8 @@ class TokenCacheDataset(Dataset):
         names = ("mean", "std") if cache.meta["is_continuous"] else ("tokens",)
         self.arrays = {k: np.load(cache.folder / f"{split}_{k}.npy", mmap_mode="r") for k in names}
         self.labels = np.load(cache.folder / f"{split}_labels.npy", mmap_mode="r")
-        names = cache.meta["variants"]
-        self.variants = [i for i, name in enumerate(names) if hflip or not name.endswith("_hflip")]  # to draw from
+        views = cache.meta["variants"]  # the cached views' names; a training sample draws among these indices
+        self.variants = [i for i, view in enumerate(views) if hflip or not view.endswith("_hflip")]
 
     def __len__(self) -> int:
         return len(self.labels)
