@@ -1,18 +1,20 @@
 """Released LlamaGen, VAR and MAR weights in lit_ar: their tokenizers and class-conditional generators as lit_ar
-checkpoints (MAR's KL-16 tokenizer only: MAR's diffusion head is not lit_ar's flow head).
+checkpoints.
 
     python -m lit_ar.released_weights llamagen --vq_ckpt vq_ds16_c2i.pt --gpt_ckpt c2i_B_256.pt \\
         --output runs/released/llamagen_B_256
     python -m lit_ar.released_weights var --vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth \\
         --output runs/released/var_d16
+    python -m lit_ar.released_weights mar --vae_ckpt kl16.ckpt --mar_ckpt mar_base/checkpoint-last.pth \
+        --output runs/released/mar_base
     python -m lit_ar.released_weights mar-kl --vae_ckpt kl16.ckpt --output runs/released/mar_kl16
 
-write `tokenizer.ckpt` (a TokenizerSystem: preset `llamagen_vq16`, `var_msvq16` or `mar_kl16`) and, for LlamaGen and
-VAR, `generator.ckpt` (a CausalARSystem or ScaleARSystem that names that tokenizer; weights only, no training state)
-and `generator.yaml` (its model settings). `load_system` reads the checkpoints like those of any lit_ar run;
-`lit_ar predict|test` run them with the model settings stacked on a config of the family (lit_ar builds the model
-from the config, and the data gives the classes and image size), and `lit_ar fit` with `init_weights` fine-tunes
-them:
+write `tokenizer.ckpt` (a TokenizerSystem: preset `llamagen_vq16`, `var_msvq16` or `mar_kl16`) and, but for `mar-kl`
+(the tokenizer alone), `generator.ckpt` (a CausalARSystem, ScaleARSystem or FlowARSystem with MAR's diffusion head,
+that names that tokenizer; weights only, no training state) and `generator.yaml` (its model settings).
+`load_system` reads the checkpoints like those of any lit_ar run; `lit_ar predict|test` run them with the model
+settings stacked on a config of the family (lit_ar builds the model from the config, and the data gives the classes
+and image size), and `lit_ar fit` with `init_weights` fine-tunes them:
 
     lit_ar predict --config configs/causal/llamagen_shapes.yaml --config runs/released/llamagen_B_256/generator.yaml \\
         --ckpt_path runs/released/llamagen_B_256/generator.ckpt --data.dataset labels --data.classes 1000 \\
@@ -47,20 +49,20 @@ LLAMAGEN_FID_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75,
 BLOCK_RENAMES = {"nin_shortcut": "skip", "proj_out": "proj"}
 
 
-def read_weights(path: str, setting: str) -> dict[str, torch.Tensor]:
-    """The state dict in a peer's checkpoint file: the file itself (VAR's), or its "model", "module" or "state_dict"
-    entry (LlamaGen's and MAR's use "model"; LlamaGen's sample scripts accept all three)."""
+def read_weights(path: str, setting: str, keys: tuple[str, ...] = ("model", "module", "state_dict")) -> dict:
+    """The state dict in a peer's checkpoint file: the file itself (VAR's), or its first entry of `keys` that holds one
+    (LlamaGen's and MAR's KL-VAE use "model", LlamaGen's sample scripts accept all three; MAR's generators keep their
+    EMA weights, which MAR evaluates, under "model_ema")."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{setting}={path!r}: no such file")
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "module", "state_dict"):
+    for key in keys:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
     if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
-    raise ValueError(f"{setting}={path!r} holds no state dict (looked for the file itself, 'model', 'module' and "
-                     "'state_dict')")  # fmt: skip
+    raise ValueError(f"{setting}={path!r} holds no state dict (looked for the file itself and the entries {keys})")
 
 
 def llamagen_gpt_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,6 +218,47 @@ def var_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# MAR's generator (models/mar.py, models/diffloss.py) -> lit_ar's MARTransformer ("core.") and DiffusionHead ("head.")
+MAR_RENAMES = (
+    (r"^encoder_pos_embed_learned$", "core.enc_pos"),
+    (r"^decoder_pos_embed_learned$", "core.dec_pos"),
+    (r"^diffusion_pos_embed_learned$", "core.head_pos"),
+    (r"^(encoder|decoder)_blocks\.(\d+)\.attn\.qkv\.", r"\1_blocks.\2.attn.wqkv."),
+    (r"^(encoder|decoder)_blocks\.(\d+)\.attn\.proj\.", r"\1_blocks.\2.attn.wo."),
+    (r"^encoder_blocks\.", "encoder."),
+    (r"^decoder_blocks\.", "decoder."),
+    (r"^encoder_norm\.", "enc_norm."),
+    (r"^decoder_norm\.", "dec_norm."),
+    (r"^decoder_embed\.", "dec_embed."),
+    (r"^(?!diffloss\.|core\.)", "core."),
+    (r"^diffloss\.net\.res_blocks\.(\d+)\.in_ln\.", r"head.blocks.\1.norm."),
+    (r"^diffloss\.net\.res_blocks\.(\d+)\.adaLN_modulation\.", r"head.blocks.\1.ada."),
+    (r"^diffloss\.net\.res_blocks\.", "head.blocks."),
+    (r"^diffloss\.net\.final_layer\.adaLN_modulation\.", "head.final.ada."),
+    (r"^diffloss\.net\.final_layer\.", "head.final."),
+    (r"^diffloss\.net\.", "head."),
+)
+# MAR's attention heads per width (mar_base, mar_large, mar_huge): the one size its weights do not show
+MAR_HEADS = {768: 12, 1024: 16, 1280: 16}
+# MAR's FID sampling per width (its README: 256 AR steps, 100 DDPM steps, linear CFG 2.9 / 3.0 / 3.2, temperature 1)
+MAR_FID_CFG = {768: 2.9, 1024: 3.0, 1280: 3.2}
+
+
+def mar_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAR generator weights -> the state dict of a FlowARSystem's core and diffusion head. MAR keeps the null class
+    (its `fake_latent`) apart from the class table; lit_ar's is the table's last row."""
+    out = {}
+    for name, tensor in weights.items():
+        if name == "fake_latent":
+            continue
+        if name == "class_emb.weight":
+            tensor = torch.cat([tensor, weights["fake_latent"]])
+        for pattern, replacement in MAR_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        out[name] = tensor
+    return out
+
+
 def save_system(system, path: Path) -> Path:
     """A Lightning checkpoint of `system` (its hyperparameters and weights), written whole or not at all, that names
     its class as a checkpoint of `lit_ar fit` does, so that `lit_ar predict|test --ckpt_path` rebuild it from the
@@ -306,6 +349,56 @@ def write_var_checkpoints(
     )  # fmt: skip
 
 
+def write_mar_checkpoints(
+    vae_ckpt: str,
+    mar_ckpt: str,
+    output: str,
+    n_heads: int | None = None,
+    image_size: int = 256,
+    ema: bool = True,
+    latent_scale: float = 0.2325,
+    tokenizer_settings: dict | None = None,
+    generator_settings: dict | None = None,
+) -> tuple[Path, Path]:
+    """MAR's KL-16 and a MAR generator's checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and
+    generator.yaml: a FlowARSystem with backbone `mar` and MAR's diffusion head. Sizes and classes are read from the
+    weights, but for the attention heads (`n_heads` None: MAR-B's, -L's or -H's by width); `ema` takes the EMA
+    weights (MAR's evaluation does) where the file has them. The other settings are MAR's training ones (class
+    dropout 0.1, dropouts 0.1, mask ratio from 0.7, diffusion batch multiplier 4), its sampling the README's."""
+    from lit_ar.systems.flow_ar import FlowARSystem
+
+    keys = ("model_ema", "model") if ema else ("model",)
+    weights = mar_state_dict(read_weights(mar_ckpt, "mar_ckpt", keys))
+    dim = weights["core.z_proj.weight"].shape[0]
+    if weights["core.dec_embed.weight"].shape[0] != dim:
+        raise ValueError(f"mar_ckpt={mar_ckpt!r}: a decoder narrower or wider than the encoder is not one of MAR's "
+                         "sizes, and lit_ar imports those only")  # fmt: skip
+    if n_heads is None and dim not in MAR_HEADS:
+        raise ValueError(f"mar_ckpt={mar_ckpt!r} holds a MAR of width {dim}, which is none of MAR's sizes "
+                         f"{sorted(MAR_HEADS)}; pass its attention heads (--n_heads)")  # fmt: skip
+    seq_len = weights["core.head_pos"].shape[1]
+    sampling = {"steps": seq_len, "flow_steps": 100, "cfg": MAR_FID_CFG.get(dim, 3.0), "cfg_schedule": "linear",
+                "temperature": 1.0}  # fmt: skip
+    generator = {
+        "backbone": "mar", "head": "diffusion", "dim": dim, "n_heads": n_heads or MAR_HEADS[dim],
+        "depth": _count(weights, r"^core\.encoder\.(\d+)\."),
+        "decoder_depth": _count(weights, r"^core\.decoder\.(\d+)\."),
+        "buffer_size": weights["core.enc_pos"].shape[1] - seq_len,
+        "head_width": weights["head.input_proj.weight"].shape[0],
+        "head_depth": _count(weights, r"^head\.blocks\.(\d+)\."), "head_batch_mul": 4, "mask_ratio_min": 0.7,
+        "attn_dropout": 0.1, "proj_dropout": 0.1, "class_dropout": 0.1, "predict_kwargs": sampling,
+        **(generator_settings or {}),
+    }  # fmt: skip
+    tokenizer = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
+    num_classes = weights["core.class_emb.weight"].shape[0] - 1
+    return write_checkpoints(
+        output, image_size, num_classes,
+        (tokenizer, mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt),
+        (FlowARSystem, generator, weights, "mar_ckpt", mar_ckpt),
+        "configs/flow/mar_shapes.yaml",
+    )  # fmt: skip
+
+
 def write_mar_kl_checkpoint(
     vae_ckpt: str,
     output: str,
@@ -315,8 +408,7 @@ def write_mar_kl_checkpoint(
     tokenizer_settings: dict | None = None,
 ) -> Path:
     """MAR's KL-16 checkpoint file -> `output`/tokenizer.ckpt, a KL tokenizer whose latents the flow family (MAR,
-    FlowAR) trains on; MAR multiplies them by 0.2325, its `latent_scale`. MAR's generator is not imported: its
-    diffusion head is not lit_ar's flow head."""
+    FlowAR) trains on; MAR multiplies them by 0.2325, its `latent_scale`."""
     settings = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
     weights = mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt"))
     return write_tokenizer(output, image_size, num_classes, (settings, weights, "vae_ckpt", vae_ckpt))
@@ -345,7 +437,10 @@ def write_checkpoints(output: str, image_size: int, num_classes: int, tokenizer:
     system_class, settings, weights, setting, path = generator
     system = system_class(tokenizer_ckpt=str(tokenizer_path), image_size=image_size, num_classes=num_classes,
                           **settings)  # fmt: skip
-    load_strictly(system.model, weights, setting, path)
+    # the causal and scale-wise systems' one core is `model`; the flow family's are a core and a head
+    flow = not hasattr(system, "model")
+    module = torch.nn.ModuleDict({"core": system.core, "head": system.head}) if flow else system.model
+    load_strictly(module, weights, setting, path)
     generator_path = save_system(system, folder / "generator.ckpt")
     write_model_config(system, folder / "generator.yaml", family_config)
     return tokenizer_path, generator_path
@@ -382,8 +477,8 @@ def load_strictly(module: torch.nn.Module, weights: dict, setting: str, path: st
         raise ValueError(
             f"{setting}={path!r} does not fit the model its settings build: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, other shapes {shapes[:5]} (at most five of each); pick the size the weights were "
-            "trained with (--gpt_preset for LlamaGen's GPT, --depth for VAR; the tokenizers are VQ-16 and VAR's "
-            "VQVAE)"
+            "trained with (--gpt_preset for LlamaGen's GPT, --depth for VAR, --image_size for MAR; the tokenizers "
+            "are VQ-16, VAR's VQVAE and MAR's KL-16)"
         )
     module.load_state_dict({**module.state_dict(), **weights}, strict=True)
 
@@ -404,19 +499,28 @@ def main(args: list[str] | None = None) -> tuple[Path, ...]:
         "--depth", type=int, default=None, help="its depth (16, 20, 24, 30); default: read from the weights"
     )
     var.add_argument("--image_size", type=int, default=256)
+    mar = families.add_parser("mar", help="MAR's KL-16 and a MAR generator (with its diffusion head)")
+    mar.add_argument("--vae_ckpt", required=True, help="MAR's KL-VAE checkpoint, kl16.ckpt")
+    mar.add_argument("--mar_ckpt", required=True, help="MAR checkpoint, e.g. mar_base/checkpoint-last.pth")
+    mar.add_argument("--n_heads", type=int, default=None, help="attention heads; default: MAR-B's, -L's or -H's")
+    mar.add_argument("--image_size", type=int, default=256)
+    mar.add_argument("--no_ema", action="store_true", help="the trained weights rather than their EMA")
     mar_kl = families.add_parser("mar-kl", help="MAR's KL-16 tokenizer (for the flow family)")
     mar_kl.add_argument("--vae_ckpt", required=True, help="MAR's KL-VAE checkpoint, kl16.ckpt")
     mar_kl.add_argument("--image_size", type=int, default=256)
     mar_kl.add_argument("--latent_scale", type=float, default=0.2325, help="MAR's scale of the latents")
     for family in (llamagen, var, mar_kl):
         family.add_argument("--num_classes", type=int, default=1000)
+    for family in (llamagen, var, mar, mar_kl):
         family.add_argument("--output", required=True, help="folder for the checkpoints (and generator.yaml)")
     a = parser.parse_args(args)
     if a.family == "mar-kl":
         path = write_mar_kl_checkpoint(a.vae_ckpt, a.output, a.image_size, a.num_classes, a.latent_scale)
         print(f"wrote {path}")
         return (path,)
-    if a.family == "llamagen":
+    if a.family == "mar":
+        paths = write_mar_checkpoints(a.vae_ckpt, a.mar_ckpt, a.output, a.n_heads, a.image_size, not a.no_ema)
+    elif a.family == "llamagen":
         paths = write_llamagen_checkpoints(a.vq_ckpt, a.gpt_ckpt, a.output, a.gpt_preset, a.image_size, a.num_classes)
     else:
         paths = write_var_checkpoints(a.vae_ckpt, a.var_ckpt, a.output, a.depth, a.image_size, a.num_classes)

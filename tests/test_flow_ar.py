@@ -21,6 +21,7 @@ from conftest import (
 )
 
 from lit_ar.cli import cli_main
+from lit_ar.models.diffusion_head import DiffusionHead
 from lit_ar.models.flowar import FlowARTransformer, doubling_scales
 from lit_ar.models.mar import MARTransformer
 from lit_ar.systems.flow_ar import FlowARSystem, truncated_normal
@@ -224,11 +225,11 @@ class FakeTrainer(SimpleNamespace):
     """What FlowARSystem.draw reads of a DDP trainer: world size, rank, step."""
 
 
-@pytest.mark.parametrize("backbone", ["mar", "flowar"])
-def test_draws_per_global_sample_make_two_ranks_equal_one_process(backbone):
+@pytest.mark.parametrize("backbone, head", [("mar", "flow"), ("flowar", "flow"), ("mar", "diffusion")])
+def test_draws_per_global_sample_make_two_ranks_equal_one_process(backbone, head):
     """DDP: the DistributedSampler deals global sample r + i * world to rank r. Drawing the step's randomness for
     the global batch and keeping the rank's rows makes the mean of the ranks' losses the one-process loss."""
-    system = tiny_system(backbone, class_dropout=0.5)
+    system = tiny_system(backbone, class_dropout=0.5, head=head)
     system.train()
     batch = token_batch(8)
     system._trainer = FakeTrainer(world_size=1, global_rank=0, global_step=3)
@@ -264,7 +265,64 @@ def test_bf16_autocast_training_and_sampling_stay_finite():
         assert out.dtype == torch.float32 and torch.isfinite(out).all(), backbone
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_the_diffusion_head_trains_and_samples_on_every_backbone(backbone):
+    """MAR's DDPM head in place of the flow head: the loss falls, the same seed gives the same samples (100 DDPM
+    steps by default, MAR's), CFG and bf16 autocast stay finite and fp32."""
+    system = tiny_system(backbone, head="diffusion")
+    assert isinstance(system.head, DiffusionHead) and system.head.final.linear.out_features == 8  # eps, variance
+    head_off_zero(system)
+    opt = torch.optim.AdamW(system.parameters(), lr=3e-3)
+    system.train()
+    losses = []
+    for step in range(8):
+        loss = system.loss(token_batch(), torch.Generator().manual_seed(step % 2))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-2] + losses[-1] < losses[0] + losses[1], losses
+    system.eval()
+    labels, steps = torch.tensor([0, 2]), {"steps": 3} if backbone == "mar" else {}
+    calls = []
+    system.head.register_forward_hook(lambda m, i, out: calls.append(1))
+    a = system.sample_tokens(labels, cfg=2.0, generator=torch.Generator().manual_seed(5), **steps)
+    per_step = len(calls) // (3 if backbone == "mar" else len(system.core.sizes))
+    assert per_step == 100, "MAR's 100 DDPM steps by default"
+    kw = dict(cfg=2.0, flow_steps=5, **steps)
+    b = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    c = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    d = system.sample_tokens(labels, generator=torch.Generator().manual_seed(6), **kw)
+    assert a.shape == b.shape == (2, 16, 4) and torch.isfinite(a).all()
+    assert torch.equal(b, c) and not torch.equal(b, d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = system.loss(token_batch(), torch.Generator().manual_seed(0))
+        out = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    assert loss.dtype == out.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(out).all()
+
+
 # -- bad inputs ----------------------------------------------------------------------------------------------------
+def test_bad_diffusion_head_inputs_are_refused():
+    with pytest.raises(
+        ValueError, match=r"model.init_args.head='ddim' is not known; use one of \('flow', 'diffusion'\)"
+    ):
+        tiny_system("mar", head="ddim")
+    with pytest.raises(ValueError, match=r"time_sampling='logit_normal' applies to head='flow' only"):
+        tiny_system("mar", head="diffusion", time_sampling="logit_normal")
+    system, labels = tiny_system("mar", head="diffusion").eval(), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"sampler='euler': the diffusion head \(head='diffusion'\) samples with "
+                                         r"'ddpm' only"):  # fmt: skip
+        system.sample_tokens(labels, sampler="euler")
+    with pytest.raises(ValueError, match=r"guidance_interval=\(0.2, 1.0\) is the flow head's"):
+        system.sample_tokens(labels, cfg=2.0, guidance_interval=(0.2, 1.0))
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match=rf"flow_steps={bad} must be an integer in \[1, 1000\]"):
+            system.sample_tokens(labels, flow_steps=bad)
+    with pytest.raises(ValueError, match=r"sampler='ddpm' is not known"):  # and the flow head has no DDPM
+        tiny_system("mar").eval().sample_tokens(labels, sampler="ddpm")
+
+
 def test_bad_sampling_inputs_are_refused():
     mar, flowar = tiny_system("mar").eval(), tiny_system("flowar").eval()
     labels = torch.tensor([0, 1])
@@ -327,10 +385,10 @@ def test_tokenizer_of_the_wrong_kind_is_refused_both_ways():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["mar", "flowar"])
-def test_compiled_equals_eager(backbone):
-    eager = head_off_zero(tiny_system(backbone)).eval()  # an untrained head would return its noise
-    compiled = tiny_system(backbone, compile=True).eval()
+@pytest.mark.parametrize("backbone, head", [("mar", "flow"), ("flowar", "flow"), ("mar", "diffusion")])
+def test_compiled_equals_eager(backbone, head):
+    eager = head_off_zero(tiny_system(backbone, head=head)).eval()  # an untrained head would return its noise
+    compiled = tiny_system(backbone, compile=True, head=head).eval()
     compiled.load_state_dict(eager.state_dict())
     assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
     batch = token_batch()
@@ -406,6 +464,23 @@ def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_
     assert float(a.min()) >= -1 and float(a.max()) <= 1
 
 
+def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli(kl_tokenizer, tmp_path):
+    """`--model.init_args.head diffusion`: MAR as published (its DDPM head), through `lit_ar fit` and `predict`."""
+    with single_thread():
+        cli = cli_main(["fit", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path), "--model.init_args.head",
+                        "diffusion", "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--trainer.max_steps",
+                        "30", "--trainer.limit_val_batches", "2"])  # fmt: skip
+    loss = logged_scalars(tmp_path, "train/loss")
+    assert len(loss) == 15 and sum(loss[-4:]) < sum(loss[:4]), loss
+    assert isinstance(cli.model.head, DiffusionHead)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path / "predict"), "--model.init_args.head",
+              "diffusion", "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--ckpt_path", str(ckpt),
+              "--model.init_args.predict_kwargs", '{"steps": 4, "flow_steps": 20, "cfg": 1.5}'])  # fmt: skip
+    samples = np.load(tmp_path / "predict" / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3)
+
+
 @pytest.mark.parametrize("backbone", ["mar", "flowar"])
 def test_bf16_mixed_debug_run_has_no_nan(backbone, kl_tokenizer, tmp_path):
     cli = cli_main(["fit", "--config", str(DEBUG[backbone]), *run_dir_args(tmp_path),
@@ -441,13 +516,15 @@ def test_tokenizers_of_the_wrong_kind_or_width_are_refused(kl_tokenizer, checkpo
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_agree_with_one(tmp_path, kl_tokenizer):
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_ddp_two_processes_agree_with_one(tmp_path, kl_tokenizer, head):
     """Class dropout, MAR's orders and mask ratio, and the flow noise and times are drawn per global sample from a
     generator seeded per step (FlowARSystem.draw), so 2 gloo processes at batch 8 train exactly like 1 process at
     batch 16. Off here: the KL posterior sample (the tokenizer draws it from each process's own random state) and
     nn.Dropout (off in the debug config), whose noise would match in law only."""
     common = ["fit", "--config", str(DEBUG["mar"]), "--model.init_args.tokenizer_ckpt", str(kl_tokenizer),
               "--model.init_args.class_dropout", "0.5", "--model.init_args.posterior_sample", "false",
+              "--model.init_args.head", head,
               "--trainer.max_steps", "8", "--data.shuffle", "false",
               "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"

@@ -1,6 +1,6 @@
-"""LlamaGen's released weights in lit_ar, checked against LlamaGen's own code: tests/fixtures/llamagen_tiny.pt holds a
-tiny LlamaGen VQ and c2i GPT and their outputs, made by tests/fixtures/make_llamagen_fixture.py with LlamaGen's
-code. Imported, lit_ar's models give the same codes, decoded images and logits."""
+"""LlamaGen's, VAR's and MAR's released weights in lit_ar, checked against the peers' own code: tests/fixtures/*_tiny.pt
+hold tiny models of theirs and their outputs, made by tests/fixtures/make_*_fixture.py with the peers' code.
+Imported, lit_ar's models give the same codes, decoded images, logits, conditions, losses and samples."""
 
 import argparse
 from pathlib import Path
@@ -8,20 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import CONFIGS, run_dir_args
 
 from lit_ar.checkpoints import load_system
 from lit_ar.cli import cli_main
 from lit_ar.models.autoencoder import PRESETS, Autoencoder
+from lit_ar.models.diffusion_head import DiffusionHead, diffusion_loss, sample_diffusion
 from lit_ar.released_weights import (
     main,
+    mar_state_dict,
     read_weights,
     write_llamagen_checkpoints,
+    write_mar_checkpoints,
     write_mar_kl_checkpoint,
     write_var_checkpoints,
 )
 from lit_ar.sampling import cfg_scale, guide
 from lit_ar.systems.causal_ar import CausalARSystem
+from lit_ar.systems.flow_ar import FlowARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import load_tokenizer
 
@@ -285,3 +290,83 @@ def test_imported_mar_kl_tokenizer_gives_mar_s_latents_and_images(tmp_path):
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     with pytest.raises(ValueError, match=r"vae_ckpt=.*kl16.ckpt' does not fit the model its settings build"):
         main(["mar-kl", "--vae_ckpt", str(tmp_path / "kl16.ckpt"), "--output", str(tmp_path / "cli")])
+
+
+# ---- MAR's generators (with MAR's diffusion head) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mar_fixture() -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(Path(__file__).parent / "fixtures" / "mar_tiny.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def mar_imported(mar_fixture, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """tokenizer.ckpt and generator.ckpt written from MAR-format files: (tokenizer, generator, kl file, mar file)."""
+    folder = tmp_path_factory.mktemp("mar")
+    kl = torch.load(Path(__file__).parent / "fixtures" / "mar_kl_tiny.pt", weights_only=True)
+    torch.save(kl["vae"], folder / "kl16.ckpt")
+    torch.save(mar_fixture["mar"], folder / "checkpoint-last.pth")  # MAR's format: model, model_ema, args
+    paths = write_mar_checkpoints(str(folder / "kl16.ckpt"), str(folder / "checkpoint-last.pth"), str(folder / "out"),
+                                  n_heads=2, image_size=16, tokenizer_settings=MAR_KL)  # fmt: skip
+    return (*paths, folder / "kl16.ckpt", folder / "checkpoint-last.pth")
+
+
+def test_imported_mar_gives_mar_s_conditions_diffusion_loss_and_ddpm_samples(mar_fixture, mar_imported):
+    """MAR's EMA weights (what MAR evaluates) in a FlowARSystem with the diffusion head: the same decoder conditions,
+    the same loss per token (eps MSE + the variance's bound, steps 0 and 999 among them), the same DDPM samples with
+    CFG and temperature for the same noise."""
+    system = load_system(str(mar_imported[1]), FlowARSystem).eval()
+    assert system.hparams.head == "diffusion" and isinstance(system.head, DiffusionHead)
+    with torch.no_grad():
+        conditions = system.core(mar_fixture["tokens"], mar_fixture["mask"], mar_fixture["labels"])
+    torch.testing.assert_close(conditions, mar_fixture["conditions"], rtol=1e-5, atol=1e-6)
+    loss = diffusion_loss(system.head, mar_fixture["loss_target"], mar_fixture["loss_rows"], mar_fixture["loss_noise"],
+                          mar_fixture["loss_t"], reduction="none")  # fmt: skip
+    torch.testing.assert_close(loss, mar_fixture["loss"], rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(11)  # the fixture drew MAR's noise from this generator, in lit_ar's order
+    noise = torch.randn(6, 4, generator=g)
+    assert torch.equal(noise, mar_fixture["sampler_noise"])
+    sampled = sample_diffusion(system.head, mar_fixture["sampler_cond"], mar_fixture["sampler_uncond"], noise, 10,
+                               cfg=2.0, temperature=0.9, generator=g)  # fmt: skip
+    torch.testing.assert_close(sampled, mar_fixture["sampled"], rtol=1e-4, atol=1e-4)
+    # --no_ema takes the trained weights instead
+    raw = mar_state_dict(read_weights(str(mar_imported[3]), "mar_ckpt", ("model",)))
+    assert not torch.equal(raw["core.z_proj.weight"], system.core.z_proj.weight)
+
+
+def test_imported_mar_generates_mar_s_tokens(mar_fixture, mar_imported):
+    """A whole MAR generation (4 AR steps, 10 DDPM steps, CFG 2.5 on MAR's linear schedule, temperature 0.95): MAR's
+    orders and noise drawn from one generator in lit_ar's order (see make_mar_fixture.py), lit_ar given a generator
+    with the same seed lands on MAR's tokens. It reveals, as MAR, the last tokens of the order first, and its CFG
+    ramp never quite reaches cfg (MAR counts at least one token hidden after the last step)."""
+    system = load_system(str(mar_imported[1]), FlowARSystem).eval()
+    tokens = system.sample_tokens(mar_fixture["gen_labels"], cfg=2.5, temperature=0.95, steps=4, flow_steps=10,
+                                  generator=torch.Generator().manual_seed(7))  # fmt: skip
+    scale = mar_fixture["generated"].abs().max()  # a random head's tokens are far from unit scale: relative error
+    torch.testing.assert_close(tokens / scale, mar_fixture["generated"] / scale, rtol=0, atol=1e-5)
+
+
+def test_imported_mar_samples_through_the_cli_and_its_bad_inputs(mar_imported, tmp_path):
+    """MAR's FID settings in generator.yaml (all tokens as AR steps here: the tiny grid has 64, MAR's 256; 100 DDPM
+    steps, linear CFG), stacked on the MAR family's config; `lit_ar predict` samples it without image data."""
+    model_config = yaml.safe_load(mar_imported[1].with_suffix(".yaml").read_text())["model"]["init_args"]
+    assert model_config["predict_kwargs"] == {"steps": 64, "flow_steps": 100, "cfg": 3.0, "cfg_schedule": "linear",
+                                              "temperature": 1.0}  # fmt: skip
+    assert (model_config["dim"], model_config["depth"], model_config["decoder_depth"], model_config["buffer_size"],
+            model_config["head_width"], model_config["head_depth"]) == (32, 2, 2, 4, 64, 2)  # fmt: skip
+    cli_main(["predict", "--config", str(CONFIGS / "debug" / "flow_mar.yaml"), "--config",
+              str(mar_imported[1].with_suffix(".yaml")), *run_dir_args(tmp_path), "--ckpt_path", str(mar_imported[1]),
+              "--data.dataset", "labels", "--data.classes", "10", "--data.predict_per_class", "1",
+              "--model.init_args.predict_kwargs", '{"steps": 4, "flow_steps": 5, "cfg": 2.0}'])  # fmt: skip
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (10, 16, 16, 3) and samples["labels"].tolist() == list(range(10))
+    kl, mar = str(mar_imported[2]), str(mar_imported[3])
+    with pytest.raises(ValueError, match=r"holds a MAR of width 32, which is none of MAR's sizes \[768, 1024, 1280\]; "
+                                         r"pass its attention heads \(--n_heads\)"):  # fmt: skip
+        main(["mar", "--vae_ckpt", kl, "--mar_ckpt", mar, "--output", str(tmp_path / "cli")])
+    # the command builds MAR's KL-16: the tiny KL-VAE does not fit it, and the message names the file
+    with pytest.raises(ValueError, match=r"vae_ckpt=.*kl16.ckpt' does not fit the model its settings build"):
+        main(["mar", "--vae_ckpt", kl, "--mar_ckpt", mar, "--n_heads", "2", "--output", str(tmp_path / "cli")])
+    # a tokenizer whose grid is not the generator's: the position tables are named
+    with pytest.raises(ValueError, match=r"mar_ckpt=.* does not fit the model its settings build: .*core.enc_pos"):
+        write_mar_checkpoints(kl, mar, str(tmp_path / "big"), n_heads=2, image_size=32, tokenizer_settings=MAR_KL)

@@ -37,18 +37,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimeEmbedding(nn.Module):
-    """Flow time t in [0, 1] -> (N, width): sinusoids of 1000 * t (DiT's frequencies) and a 2-layer MLP, in fp32."""
+    """Time t -> (N, width): sinusoids of scale * t (DiT's frequencies) and a 2-layer MLP, in fp32. The flow head's t
+    lies in [0, 1] (scale 1000); the diffusion head's is the DDPM step index in [0, 1000) (scale 1)."""
 
-    def __init__(self, width: int, freq_dim: int = 256, max_period: float = 10000.0):
+    def __init__(self, width: int, freq_dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
+        self.freq_dim, self.max_period, self.scale = freq_dim, max_period, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         with fp32(t.device):
             half = self.freq_dim // 2
             freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # (half,)
-            args = 1000.0 * t.float()[:, None] * freqs[None]  # (N, half)
+            args = self.scale * t.float()[:, None] * freqs[None]  # (N, half)
             emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, freq_dim)
             return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (N, width), fp32 unless the weights are not
 
@@ -88,16 +89,20 @@ class FlowHead(nn.Module):
     t may also be (1,), one time for every row (as in sampling), whose embedding is then computed once.
 
     token_dim is the tokenizer's latent width; cond_dim the backbone's width; `width`, `depth` the MLP's size
-    (MAR-B: width 1024, depth 6)."""
+    (MAR-B: width 1024, depth 6). out_dim (default token_dim) and time_scale are the diffusion head's
+    (lit_ar.models.diffusion_head), which shares this MLP."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6, freq_dim: int = 256):
+    kind = "flow"
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6, freq_dim: int = 256,
+                 out_dim: int | None = None, time_scale: float = 1000.0):  # fmt: skip
         super().__init__()
         self.token_dim, self.cond_dim = token_dim, cond_dim
-        self.time_embed = TimeEmbedding(width, freq_dim)
+        self.time_embed = TimeEmbedding(width, freq_dim, scale=time_scale)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
-        self.final = FinalLayer(width, token_dim)
+        self.final = FinalLayer(width, out_dim or token_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,7 +120,7 @@ class FlowHead(nn.Module):
     def check_tokens(self, x: torch.Tensor, name: str = "tokens") -> None:
         if x.shape[-1] != self.token_dim:
             raise ValueError(
-                f"{name} have width {x.shape[-1]} but the flow head was built for token_dim={self.token_dim} "
+                f"{name} have width {x.shape[-1]} but the {self.kind} head was built for token_dim={self.token_dim} "
                 "(the tokenizer's latent_channels); a tokenizer or token cache with another latent width needs a "
                 "new model"
             )

@@ -1,4 +1,5 @@
-"""FlowARSystem: continuous-token AR with a per-token flow-matching head, over one of three backbones.
+"""FlowARSystem: continuous-token AR with a per-token flow-matching head (or MAR's diffusion head), over one of three
+backbones.
 
 - `mar`: MAR (Li et al. 2024): a bidirectional encoder-decoder, random order, a truncated-normal mask ratio in
   training; sampling reveals the tokens in N steps with a cosine schedule and a linear CFG ramp.
@@ -7,7 +8,9 @@
 - `causal`: continuous raster AR (causal attention, one token at a time, KV cache): the same head on a causal core.
 
 One system, not three: the three share the tokenizer, the head, the loss, the per-step randomness and sample(),
-and differ only in how the backbone makes a condition per token; a config picks the backbone.
+and differ only in how the backbone makes a condition per token; a config picks the backbone. The head is the
+rectified-flow one (`head: flow`, lit_ar's default) or MAR's DDPM (`head: diffusion`, lit_ar.models.diffusion_head),
+with which MAR's released generators run in lit_ar.
 
 Randomness in training (class dropout, MAR's order and mask ratio, the flow noise and times) is drawn from a
 generator seeded by (the run seed, global step, batch index) for the whole global batch, and each rank keeps the
@@ -20,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from lit_ar.models.diffusion_head import TRAIN_STEPS, DiffusionHead, diffusion_loss, sample_diffusion, spaced_steps
 from lit_ar.models.flow_head import (
     FlowHead,
     check_flow_sampling,
@@ -33,6 +37,7 @@ from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, 
 from lit_ar.systems.generator import GeneratorSystem
 
 BACKBONES = ("mar", "flowar", "causal")
+HEADS = ("flow", "diffusion")
 FLOW_CFG_SCHEDULES = ("constant", "linear", "power_cosine")
 
 
@@ -75,6 +80,7 @@ class FlowARSystem(GeneratorSystem):
         head_batch_mul: int = 4,
         time_sampling: Literal["uniform", "logit_normal"] = "uniform",
         posterior_sample: bool = True,
+        head: Literal["flow", "diffusion"] = "flow",
         **kwargs,
     ):
         """
@@ -100,10 +106,13 @@ class FlowARSystem(GeneratorSystem):
             head_depth: Residual AdaLN blocks of the flow head (MAR-B: 6).
             head_batch_mul: Each token is trained with this many independent (noise, time) draws per step
                 (MAR's diffusion_batch_mul: the head is cheap, the backbone's pass is shared).
-            time_sampling: Law of the flow time in training: `uniform` or `logit_normal` (SD3).
+            time_sampling: Law of the flow time in training: `uniform` or `logit_normal` (SD3); the diffusion head
+                draws its steps uniformly (MAR).
             posterior_sample: Train on a sample of the KL tokenizer's posterior (MAR) rather than its mean. The
                 tokenizer draws that noise from each process's own random state, so with it on, N DDP processes
                 match one process in law but not bit for bit (every other random draw here is per global sample).
+            head: `flow` (rectified flow, few ODE steps) or `diffusion` (MAR's DiffLoss: a DDPM over 1000 cosine
+                steps predicting the noise and a learned variance; samples with 100 steps in MAR).
         """
         super().__init__(**kwargs)
         if backbone not in BACKBONES:
@@ -115,6 +124,11 @@ class FlowARSystem(GeneratorSystem):
         if head_batch_mul < 1:
             raise ValueError(f"model.init_args.head_batch_mul={head_batch_mul} must be >= 1")
         flow_times(torch.zeros(1), time_sampling)  # refuses an unknown law now
+        if head not in HEADS:
+            raise ValueError(f"model.init_args.head={head!r} is not known; use one of {HEADS}")
+        if head == "diffusion" and time_sampling != "uniform":
+            raise ValueError(f"model.init_args.time_sampling={time_sampling!r} applies to head='flow' only; the "
+                             "diffusion head draws its DDPM steps uniformly (leave it 'uniform')")  # fmt: skip
         token_dim, grid_size = self.resolve_token_shape(token_dim, grid_size)
         self.token_dim, self.grid_size = token_dim, grid_size
         num_classes = self.hparams.num_classes
@@ -126,7 +140,8 @@ class FlowARSystem(GeneratorSystem):
         else:
             order = "scale" if backbone == "flowar" else "raster"
             self.core = FlowARTransformer(token_dim, grid_size, num_classes, order=order, scales=scales, **common)
-        self.head = FlowHead(token_dim, dim, head_width, head_depth)
+        # MAR's decoder width is its encoder's (dim), the head's condition
+        self.head = (DiffusionHead if head == "diffusion" else FlowHead)(token_dim, dim, head_width, head_depth)
         if self.hparams.compile:  # in place, so checkpoint keys carry no `_orig_mod.`
             for block in self.core.blocks:
                 block.compile()
@@ -214,13 +229,18 @@ class FlowARSystem(GeneratorSystem):
         # MAR: drawn for every position, so the random stream does not depend on how many are hidden
         drawn = T if hidden is None else L
         noise = self.draw(torch.randn, g, B, m, drawn, D)  # (B, m, drawn, D)
-        t = flow_times(self.draw(torch.rand, g, B, m, drawn), self.hparams.time_sampling)  # (B, m, drawn)
+        u = self.draw(torch.rand, g, B, m, drawn)  # (B, m, drawn)
+        diffusion = self.hparams.head == "diffusion"
+        # the diffusion head's DDPM step indices in [0, 1000), or flow times in (0, 1)
+        t = (u * TRAIN_STEPS).long().clamp(max=TRAIN_STEPS - 1)
+        t = t if diffusion else flow_times(u, self.hparams.time_sampling)
         if hidden is not None:
             noise = noise.gather(2, hidden[:, None, :, None].expand(B, m, T, D))  # (B, m, n, D)
             t = t.gather(2, hidden[:, None].expand(B, m, T))  # (B, m, n)
         rep = lambda x: x[:, None].expand(B, m, *x.shape[1:]).reshape(B * m * T, *x.shape[2:])  # noqa: E731
         embedded = self.head.cond_embed(cond)  # (B, T, W): once per token, not once per draw
-        return flow_loss(self.head, rep(target), None, noise.reshape(-1, D), t.reshape(-1), rep(embedded))
+        loss_fn = diffusion_loss if diffusion else flow_loss
+        return loss_fn(self.head, rep(target), None, noise.reshape(-1, D), t.reshape(-1), rep(embedded))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.step_generator(batch_idx, "train"))
@@ -243,8 +263,8 @@ class FlowARSystem(GeneratorSystem):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         steps: int | None = None,
-        flow_steps: int = 25,
-        sampler: Literal["euler", "heun", "euler_maruyama"] = "euler",
+        flow_steps: int | None = None,
+        sampler: Literal["euler", "heun", "euler_maruyama", "ddpm"] | None = None,
         cfg_schedule: Literal["constant", "linear", "power_cosine"] = "linear",
         guidance_interval: tuple[float, float] = (0.0, 1.0),
     ) -> torch.Tensor:
@@ -263,25 +283,28 @@ class FlowARSystem(GeneratorSystem):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         steps: int | None = None,
-        flow_steps: int = 25,
-        sampler: Literal["euler", "heun", "euler_maruyama"] = "euler",
+        flow_steps: int | None = None,
+        sampler: Literal["euler", "heun", "euler_maruyama", "ddpm"] | None = None,
         cfg_schedule: Literal["constant", "linear", "power_cosine"] = "linear",
         guidance_interval: tuple[float, float] = (0.0, 1.0),
     ) -> torch.Tensor:
         """labels (B,) -> continuous tokens (B, L, D).
 
-        cfg: guidance scale (1 = none), applied to the head's velocity in flow time; `cfg_schedule` ramps it over
-        the AR steps (`linear`: 1 -> cfg, MAR's and VAR's). temperature: scales the head's starting noise (and
-        nothing else). top_k / top_p: discrete-token filters; refused here. steps: AR steps of `mar` (default
-        min(64, L), cosine schedule); `flowar` and `causal` take one step per scale or token (leave null).
-        flow_steps: ODE/SDE steps of the head. sampler: `euler`, `heun` (2 head calls a step, 1 in the last) or
-        `euler_maruyama` (SDE). guidance_interval: flow times [low, high] where CFG is applied (1 outside)."""
+        cfg: guidance scale (1 = none), applied to the head's velocity in flow time (the diffusion head's noise
+        prediction); `cfg_schedule` ramps it over the AR steps (`linear`: 1 -> cfg, MAR's and VAR's). temperature:
+        scales the flow head's starting noise (the diffusion head's noise at each DDPM step, as MAR). top_k / top_p:
+        discrete-token filters; refused here. steps: AR steps of `mar` (default min(64, L), cosine schedule);
+        `flowar` and `causal` take one step per scale or token (leave null).
+        flow_steps: ODE/SDE steps of the flow head (default 25), DDPM steps of the diffusion head (default 100,
+        MAR's). sampler: the flow head's `euler` (default), `heun` (2 head calls a step, 1 in the last) or
+        `euler_maruyama` (SDE); the diffusion head's `ddpm` (its only one). guidance_interval: flow times
+        [low, high] where the flow head applies CFG (1 outside)."""
         labels, rows = self.sampling_labels(labels, cfg)  # (B,), (B,) or (2B,) [labels; null] under CFG
         check_sampling_args(temperature, cfg=cfg)
         if top_k is not None or top_p is not None:
             raise ValueError(f"top_k={top_k}, top_p={top_p}: filters of discrete logits; continuous tokens take "
                              "temperature (the head's noise scale) only")  # fmt: skip
-        check_flow_sampling(flow_steps, sampler, guidance_interval)
+        flow_steps, sampler = self.check_head_sampling(flow_steps, sampler, guidance_interval)
         if cfg_schedule not in FLOW_CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not supported here; use one of {FLOW_CFG_SCHEDULES} "
                              "(guidance_interval limits CFG in flow time)")  # fmt: skip
@@ -296,12 +319,33 @@ class FlowARSystem(GeneratorSystem):
                 return self.sample_mar(rows, cfg, cfg_schedule, steps, flow)
             return self.sample_groups(rows, cfg, cfg_schedule, steps, flow)
 
+    def check_head_sampling(self, flow_steps: int | None, sampler: str | None,
+                            guidance_interval: tuple[float, float]) -> tuple[int, str]:  # fmt: skip
+        """The head's steps and sampler, defaults filled in; refuses what this head does not take."""
+        if self.hparams.head == "flow":
+            flow_steps, sampler = 25 if flow_steps is None else flow_steps, sampler or "euler"
+            check_flow_sampling(flow_steps, sampler, guidance_interval)
+            return flow_steps, sampler
+        flow_steps = 100 if flow_steps is None else flow_steps
+        if sampler not in (None, "ddpm"):
+            raise ValueError(f"sampler={sampler!r}: the diffusion head (head='diffusion') samples with 'ddpm' only; "
+                             "leave sampler null")  # fmt: skip
+        if tuple(guidance_interval) != (0.0, 1.0):
+            raise ValueError(f"guidance_interval={tuple(guidance_interval)} is the flow head's; the diffusion head "
+                             "guides every DDPM step (leave it (0.0, 1.0))")  # fmt: skip
+        spaced_steps(flow_steps)  # refuses a count outside [1, 1000]
+        return flow_steps, "ddpm"
+
     def head_sample(self, cond: torch.Tensor, B: int, cfg: float, flow: dict) -> torch.Tensor:
         """Conditions (B, n, C), or (2B, n, C) rows [cond; uncond] under CFG -> tokens (B, n, D) (fp32)."""
         n, C = cond.shape[1], cond.shape[2]
         c = cond[:B].reshape(B * n, C)
         u = cond[B:].reshape(B * n, C) if cond.shape[0] > B else None
         g = flow["generator"]
+        if flow["sampler"] == "ddpm":
+            noise = torch.randn(B * n, self.token_dim, generator=g, device=cond.device)
+            x = sample_diffusion(self.head, c, u, noise, flow["flow_steps"], cfg, flow["temperature"], g)
+            return x.view(B, n, self.token_dim)
         noise = flow["temperature"] * torch.randn(B * n, self.token_dim, generator=g, device=cond.device)
         x = sample_flow(head_velocity_fn(self.head, c, u), noise, flow["flow_steps"], flow["sampler"], cfg,
                         flow["guidance_interval"], g)  # fmt: skip
@@ -319,10 +363,14 @@ class FlowARSystem(GeneratorSystem):
         done = 0
         for n in counts:
             twice = (lambda x: torch.cat([x, x])) if cfg != 1.0 else (lambda x: x)
-            pos = order[:, done : done + n]  # (B, n) the next n tokens of each order
+            # (B, n) the next n tokens: as MAR, the last n of the order still hidden (its first stay hidden longest),
+            # by position, the order of the rows MAR draws its noise for
+            pos = order[:, L - done - n : L - done].sort(dim=1).values
             done += n
             cond = self.core(twice(tokens), twice(mask), rows, positions=twice(pos))  # (B or 2B, n, C)
-            scale = cfg_scale(schedule, cfg, done / L)  # MAR: 1 + (cfg - 1) * revealed / L
+            # MAR: 1 + (cfg - 1) * (L - tokens left hidden) / L, where at least 1 is counted as left even after the
+            # last step
+            scale = cfg_scale(schedule, cfg, min(done, L - 1) / L)
             new = self.head_sample(cond, B, scale, flow)  # (B, n, D)
             tokens = tokens.scatter(1, pos[..., None].expand(-1, -1, D), new)
             mask = mask.scatter(1, pos, False)
