@@ -28,10 +28,14 @@ PRESETS = {
     "small": dict(dim=256, depth=4, n_heads=4, buffer_size=16, head_width=256, head_depth=3, num_classes=10),
     "mar_b": dict(dim=768, depth=12, n_heads=12, buffer_size=64, head_width=1024, head_depth=6, num_classes=1000),
 }
+# MAR-B with MAR's own DDPM head: MAR-B's 207,924,768 parameters exactly (the same work as MAR's code)
+PRESETS["mar_b_ddpm"] = {**PRESETS["mar_b"], "head": "diffusion"}
 
 
-def build(backbone: str, preset: str, device: str, grid_size: int = 16, compile: bool = False) -> FlowARSystem:
-    kwargs = dict(PRESETS[preset])
+def build(backbone: str, preset: str, device: str, grid_size: int = 16, compile: bool = False,
+          head: str | None = None) -> FlowARSystem:  # fmt: skip
+    """`head` None keeps the preset's (the flow head but for mar_b_ddpm)."""
+    kwargs = dict(PRESETS[preset], **({"head": head} if head else {}))
     if backbone != "mar":
         kwargs.pop("buffer_size")
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ The LlamaGen and MAR sampling rows, and `--isolate 0`, alternate the two sides c
 Settings (the issues' anchors): LlamaGen GPT-B, batch 4, CFG 2.0 (forward batch 8), 256 tokens, top-k off;
 VAR-d16, batch 2, CFG 1.5 (forward batch 4), top-k 900 / top-p 0.96 as VAR's demo, the tokenizer's decode excluded
 on both sides; MAR-B, batch 2 (`--mar-batch`), CFG 2.9 linear, MAR at 64 AR steps and its 100 diffusion steps against
-lit_ar at each `--mar-settings` entry (AR steps, flow-head sampler and steps; default 64:euler:25). Token
+lit_ar at each `--mar-settings` entry (AR steps, head sampler and steps; default 64:euler:25; `ddpm` takes MAR's own
+DDPM head, so 64:ddpm:100 is MAR's algorithm at MAR-B's exact size, the same work on both sides). Token
 generation only (no decode to pixels) on every row. MAR's sampler calls `.cuda()` on the tensors it makes; on a
 CPU-only machine that call is made a no-op while MAR samples (its code stays as it is). MAR imports timm, which needs
 torchvision, which does not import beside this project's torch 2.13 CPU build: run MAR's rows from another
@@ -327,7 +328,8 @@ def cuda_calls_stay_on(device: str):
 
 
 def mar_setting(text: str) -> tuple[int, str, int]:
-    """'AR_STEPS:SAMPLER:FLOW_STEPS' (e.g. 64:euler:25) -> (64, 'euler', 25)."""
+    """'AR_STEPS:SAMPLER:FLOW_STEPS' (e.g. 64:euler:25) -> (64, 'euler', 25); the sampler `ddpm` means lit_ar's
+    diffusion head (MAR's), any other the flow head's."""
     try:
         ar, sampler, flow = text.split(":")
         return int(ar), sampler, int(flow)
@@ -341,7 +343,8 @@ def mar_train_step(root: Path, device: str, side: str, compile: bool, batch: int
     image), as MAR's main_mar.py trains it: forward with its own loss (mask ratio from its truncated normal, 4 noise
     draws a token, class dropout 0.1, attention and projection dropout 0.1), backward, AdamW step (betas 0.9/0.95,
     weight decay 0.02 off biases and norms). Neither side clips gradients or updates an EMA here. lit_ar's side is
-    its MAR-B-size preset with the flow head; MAR's is its own DDPM head (it predicts a variance too). `compile`:
+    its MAR-B-size preset with the flow head (`mar_b`), or with MAR's DDPM head (`mar_b_ddpm`: MAR-B exactly); MAR's
+    is its own DDPM head (it predicts a variance too). `compile`:
     lit_ar's `compile: true`; MAR has no compile option. Returns (step(precision), params)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -390,7 +393,9 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
     lit_ar's size (benchmarks.flow_ar.PRESETS; the tests use a tiny one)."""
     from benchmarks.flow_ar import build
 
-    ours = build("mar", preset, device)
+    # one system per head the settings need: `ddpm` is MAR's diffusion head, the rest the flow head's samplers
+    heads = {"diffusion" if sampler == "ddpm" else "flow" for _, sampler, _ in settings}
+    systems = {head: build("mar", preset, device, head=head) for head in sorted(heads)}
     on_path(root / "mar")
     from models import mar
 
@@ -399,11 +404,12 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
                         label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                         diffloss_d=6, diffloss_w=1024, num_sampling_steps="100", diffusion_batch_mul=4)  # fmt: skip
     peer = peer.to(device).eval()
-    n_peer, n_ours = (parameter_count(m) for m in (peer, ours))
+    n_peer = parameter_count(peer)
     labels = torch.arange(batch, device=device)
     rows = []
     for precision in precisions:
-        peer, ours = maybe_bf16(peer, precision), maybe_bf16(ours, precision)
+        peer = maybe_bf16(peer, precision)
+        systems = {head: maybe_bf16(system, precision) for head, system in systems.items()}
 
         def run_peer(num_iter=64):
             with torch.no_grad(), precision_context(precision, device), cuda_calls_stay_on(device):
@@ -413,11 +419,14 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
         def run_ours(ar_steps, sampler, flow_steps):
             g = torch.Generator(device).manual_seed(0)
             with precision_context(precision, device):
-                ours.sample_tokens(labels, steps=ar_steps, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps,
-                                   sampler=sampler, generator=g)  # fmt: skip
+                systems["diffusion" if sampler == "ddpm" else "flow"].sample_tokens(
+                    labels, steps=ar_steps, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps, sampler=sampler,
+                    generator=g,
+                )  # fmt: skip
 
         run_peer(num_iter=2)
-        run_ours(2, "euler", 2)
+        for _, sampler, _ in settings:
+            run_ours(2, sampler, 2)
         times = {key: [] for key in ["peer", *settings]}
         for _ in range(repeat):
             times["peer"].append(time_call(run_peer, warmup=0, repeat=1))
@@ -427,6 +436,7 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
         for setting in settings:
             ours_ips = batch / sorted(times[setting])[repeat // 2]
             ar_steps, sampler, flow_steps = setting
+            n_ours = parameter_count(systems["diffusion" if sampler == "ddpm" else "flow"])
             rows.append({"model": "MAR-B", "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
                          "compiled": False, "batch": batch,
                          "setting": f"MAR 64 AR, 100 diffusion steps; lit_ar {ar_steps} AR, {sampler} {flow_steps}",

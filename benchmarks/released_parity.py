@@ -3,11 +3,13 @@
     python -m benchmarks.released_parity --peer-root <folder with LlamaGen/, VAR/ and mar/ checkouts>
 
 For each peer it builds the released model from the unmodified checkout (LlamaGen VQ_16 + GPT_B, VAR's VQVAE +
-VAR-d16, MAR's AutoencoderKL(16)), moves its random weights off their initialisations, saves them in the released
-files' format, imports them with `python -m lit_ar.released_weights`, and compares on one random 256x256 image:
-codes, decoded image and logits, and greedy (top-k 1) sampling with CFG through both samplers. No released file is
-needed (none can be downloaded here). The tests run the same comparisons on tiny models (tests/fixtures/).
-About 2 minutes and 6 GB on a 2-core CPU.
+VAR-d16, MAR's AutoencoderKL(16), MAR-B), moves its random weights off their initialisations, saves them in the
+released files' format, imports them with `python -m lit_ar.released_weights`, and compares on one random 256x256
+image: codes, decoded image and logits, and greedy (top-k 1) sampling with CFG through both samplers. MAR-B has no
+greedy sampling: its row compares the decoder's conditions, the diffusion loss, and a short generation with MAR's
+random draws taken from one generator in lit_ar's order. No released file is needed (none can be downloaded here).
+The tests run the same comparisons on tiny models (tests/fixtures/). About 3 minutes and 6 GB on a 2-core CPU; MAR's
+generator needs timm (run it from an environment where timm imports, see benchmarks/peers.py).
 """
 
 import argparse
@@ -132,8 +134,70 @@ def mar_kl_row(root: Path, work: Path) -> dict:
             "decoded max err": max_error(tokenizer.decode(latents), decoded)}  # fmt: skip
 
 
-ROWS = {"llamagen": llamagen_row, "var": var_row, "mar-kl": mar_kl_row}
-CHECKOUTS = {"llamagen": "LlamaGen", "var": "VAR", "mar-kl": "mar"}
+def mar_row(root: Path, work: Path) -> dict:
+    """MAR-B and its diffusion head: conditions, loss per token, and a generation of 4 AR steps with 10 DDPM steps
+    (CFG 2.9 linear, temperature 1), MAR's orders and noise drawn from one generator in the order lit_ar draws them."""
+    from functools import partial
+
+    from benchmarks.peers import cuda_calls_stay_on
+    from lit_ar.models.diffusion_head import diffusion_loss
+    from lit_ar.systems.flow_ar import FlowARSystem
+
+    on_path(root / CHECKOUTS["mar"])
+    from models.mar import mar_base
+    from models.vae import AutoencoderKL
+
+    vae = AutoencoderKL(16, (1, 1, 2, 2, 4)).eval()
+    mar = mar_base(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, class_num=1000, buffer_size=64,
+                   diffloss_d=6, diffloss_w=1024, num_sampling_steps="10").eval()  # fmt: skip
+    perturb(vae, mar)
+    torch.save({"model": vae.state_dict()}, work / "kl16.ckpt")
+    torch.save({"model": mar.state_dict(), "model_ema": mar.state_dict()}, work / "checkpoint-last.pth")
+    _, gen_path = import_weights(["mar", "--vae_ckpt", str(work / "kl16.ckpt"), "--mar_ckpt",
+                                  str(work / "checkpoint-last.pth"), "--output", str(work / "mar_b")])  # fmt: skip
+    ours = load_system(str(gen_path), FlowARSystem).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens, mask = torch.randn(2, 256, 16, generator=g), torch.rand(2, 256, generator=g).argsort(1) < 200
+    labels = torch.tensor([3, 1000])  # a class and the null class (MAR's fake_latent)
+    class_embedding = torch.cat([mar.class_emb(labels[:1]), mar.fake_latent])
+    conditions = mar.forward_mae_decoder(mar.forward_mae_encoder(tokens, mask.float(), class_embedding), mask.float())
+    rows = conditions.reshape(-1, 768)[:512]
+    target, noise, t = torch.randn(512, 16, generator=g), torch.randn(512, 16, generator=g), torch.arange(512) * 1.95
+    peer_loss = mar.diffloss.train_diffusion.training_losses(mar.diffloss.net, target, t.long(), dict(c=rows),
+                                                             noise=noise)["loss"]  # fmt: skip
+    loss = diffusion_loss(ours.head, target, rows, noise, t.long(), reduction="none")
+
+    def generate(side: str) -> tuple[torch.Tensor, float]:
+        draws = torch.Generator().manual_seed(7)
+        start = time.perf_counter()
+        if side == "lit_ar":
+            out = ours.sample_tokens(torch.tensor([1, 4]), cfg=2.9, steps=4, flow_steps=10, generator=draws)
+            return out, time.perf_counter() - start
+        randn, randn_like = torch.randn, torch.randn_like
+        # MAR draws its starting noise with torch.randn and each step's with torch.randn_like (both CFG halves; the
+        # null half's are never used): from `draws`, in lit_ar's order
+        torch.randn = partial(randn, generator=draws)
+        torch.randn_like = lambda x: torch.cat([randn(x.shape[0] // 2, *x.shape[1:], generator=draws)] * 2)
+        mar.sample_orders = lambda bsz: torch.rand(bsz, 256, generator=draws).argsort(dim=1)
+        try:
+            with cuda_calls_stay_on("cpu"):
+                out = mar.sample_tokens(2, num_iter=4, cfg=2.9, labels=torch.tensor([1, 4]), temperature=1.0)
+        finally:
+            torch.randn, torch.randn_like = randn, randn_like
+        return out.flatten(2).transpose(1, 2), time.perf_counter() - start  # lit_ar's raster token layout
+
+    (peer_tokens, peer_s), (our_tokens, ours_s) = generate("peer"), generate("lit_ar")
+    condition_err = max_error(ours.core(tokens, mask, labels), conditions)
+    token_err = max_error(our_tokens, peer_tokens) / float(peer_tokens.abs().max())  # a random head's are large
+    loss_err = max_error(loss, peer_loss)
+    return {"peer": "MAR-B (DDPM head)", "codes equal": f"conditions max err {condition_err:.2g}",
+            "decoded max err": float("nan"), "logits max err": f"loss per token max err {loss_err:.2g}",
+            "greedy CFG": f"4 AR x 10 DDPM steps: tokens max err / max {token_err:.2g}",
+            "greedy s (peer, lit_ar)": f"{peer_s:.1f}, {ours_s:.1f}"}  # fmt: skip
+
+
+ROWS = {"llamagen": llamagen_row, "var": var_row, "mar-kl": mar_kl_row, "mar": mar_row}
+CHECKOUTS = {"llamagen": "LlamaGen", "var": "VAR", "mar-kl": "mar", "mar": "mar"}
 
 
 def main(args: list[str] | None = None) -> list[dict]:

@@ -161,11 +161,15 @@ def test_peers_mar_rows_time_the_peer_once_against_each_lit_ar_setting(tmp_path,
     monkeypatch.setitem(sys.modules, "models", None)  # undone after the test, with the stand-in's modules below
     rows = peers.main(["--peer-root", str(tmp_path), "--families", "mar", "--precisions", "fp32", "bf16-autocast",
                        "--repeat", "1", "--mar-preset", "tiny", "--mar-settings", "2:euler:2", "1:heun:2",
-                       "--json", str(tmp_path / "mar.json")])  # fmt: skip
+                       "2:ddpm:3", "--json", str(tmp_path / "mar.json")])  # fmt: skip
     assert [(r["precision"], r["setting"].split("; ")[1]) for r in rows] == [
-        ("fp32", "lit_ar 2 AR, euler 2"), ("fp32", "lit_ar 1 AR, heun 2"),
+        ("fp32", "lit_ar 2 AR, euler 2"), ("fp32", "lit_ar 1 AR, heun 2"), ("fp32", "lit_ar 2 AR, ddpm 3"),
         ("bf16-autocast", "lit_ar 2 AR, euler 2"), ("bf16-autocast", "lit_ar 1 AR, heun 2"),
+        ("bf16-autocast", "lit_ar 2 AR, ddpm 3"),
     ]  # fmt: skip
+    # `ddpm` is lit_ar's MAR with MAR's diffusion head: its output layer predicts a variance too
+    params = [int(r["params peer / lit_ar"].split(" / ")[1].replace(",", "")) for r in rows[:3]]
+    assert params[0] == params[1] < params[2]
     for r in rows:
         assert r["peer images/s"] > 0 and r["lit_ar / peer"] == pytest.approx(r["lit_ar images/s"] / r["peer images/s"])
     assert rows[0]["peer images/s"] == rows[1]["peer images/s"]  # one peer timing per precision

@@ -55,10 +55,11 @@ def spaced_steps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
     return sorted(set(taken))
 
 
-@lru_cache(maxsize=8)
-def schedule(steps: int = TRAIN_STEPS) -> dict[str, torch.Tensor]:
+@lru_cache(maxsize=16)
+def schedule(steps: int = TRAIN_STEPS, device: torch.device | str = "cpu") -> dict:
     """The DDPM tables of `steps` evenly spaced steps of the 1000-step cosine schedule, as fp32 (steps,) tensors on
-    the CPU, computed in float64; `timestep` maps a spaced index to the step index the MLP sees."""
+    `device` (made once per device: no copy a step), computed in float64; `timestep` (a list) maps a spaced index to
+    the step index the MLP sees."""
     alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     n = TRAIN_STEPS
     betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
@@ -86,12 +87,12 @@ def schedule(steps: int = TRAIN_STEPS) -> dict[str, torch.Tensor]:
         "posterior_log_var": clipped.log(),
         "log_betas": betas.log(),
     }
-    return {**{k: v.float() for k, v in tables.items()}, "timestep": torch.tensor(kept)}
+    return {**{k: v.float().to(device) for k, v in tables.items()}, "timestep": kept}
 
 
 def at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """table (S,) read at step indices t (N,) -> (N, 1), on t's device."""
-    return table.to(t.device)[t][:, None]
+    """table (S,) read at step indices t (N,) on its device -> (N, 1)."""
+    return table[t][:, None]
 
 
 def model_step(tables: dict, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor):
@@ -136,7 +137,7 @@ def diffusion_loss(
     and step indices t (N,) in [0, 1000) drawn by the caller -> the mean over tokens of (eps MSE + VB term), or per
     token with reduction="none"."""
     head.check_tokens(target)
-    tables = schedule(TRAIN_STEPS)
+    tables = schedule(TRAIN_STEPS, target.device)
     x0, eps, t = target.float(), noise.float(), t.long()
     xt = at(tables["sqrt_abar"], t) * x0 + at(tables["sqrt_one_minus_abar"], t) * eps  # (N, D)
     out = head(xt, t.float(), cond, cond_embedding).float()  # (N, 2D)
@@ -171,7 +172,7 @@ def sample_diffusion(
     is multiplied by 0), so the random stream is MAR's."""
     if cfg != 1.0 and uncond is None:
         raise ValueError("cfg != 1 needs the unconditional (null-class) conditions")
-    tables = schedule(steps)
+    tables = schedule(steps, noise.device)
     guided = cfg != 1.0
     both = torch.cat([cond, uncond]) if guided else cond  # (N or 2N, C)
     embedded = head.cond_embed(both)  # once for all steps
