@@ -61,6 +61,22 @@ def token_batch(n: int = 8, seed: int = 0) -> dict:
     return {"tokens": torch.randn(n, 16, 4, generator=g), "label": torch.randint(0, 3, (n,), generator=g)}
 
 
+def train_and_check_the_loss_falls(system: FlowARSystem, steps: int) -> None:
+    """`steps` AdamW steps on one token batch (two alternating draws): the loss is fp32 and finite, and falls."""
+    opt = torch.optim.AdamW(system.parameters(), lr=3e-3)
+    batch = token_batch()
+    system.train()
+    losses = []
+    for step in range(steps):
+        loss = system.loss(batch, torch.Generator().manual_seed(step % 2))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-2] + losses[-1] < losses[0] + losses[1], losses
+
+
 # -- cores ---------------------------------------------------------------------------------------------------------
 def test_mar_conditions_depend_on_known_tokens_only():
     torch.manual_seed(0)
@@ -158,18 +174,7 @@ def test_mar_mask_ratio_law():
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_loss_trains_and_same_seed_gives_same_samples(backbone):
     system = tiny_system(backbone, lr=3e-3)
-    opt = torch.optim.AdamW(system.parameters(), lr=3e-3)
-    batch = token_batch()
-    system.train()
-    losses = []
-    for step in range(6):
-        loss = system.loss(batch, torch.Generator().manual_seed(step % 2))
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-2] + losses[-1] < losses[0] + losses[1], losses
+    train_and_check_the_loss_falls(system, 6)
     system.eval()
     labels = torch.tensor([0, 2, 1])
     kw = dict(cfg=2.0, flow_steps=3, sampler="euler_maruyama")
@@ -272,17 +277,7 @@ def test_the_diffusion_head_trains_and_samples_on_every_backbone(backbone):
     system = tiny_system(backbone, head="diffusion")
     assert isinstance(system.head, DiffusionHead) and system.head.final.linear.out_features == 8  # eps, variance
     head_off_zero(system)
-    opt = torch.optim.AdamW(system.parameters(), lr=3e-3)
-    system.train()
-    losses = []
-    for step in range(8):
-        loss = system.loss(token_batch(), torch.Generator().manual_seed(step % 2))
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-2] + losses[-1] < losses[0] + losses[1], losses
+    train_and_check_the_loss_falls(system, 8)
     system.eval()
     labels, steps = torch.tensor([0, 2]), {"steps": 3} if backbone == "mar" else {}
     calls = []
