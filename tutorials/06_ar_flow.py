@@ -221,8 +221,9 @@ for batch in (1, 4 if SMALL else 64):
 # With the exact `eps` of a Gaussian, 100 DDPM steps land on it. A head trained on the mixture above for the same
 # budget as the flow head learns `eps` well at every noise level, yet its samples go astray: MAR's schedule ends at
 # `abar = 2.4e-9`, so the first sampling step divides the head's `eps` error by `sqrt(abar)`, about 2e4-fold. MAR's
-# heads, trained for 400 epochs, learn that near-identity far better; the flow head has no such step, which is one
-# reason lit_ar's configs default to it.
+# heads, trained for 400 epochs, learn that near-identity far better; the flow head has no such step. On digits, at
+# the same 1000 training steps, a DDPM-head MAR made the asked-for digit as often as the flow-head one but with 6x its
+# FID and far lower recall (benchmarks/RESULTS.md): one reason lit_ar's configs default to the flow head.
 
 # %%
 tables = schedule(1000)
