@@ -20,6 +20,7 @@ from conftest import (
     run_lit_ar,
 )
 
+from lit_ar.checkpoints import IncompatibleCheckpointError
 from lit_ar.cli import cli_main
 from lit_ar.models.diffusion_head import DiffusionHead
 from lit_ar.models.flowar import FlowARTransformer, doubling_scales
@@ -474,6 +475,11 @@ def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli(kl_tokeniz
               "--model.init_args.predict_kwargs", '{"steps": 4, "flow_steps": 20, "cfg": 1.5}'])  # fmt: skip
     samples = np.load(tmp_path / "predict" / "samples.npz")
     assert samples["images"].shape == (20, 16, 16, 3)
+    # the config's head is not the checkpoint's: refused before sampling, naming the setting
+    with pytest.raises(IncompatibleCheckpointError, match=r"model.init_args.head: 'diffusion' in the checkpoint, "
+                                                          r"'flow' in this config"):  # fmt: skip
+        cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path / "other"),
+                  "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--ckpt_path", str(ckpt)])  # fmt: skip
 
 
 @pytest.mark.parametrize("backbone", ["mar", "flowar"])
