@@ -401,6 +401,7 @@ def test_compiled_equals_eager(backbone, head):
 # -- the CLI, on the debug KL tokenizer ------------------------------------------------------------------------------
 DEBUG = {b: CONFIGS / "debug" / f"flow_{b}.yaml" for b in ("mar", "flowar")}
 GOLDEN = Path(__file__).parent / "golden" / "flow.json"
+GOLDEN_DIFFUSION = Path(__file__).parent / "golden" / "flow_mar_diffusion.json"  # debug MAR, head: diffusion
 
 
 @pytest.fixture(scope="session")
@@ -469,6 +470,11 @@ def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli(kl_tokeniz
     loss = logged_scalars(tmp_path, "train/loss")
     assert len(loss) == 15 and sum(loss[-4:]) < sum(loss[:4]), loss
     assert isinstance(cli.model.head, DiffusionHead)
+    # its golden curve: the first 10 logged losses (regenerate as the flow configs' below, and say why)
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
+        GOLDEN_DIFFUSION.write_text(json.dumps({"train/loss": loss[:10]}, indent=1))
+    golden = json.loads(GOLDEN_DIFFUSION.read_text())["train/loss"]
+    torch.testing.assert_close(torch.tensor(loss[:10]), torch.tensor(golden), rtol=1e-4, atol=1e-4)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path / "predict"), "--model.init_args.head",
               "diffusion", "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--ckpt_path", str(ckpt),
