@@ -461,7 +461,7 @@ def test_a_trained_checkpoint_samples_the_same_images_for_the_same_seed(trained_
     assert float(a.min()) >= -1 and float(a.max()) <= 1
 
 
-def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli(kl_tokenizer, tmp_path):
+def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli_and_its_golden_curve(kl_tokenizer, tmp_path):
     """`--model.init_args.head diffusion`: MAR as published (its DDPM head), through `lit_ar fit` and `predict`."""
     with single_thread():
         cli = cli_main(["fit", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path), "--model.init_args.head",
