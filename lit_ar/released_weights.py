@@ -389,11 +389,10 @@ def write_mar_checkpoints(
         "attn_dropout": 0.1, "proj_dropout": 0.1, "class_dropout": 0.1, "predict_kwargs": sampling,
         **(generator_settings or {}),
     }  # fmt: skip
-    tokenizer = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
     num_classes = weights["core.class_emb.weight"].shape[0] - 1
     return write_checkpoints(
         output, image_size, num_classes,
-        (tokenizer, mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt),
+        mar_kl_tokenizer(vae_ckpt, latent_scale, tokenizer_settings),
         (FlowARSystem, generator, weights, "mar_ckpt", mar_ckpt),
         "configs/flow/mar_shapes.yaml",
     )  # fmt: skip
@@ -409,9 +408,14 @@ def write_mar_kl_checkpoint(
 ) -> Path:
     """MAR's KL-16 checkpoint file -> `output`/tokenizer.ckpt, a KL tokenizer whose latents the flow family (MAR,
     FlowAR) trains on; MAR multiplies them by 0.2325, its `latent_scale`."""
+    tokenizer = mar_kl_tokenizer(vae_ckpt, latent_scale, tokenizer_settings)
+    return write_tokenizer(output, image_size, num_classes, tokenizer)
+
+
+def mar_kl_tokenizer(vae_ckpt: str, latent_scale: float, tokenizer_settings: dict | None) -> tuple:
+    """MAR's KL-16 file as `write_tokenizer` takes it: (settings, weights, setting name, file)."""
     settings = {"quantizer": "kl", "preset": "mar_kl16", "latent_scale": latent_scale, **(tokenizer_settings or {})}
-    weights = mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt"))
-    return write_tokenizer(output, image_size, num_classes, (settings, weights, "vae_ckpt", vae_ckpt))
+    return settings, mar_kl_state_dict(read_weights(vae_ckpt, "vae_ckpt")), "vae_ckpt", vae_ckpt
 
 
 def write_tokenizer(output: str, image_size: int, num_classes: int, tokenizer: tuple) -> Path:

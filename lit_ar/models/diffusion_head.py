@@ -140,10 +140,10 @@ def diffusion_loss(
     tables = schedule(TRAIN_STEPS, target.device)
     x0, eps, t = target.float(), noise.float(), t.long()
     xt = at(tables["sqrt_abar"], t) * x0 + at(tables["sqrt_one_minus_abar"], t) * eps  # (N, D)
-    out = head(xt, t.float(), cond, cond_embedding).float()  # (N, 2D)
-    mse = (eps - out[:, : x0.shape[1]]).pow(2).mean(dim=1)  # (N,)
+    eps_pred, var_range = head(xt, t.float(), cond, cond_embedding).float().chunk(2, dim=1)  # (N, D) each
+    mse = (eps - eps_pred).pow(2).mean(dim=1)  # (N,)
     # the variance learns through the bound alone: the eps half enters it with its gradient stopped
-    frozen = torch.cat([out[:, : x0.shape[1]].detach(), out[:, x0.shape[1] :]], dim=1)
+    frozen = torch.cat([eps_pred.detach(), var_range], dim=1)  # (N, 2D)
     mean, log_var = model_step(tables, xt, t, frozen)
     true_mean = at(tables["posterior_mean_coef1"], t) * x0 + at(tables["posterior_mean_coef2"], t) * xt
     kl = normal_kl(true_mean, at(tables["posterior_log_var"], t), mean, log_var).mean(dim=1) / math.log(2.0)

@@ -232,8 +232,10 @@ class FlowARSystem(GeneratorSystem):
         u = self.draw(torch.rand, g, B, m, drawn)  # (B, m, drawn)
         diffusion = self.hparams.head == "diffusion"
         # the diffusion head's DDPM step indices in [0, 1000), or flow times in (0, 1)
-        t = (u * TRAIN_STEPS).long().clamp(max=TRAIN_STEPS - 1)
-        t = t if diffusion else flow_times(u, self.hparams.time_sampling)
+        if diffusion:
+            t = (u * TRAIN_STEPS).long().clamp(max=TRAIN_STEPS - 1)
+        else:
+            t = flow_times(u, self.hparams.time_sampling)
         if hidden is not None:
             noise = noise.gather(2, hidden[:, None, :, None].expand(B, m, T, D))  # (B, m, n, D)
             t = t.gather(2, hidden[:, None].expand(B, m, T))  # (B, m, n)
