@@ -398,6 +398,33 @@ def test_compiled_equals_eager(backbone, head):
                                eager.sample_tokens(labels, generator=g(), **kw), rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
+@pytest.mark.slow
+def test_a_compiled_mar_stays_compiled_through_training_validation_and_sampling():
+    """One run calls the shared block code in more variants than dynamo's default limit of 8 graphs (grad and no-grad,
+    MAR's query-only last block, sampling's weights cast to bf16, batch sizes): with it, the compiled MAR of a real
+    run validated and sampled eager after its first validation. The limit is raised when the blocks compile."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from lit_ar.models.layers import Block
+
+    torch._dynamo.reset()  # so the graphs counted below are this test's
+    with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default
+        system = tiny_system("mar", compile=True)
+        assert torch._dynamo.config.recompile_limit > 8
+        batch, odd = token_batch(8), token_batch(5, seed=1)
+        with torch.autocast("cpu", torch.bfloat16):  # as bf16-mixed
+            for step in range(2):  # two mask ratios: two encoder lengths
+                system.loss(batch, torch.Generator().manual_seed(step)).backward()
+            system.eval()
+            with torch.no_grad():
+                for b in (batch, odd):  # validation, with a short last batch
+                    system.loss(b, torch.Generator().manual_seed(0))
+                for labels, steps in ((torch.tensor([0, 1]), 4), (torch.tensor([0, 1, 2]), 16)):
+                    system.sample_tokens(labels, steps=steps, flow_steps=2, cfg=2.0, generator=torch.Generator())
+        graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))
+        assert 8 <= graphs < torch._dynamo.config.recompile_limit, f"{graphs} graphs: none ran eager past the limit"
+
+
 # -- the CLI, on the debug KL tokenizer ------------------------------------------------------------------------------
 DEBUG = {b: CONFIGS / "debug" / f"flow_{b}.yaml" for b in ("mar", "flowar")}
 GOLDEN = Path(__file__).parent / "golden" / "flow.json"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, guide, sample_logits
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, compile_blocks_in_place
 
 PresetName = Literal[
     "GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-3B", "GPT-nano", "GPT-micro", "GPT-mini"
@@ -80,8 +80,7 @@ class CausalARSystem(GeneratorSystem):
             drop_path=drop_path, target_aware=rar,
         )  # fmt: skip
         if self.hparams.compile:
-            for block in self.model.layers:
-                block.compile()  # in place: checkpoint keys keep no `_orig_mod.`
+            compile_blocks_in_place(self.model.layers)
         self._compiled_decode = None
 
     def _resolve_tokens(self, vocab_size: int | None, grid_size: int | None) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from lit_ar.models.flow_head import (
 from lit_ar.models.flowar import FlowARTransformer
 from lit_ar.models.mar import MARTransformer
 from lit_ar.sampling import cfg_scale, check_cfg_schedule, check_sampling_args, tokens_to_reveal
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, compile_blocks_in_place
 
 BACKBONES = ("mar", "flowar", "causal")
 HEADS = ("flow", "diffusion")
@@ -142,12 +142,13 @@ class FlowARSystem(GeneratorSystem):
             self.core = FlowARTransformer(token_dim, grid_size, num_classes, order=order, scales=scales, **common)
         # MAR's decoder width is its encoder's (dim), the head's condition
         self.head = (DiffusionHead if head == "diffusion" else FlowHead)(token_dim, dim, head_width, head_depth)
-        if self.hparams.compile:  # in place, so checkpoint keys carry no `_orig_mod.`
-            for block in self.core.blocks:
-                block.compile()
+        if self.hparams.compile:
+            # MAR's encoder length and head rows change at every step (the mask ratio is drawn per batch)
+            dynamic = True if backbone == "mar" else None
+            compile_blocks_in_place(self.core.blocks, dynamic)
             # the whole head, not its blocks: sampling calls it flow_steps times per AR step on a few rows, where
             # one graph a call beats a dozen eager ops around compiled blocks (MAR small, bf16: 1.12x)
-            self.head.compile()
+            self.head.compile(dynamic=dynamic)  # in place, so checkpoint keys carry no `_orig_mod.`
         self._run_seed: int | None = None
 
     def resolve_token_shape(self, token_dim: int | None, grid_size: int | None) -> tuple[int, int]:

@@ -48,6 +48,23 @@ def _checkpointed_forward(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+# Every family's transformer blocks run one code object (layers.Block.forward), and dynamo keeps at most
+# `recompile_limit` graphs per code object (8 by default); past that, a call that fits none of them runs eager. One
+# run needs more than 8: training and no-grad validation, sampling with weights cast to the autocast dtype, each with
+# MAR's query-only last block or a KV cache. A compiled MAR hit the limit at its first validation, so from then on it
+# validated and sampled eager.
+BLOCK_RECOMPILE_LIMIT = 64
+
+
+def compile_blocks_in_place(blocks: Iterable[nn.Module], dynamic: bool | None = None) -> None:
+    """`torch.compile` each of `blocks` in place (checkpoint keys keep no `_orig_mod.`), with room in dynamo's
+    recompile limit for every variant a run calls. `dynamic=True` compiles for shapes that change from call to call
+    from the first compile on, instead of after a first recompile."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+
+
 def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,
                        reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
     """A core's head and the cross-entropy of its logits: hidden (..., C) -> `model.logits(hidden, *head_args)`

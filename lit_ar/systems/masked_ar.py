@@ -28,7 +28,7 @@ from lit_ar.sampling import (
     sample_logits,
     tokens_to_reveal,
 )
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, compile_blocks_in_place
 
 ORDERS = ("confidence", "random")
 _VAL_SEED = 20240917  # validation masks are the same at every validation run, so val/loss curves are comparable
@@ -108,8 +108,7 @@ class MaskedARSystem(GeneratorSystem):
             mlp=mlp, norm=norm, qk_norm=qk_norm, pos_embed=pos_embed, dropout=dropout, drop_path=drop_path,
         )  # fmt: skip
         if self.hparams.compile:
-            for block in self.model.blocks:
-                block.compile()  # in place: checkpoint keys keep no `_orig_mod.`
+            compile_blocks_in_place(self.model.blocks)
         self.val_token_acc = torchmetrics.MeanMetric()
         self._train_seed: int | None = None
         self._checked_token_range = False

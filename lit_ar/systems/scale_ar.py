@@ -23,7 +23,7 @@ from lit_ar.sampling import (
     gumbel_noise,
     sample_logits,
 )
-from lit_ar.systems.generator import GeneratorSystem
+from lit_ar.systems.generator import GeneratorSystem, compile_blocks_in_place
 
 
 def smoothed_codes(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, progress: float,
@@ -114,8 +114,7 @@ class ScaleARSystem(GeneratorSystem):
         per_token = weights[self.model.levels]  # (L,)
         self.register_buffer("token_weights", per_token / per_token.sum(), persistent=False)  # sums to 1
         if self.hparams.compile:
-            for block in self.model.blocks:
-                block.compile()
+            compile_blocks_in_place(self.model.blocks)
 
     # -- training ----------------------------------------------------------------------------------------------
     def scale_tokens(self, batch: dict) -> list[torch.Tensor]:
