@@ -53,8 +53,8 @@ declare -A ARGS=(
          --model.init_args.rar_anneal_start $((STEPS / 4)) --model.init_args.rar_anneal_end $((3 * STEPS / 4))"
   [MaskGIT]="--config configs/masked/maskgit_shapes.yaml --config configs/shapes32/masked/maskgit_shapes.yaml"
   [VAR]="--config configs/scale/var_shapes.yaml --model.init_args.scales null"
-  [MAR]="--config configs/flow/mar_shapes.yaml"
-  [FlowAR]="--config configs/flow/flowar_shapes.yaml"
+  [MAR]="--config configs/flow/mar_shapes.yaml --config configs/shapes32/flow/mar_shapes.yaml"
+  [FlowAR]="--config configs/flow/flowar_shapes.yaml --config configs/shapes32/flow/flowar_shapes.yaml"
 )
 Q="--trainer.enable_progress_bar false --model.init_args.compile false"
 for f in $FAMILIES; do
