@@ -327,6 +327,11 @@ def cuda_calls_stay_on(device: str):
         torch.Tensor.cuda = original
 
 
+def mar_head(sampler: str) -> str:
+    """The head a `--mar-settings` sampler runs on: `ddpm` is MAR's diffusion head, the others the flow head's."""
+    return "diffusion" if sampler == "ddpm" else "flow"
+
+
 def mar_setting(text: str) -> tuple[int, str, int]:
     """'AR_STEPS:SAMPLER:FLOW_STEPS' (e.g. 64:euler:25) -> (64, 'euler', 25); the sampler `ddpm` means lit_ar's
     diffusion head (MAR's), any other the flow head's."""
@@ -393,9 +398,8 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
     lit_ar's size (benchmarks.flow_ar.PRESETS; the tests use a tiny one)."""
     from benchmarks.flow_ar import build
 
-    # one system per head the settings need: `ddpm` is MAR's diffusion head, the rest the flow head's samplers
-    heads = {"diffusion" if sampler == "ddpm" else "flow" for _, sampler, _ in settings}
-    systems = {head: build("mar", preset, device, head=head) for head in sorted(heads)}
+    heads = sorted({mar_head(sampler) for _, sampler, _ in settings})  # one system per head the settings need
+    systems = {head: build("mar", preset, device, head=head) for head in heads}
     on_path(root / "mar")
     from models import mar
 
@@ -419,7 +423,7 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
         def run_ours(ar_steps, sampler, flow_steps):
             g = torch.Generator(device).manual_seed(0)
             with precision_context(precision, device):
-                systems["diffusion" if sampler == "ddpm" else "flow"].sample_tokens(
+                systems[mar_head(sampler)].sample_tokens(
                     labels, steps=ar_steps, cfg=2.9, cfg_schedule="linear", flow_steps=flow_steps, sampler=sampler,
                     generator=g,
                 )  # fmt: skip
@@ -436,7 +440,7 @@ def mar_rows(root: Path, device: str, precisions: list[str], batch: int, setting
         for setting in settings:
             ours_ips = batch / sorted(times[setting])[repeat // 2]
             ar_steps, sampler, flow_steps = setting
-            n_ours = parameter_count(systems["diffusion" if sampler == "ddpm" else "flow"])
+            n_ours = parameter_count(systems[mar_head(sampler)])
             rows.append({"model": "MAR-B", "params peer / lit_ar": f"{n_peer:,} / {n_ours:,}", "precision": precision,
                          "compiled": False, "batch": batch,
                          "setting": f"MAR 64 AR, 100 diffusion steps; lit_ar {ar_steps} AR, {sampler} {flow_steps}",

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -178,6 +179,17 @@ def logged_scalars(run_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def assert_golden_curve(path: Path, curve: list[float] | dict[str, list[float]], atol: float = 1e-4, **record) -> None:
+    """A run's first logged train/loss values (or such curves by config) against the golden file `path`, within 1e-4
+    relative. After an intended change, `LIT_AR_UPDATE_GOLDEN=1 pytest -k golden` writes the file first, with
+    `record` (e.g. the config) beside the curve; say why in the commit."""
+    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({**record, "train/loss": curve}, indent=1) + "\n")
+    golden = json.loads(path.read_text())["train/loss"]
+    torch.testing.assert_close(curve, golden, rtol=1e-4, atol=atol)
 
 
 # The generators' tests run on freshly initialised (seeded) tokenizers, not on tokenizers trained in the session: their

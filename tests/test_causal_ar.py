@@ -2,8 +2,6 @@
 equals raster, seeded sampling, compiled equals eager, every bad input, and the CLI (train, golden curve, predict,
 DDP)."""
 
-import json
-import os
 import sys
 import types
 import warnings
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
+from conftest import CONFIGS, assert_golden_curve, checkpoint_for_config, logged_scalars, run_dir_args, run_lit_ar
 from torch import nn
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -389,11 +387,7 @@ def test_debug_config_trains_its_loss_falls_and_follows_the_golden_curve(trained
     loss = logged_scalars(run_dir, "train/loss")
     assert len(loss) >= 10 and sum(loss[-3:]) < sum(loss[:3]) - 0.3, f"the loss falls: {loss}"
     assert "val/token_acc" in {k for k in ("val/loss", "val/token_acc") if logged_scalars(run_dir, k)}
-    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"config": "configs/debug/causal.yaml", "train/loss": loss[:10]}, indent=1))
-    golden = json.loads(GOLDEN.read_text())["train/loss"]
-    torch.testing.assert_close(torch.tensor(loss[:10]), torch.tensor(golden), rtol=1e-4, atol=1e-4)
+    assert_golden_curve(GOLDEN, loss[:10], config="configs/debug/causal.yaml")
 
 
 def test_predict_writes_samples_and_a_grid(trained_debug, debug_tokenizer, tmp_path):

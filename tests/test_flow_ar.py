@@ -1,8 +1,6 @@
 """The AR + flow family: MAR and FlowAR/raster cores, FlowARSystem training randomness and sampling, bad inputs."""
 
-import json
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     CONFIGS,
+    assert_golden_curve,
     checkpoint_for_config,
     config_for_run_path,
     head_off_zero,
@@ -457,14 +456,7 @@ def test_debug_configs_train_their_loss_falls_and_follows_the_golden_curve(train
         assert len(loss) == 20 and sum(loss[-5:]) < sum(loss[:5]) - 0.5, f"{backbone}: the loss falls: {loss}"
         assert logged_scalars(run_dir, "val/loss"), backbone
         curves[str(DEBUG[backbone].relative_to(CONFIGS.parent))] = loss[:10]
-    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"train/loss": curves}, indent=1))
-    golden = json.loads(GOLDEN.read_text())["train/loss"]
-    assert set(golden) == set(curves)
-    for config, loss in curves.items():
-        torch.testing.assert_close(torch.tensor(loss), torch.tensor(golden[config]), rtol=1e-4, atol=1e-4,
-                                   msg=config)  # fmt: skip
+    assert_golden_curve(GOLDEN, curves)  # by config; their keys must match too
 
 
 def test_predict_writes_samples_and_a_grid(trained_debug, kl_tokenizer, tmp_path):
@@ -498,10 +490,7 @@ def test_the_debug_mar_trains_with_the_diffusion_head_through_the_cli_and_its_go
     assert len(loss) == 15 and sum(loss[-4:]) < sum(loss[:4]), loss
     assert isinstance(cli.model.head, DiffusionHead)
     # its golden curve: the first 10 logged losses (regenerate as the flow configs' below, and say why)
-    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
-        GOLDEN_DIFFUSION.write_text(json.dumps({"train/loss": loss[:10]}, indent=1))
-    golden = json.loads(GOLDEN_DIFFUSION.read_text())["train/loss"]
-    torch.testing.assert_close(torch.tensor(loss[:10]), torch.tensor(golden), rtol=1e-4, atol=1e-4)
+    assert_golden_curve(GOLDEN_DIFFUSION, loss[:10])
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     cli_main(["predict", "--config", str(DEBUG["mar"]), *run_dir_args(tmp_path / "predict"), "--model.init_args.head",
               "diffusion", "--model.init_args.tokenizer_ckpt", str(kl_tokenizer), "--ckpt_path", str(ckpt),

@@ -1,9 +1,7 @@
 """Masked AR (MaskGIT): the bidirectional core, the training masks and loss, the parallel decoder, bad inputs,
 compiled vs eager, and the CLI (fit, golden curve, predict, DDP vs one process)."""
 
-import json
 import math
-import os
 import sys
 import types
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     CONFIGS,
+    assert_golden_curve,
     assert_same_training_step,
     checkpoint_for_config,
     logged_scalars,
@@ -449,11 +448,7 @@ def test_debug_config_trains_its_loss_falls_and_follows_the_golden_curve(trained
     assert len(loss) >= 10 and sum(loss[-3:]) < sum(loss[:3]) - 0.3, f"the loss falls: {loss}"
     acc = logged_scalars(run_dir, "val/token_acc")
     assert logged_scalars(run_dir, "val/loss") and acc and 0.0 < acc[-1] <= 1.0
-    if os.environ.get("LIT_AR_UPDATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"config": "configs/debug/masked.yaml", "train/loss": loss[:10]}, indent=1))
-    golden = json.loads(GOLDEN.read_text())["train/loss"]
-    torch.testing.assert_close(torch.tensor(loss[:10]), torch.tensor(golden), rtol=1e-4, atol=1e-4)
+    assert_golden_curve(GOLDEN, loss[:10], config="configs/debug/masked.yaml")
 
 
 def test_predict_writes_samples_and_a_grid(trained_debug, debug_tokenizer, tmp_path):

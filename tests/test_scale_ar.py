@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, assert_same_training_step, checkpoint_for_config, run_dir_args, run_lit_ar
+from conftest import (
+    CONFIGS,
+    assert_golden_curve,
+    assert_same_training_step,
+    checkpoint_for_config,
+    logged_scalars,
+    run_dir_args,
+    run_lit_ar,
+)
 
 from lit_ar.cli import cli_main
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
@@ -165,12 +173,6 @@ def system(scale_ckpt):
     return ScaleARSystem.load_from_checkpoint(scale_ckpt, weights_only=True).eval()
 
 
-def logged_scalars(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
 def debug_args(tmp_path: Path, msvq_ckpt: Path) -> list[str]:
     return ["--config", str(DEBUG_SCALE), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt", str(msvq_ckpt)]
 
@@ -190,15 +192,8 @@ def test_debug_config_trains_through_the_cli_and_its_loss_falls(scale_ckpt):
 def test_golden_loss_curve(scale_ckpt):
     """The debug run's first 10 logged train/loss values. Regenerate (after an intended change) with
     `LIT_AR_UPDATE_GOLDEN=1 pytest tests/test_scale_ar.py -k golden`."""
-    import json
-    import os
-
     loss = logged_scalars(scale_ckpt.parent.parent, "train/loss")[:10]
-    if os.environ.get("LIT_AR_UPDATE_GOLDEN"):
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"config": "configs/debug/scale.yaml", "train/loss": loss}, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())["train/loss"]
-    torch.testing.assert_close(torch.tensor(loss), torch.tensor(golden), rtol=1e-4, atol=1e-5)
+    assert_golden_curve(GOLDEN, loss, atol=1e-5, config="configs/debug/scale.yaml")
 
 
 def test_predict_writes_samples_and_grid(scale_ckpt, msvq_ckpt, tmp_path):
