@@ -71,6 +71,9 @@ def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tm
     if len(parts) == 3:  # the overlay's settings win over its base's
         data = own.get("data") or {}
         assert all(cli.datamodule.hparams[key] == value for key, value in data.items() if key != "token_cache")
+        model = (own.get("model") or {}).get("init_args") or {}
+        assert all(cli.model.hparams[key] == value for key, value in model.items()
+                   if not key.endswith("_ckpt") and key != "evaluator")  # fmt: skip
 
 
 def test_print_config_parses_back(tmp_path, capsys):
