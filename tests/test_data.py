@@ -25,6 +25,10 @@ def test_shapes_is_deterministic_balanced_and_varied():
     # two images of the same class differ (position, size, rotation, colour)
     assert not torch.equal(a[0][0], a[10][0])
     assert ShapesDataset(4, 128)[0][0].shape == (3, 128, 128)
+    # the splits hold different images; a split name that is not one of them is refused by name
+    assert not torch.equal(a[0][0], ShapesDataset(40, 32, seed=3, split="validation")[0][0])
+    with pytest.raises(ValueError, match=r"split='val' is not known; known splits: \('train', 'validation', 'test'\)"):
+        ShapesDataset(4, 32, split="val")
 
 
 def test_digits_are_the_real_sklearn_digits():

@@ -95,7 +95,10 @@ class ShapesDataset(Dataset):
 
     def __init__(self, num_images: int, size: int, seed: int = 0, split: str = "train"):
         self.num_images, self.size, self.seed = num_images, size, seed
-        self.split_offset = {"train": 0, "validation": 1, "test": 2}[split]
+        offsets = {"train": 0, "validation": 1, "test": 2}  # each split its own images, for the same seed
+        if split not in offsets:
+            raise ValueError(f"ShapesDataset split={split!r} is not known; known splits: {tuple(offsets)}")
+        self.split_offset = offsets[split]
         self.num_classes = len(SHAPE_CLASSES)
 
     def __len__(self) -> int:
