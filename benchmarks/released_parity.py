@@ -25,7 +25,7 @@ from lit_ar.checkpoints import load_system
 from lit_ar.released_weights import main as import_weights
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
-from lit_ar.systems.tokenizer import load_tokenizer
+from lit_ar.tokenizers import load_tokenizer
 
 
 def perturb(*modules: torch.nn.Module) -> None:

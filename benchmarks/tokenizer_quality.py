@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from lit_ar.cli import cli_main  # noqa: E402
 from lit_ar.data import ImageDataModule  # noqa: E402
 from lit_ar.metrics import psnr, ssim  # noqa: E402
-from lit_ar.systems.tokenizer import load_tokenizer  # noqa: E402
+from lit_ar.tokenizers import load_tokenizer  # noqa: E402
 
 
 @torch.no_grad()

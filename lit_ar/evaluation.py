@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 import lit_ar
-from lit_ar.data.builtin import _mix_seed
-from lit_ar.data.datamodule import TransformedDataset
-from lit_ar.data.transforms import ImageTransform
+from lit_ar.data.transforms import ImageTransform, TransformedDataset
+from lit_ar.draws import mix_seed
 from lit_ar.metrics import (
     ExtractorKind,
     FeatureExtractor,
@@ -71,7 +70,7 @@ def rank_batches(total: int, batch_size: int, rank: int, world_size: int) -> lis
 
 def batch_seed(seed: int, start: int) -> int:
     """Seed of the generator of the batch that begins at global index `start` (32 bits: CPU generators use 32)."""
-    return _mix_seed(seed, start)
+    return mix_seed(seed, start)
 
 
 def _distributed() -> bool:
@@ -538,6 +537,8 @@ class GeneratorEvaluator(Evaluator):
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # type: ignore[override]
         labels = self.labels(int(pl_module.hparams["num_classes"]))  # protocol errors first: they cost nothing
+        if hasattr(pl_module, "sampling_settings"):  # a lit_ar generator: its typed settings refuse a misspelt key
+            pl_module.sampling_settings(self.sampling or {}, self.setting("sampling"))
         setting = self.setting("per_class" if self.per_class is not None else "num_samples")
         super().prepare(trainer, pl_module, len(labels), setting)
 

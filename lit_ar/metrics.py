@@ -14,6 +14,7 @@ every reference and result, and the input they expect. Two ship:
 """
 
 import hashlib
+import inspect
 import math
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import torchmetrics.functional as TMF
 from torch import nn
 
+from lit_ar.models.classifier import CNNClassifier
 from lit_ar.models.inception import FIDInceptionV3
 
 ExtractorKind = Literal["classifier", "inception"]
@@ -71,19 +73,37 @@ def check_extractor_path(kind: str, path: str | None, setting: str) -> None:
         raise FileNotFoundError(f"{setting}={path!r}: no such file; the {kind!r} feature extractor needs {what[kind]}")
 
 
+def load_classifier(ckpt_path: str, setting: str = "extractor_ckpt") -> tuple[CNNClassifier, dict]:
+    """A ClassifierSystem checkpoint -> its CNNClassifier, frozen in eval mode on the CPU, and the saved settings.
+
+    Read with plain `torch.load(weights_only=True)`, not through `ClassifierSystem`: the metrics and the evaluation
+    sit below the Lightning systems and must not import them. The system saves every init argument (CNNClassifier's
+    among them, by the same names) and keeps the network under `model.` in its state dict."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams, state = checkpoint.get("hyper_parameters") or {}, checkpoint.get("state_dict") or {}
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    missing = [k for k in ("num_classes", "image_size", "channels") if k not in hparams]
+    if missing or not weights:
+        lacks = f"the settings {missing}" if missing else "weights under 'model.'"
+        raise ValueError(
+            f"{setting}={ckpt_path!r} is not a ClassifierSystem checkpoint: it has no {lacks}; train one with "
+            "`lit_ar fit --config configs/classifier/<dataset>.yaml`"
+        )
+    arguments = inspect.signature(CNNClassifier).parameters
+    model = CNNClassifier(**{k: hparams[k] for k in arguments if k in hparams})
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False), dict(hparams)
+
+
 class ClassifierFeatures(nn.Module):
     """Penultimate features and logits of a lit_ar `ClassifierSystem` checkpoint (frozen, eval mode)."""
 
     def __init__(self, ckpt_path: str, setting: str = "extractor_ckpt"):
         super().__init__()
         check_extractor_path("classifier", ckpt_path, setting)
-        from lit_ar.systems.classifier import ClassifierSystem  # systems import lightning; metrics need not
-
-        system = ClassifierSystem.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-        self.model = system.model.eval().requires_grad_(False)
-        h = system.hparams
-        self.input_size, self.channels = int(h.image_size), int(h.channels)
-        self.feature_dim, self.num_classes = self.model.feature_dim, int(h.num_classes)
+        self.model, h = load_classifier(ckpt_path, setting)
+        self.input_size, self.channels = int(h["image_size"]), int(h["channels"])
+        self.feature_dim, self.num_classes = self.model.feature_dim, int(h["num_classes"])
         self.identity = f"classifier:{file_sha256(ckpt_path)[:16]}"
 
     def train(self, mode: bool = True) -> "ClassifierFeatures":

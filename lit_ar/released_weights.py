@@ -33,7 +33,13 @@ import argparse
 import re
 from pathlib import Path
 
+import lightning as L
 import torch
+import yaml
+
+from lit_ar.checkpoints import SafeCheckpointIO
+from lit_ar.models.causal_ar import PRESETS as GPT_PRESETS
+from lit_ar.systems import CausalARSystem, FlowARSystem, ScaleARSystem, TokenizerSystem
 
 # LlamaGen's GPT (autoregressive/models/gpt.py) -> lit_ar's CausalTransformer: names only
 GPT_RENAMES = (
@@ -263,10 +269,6 @@ def save_system(system, path: Path) -> Path:
     """A Lightning checkpoint of `system` (its hyperparameters and weights), written whole or not at all, that names
     its class as a checkpoint of `lit_ar fit` does, so that `lit_ar predict|test --ckpt_path` rebuild it from the
     checkpoint's own settings."""
-    import lightning as L
-
-    from lit_ar.checkpoints import SafeCheckpointIO
-
     system.hparams["_class_path"] = f"lit_ar.systems.{type(system).__name__}"
     system.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
@@ -295,16 +297,13 @@ def write_llamagen_checkpoints(
     `gpt_preset` None reads the size from the weights. `tokenizer_settings` and `generator_settings` add to or
     override the systems' settings (the defaults are LlamaGen's VQ-16 and its c2i GPT with class dropout 0.1,
     LlamaGen's training value, which also lets it sample with CFG)."""
-    from lit_ar.models.causal_ar import PRESETS
-    from lit_ar.systems.causal_ar import CausalARSystem
-
     gpt_weights = llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt"))
     if gpt_preset is None:
         width, layers = gpt_weights["tok_embeddings.weight"].shape[1], _count(gpt_weights, r"^layers\.(\d+)\.")
-        sizes = [name for name, p in PRESETS.items() if (p["dim"], p["n_layer"]) == (width, layers)]
+        sizes = [name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (width, layers)]
         if not sizes:
             raise ValueError(f"gpt_ckpt={gpt_ckpt!r} holds a GPT of width {width} and {layers} layers, which no preset "
-                             f"has; known sizes: {list(PRESETS)}")  # fmt: skip
+                             f"has; known sizes: {list(GPT_PRESETS)}")  # fmt: skip
         gpt_preset = sizes[0]
     tokenizer = {"quantizer": "vq", "preset": "llamagen_vq16", "l2_norm": True, **(tokenizer_settings or {})}
     sampling = {"cfg": LLAMAGEN_FID_CFG.get(gpt_preset, 2.0), "temperature": 1.0}  # LlamaGen's FID settings
@@ -331,8 +330,6 @@ def write_var_checkpoints(
     """VAR's VQVAE and VAR-d{depth} checkpoint files -> `output`/tokenizer.ckpt, generator.ckpt and generator.yaml.
     The defaults are VAR's multi-scale VQVAE (its 10 scales) and VAR's transformer (width 64 * depth, cosine
     attention, per-block AdaLN) with class dropout 0.1, VAR's training value; `depth` None counts the blocks."""
-    from lit_ar.systems.scale_ar import ScaleARSystem
-
     var_weights = var_state_dict(read_weights(var_ckpt, "var_ckpt"))
     depth = _count(var_weights, r"^blocks\.(\d+)\.") if depth is None else depth
     tokenizer = {"quantizer": "msvq", "preset": "var_msvq16", **(tokenizer_settings or {})}
@@ -365,8 +362,6 @@ def write_mar_checkpoints(
     weights, but for the attention heads (`n_heads` None: MAR-B's, -L's or -H's by width); `ema` takes the EMA
     weights (MAR's evaluation does) where the file has them. The other settings are MAR's training ones (class
     dropout 0.1, dropouts 0.1, mask ratio from 0.7, diffusion batch multiplier 4), its sampling the README's."""
-    from lit_ar.systems.flow_ar import FlowARSystem
-
     keys = ("model_ema", "model") if ema else ("model",)
     weights = mar_state_dict(read_weights(mar_ckpt, "mar_ckpt", keys))
     dim = weights["core.z_proj.weight"].shape[0]
@@ -421,8 +416,6 @@ def mar_kl_tokenizer(vae_ckpt: str, latent_scale: float, tokenizer_settings: dic
 def write_tokenizer(output: str, image_size: int, num_classes: int, tokenizer: tuple) -> Path:
     """tokenizer: (TokenizerSystem settings, its autoencoder's weights, setting name, file) -> `output`/tokenizer.ckpt.
     The codebook-usage counter and the latent scale come from the settings, not from the file."""
-    from lit_ar.systems.tokenizer import TokenizerSystem
-
     settings, weights, setting, path = tokenizer
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -455,8 +448,6 @@ def write_model_config(system, path: Path, family_config: str) -> Path:
     the config, not from the checkpoint's saved settings, and some settings (LlamaGen's prefix RoPE) have no weights
     by which a checkpoint check could tell them apart. The linked settings (image size, channels, classes) come from
     `data`."""
-    import yaml
-
     linked = ("image_size", "channels", "num_classes")
     init_args = {k: v for k, v in system.hparams.items() if not k.startswith("_") and k not in linked}
     init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in init_args.items()}

@@ -43,7 +43,7 @@ from lit_ar.cli import cli_main
 from lit_ar.data import ImageDataModule
 from lit_ar.data.token_cache import TokenCache, split_scales, write_token_cache
 from lit_ar.metrics import psnr
-from lit_ar.systems.tokenizer import load_tokenizer
+from lit_ar.tokenizers import load_tokenizer
 
 SMALL = os.environ.get("LIT_AR_SMALL", "0") == "1"
 RUN_DIR = os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_tutorial02_")

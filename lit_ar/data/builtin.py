@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lit_ar.draws import mix_seed
+
 SHAPE_CLASSES = (
     "disk", "ring", "square", "square_frame", "triangle", "star", "cross", "crescent", "half_disk", "ellipse",
 )  # fmt: skip
@@ -82,14 +84,6 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def _mix_seed(stream: int, index: int) -> int:
-    """A 32-bit seed from (stream, index): CPU generators seed Mersenne Twister with 32 bits only."""
-    z = (stream * 0x9E3779B97F4A7C15 + index) & 0xFFFFFFFFFFFFFFFF  # splitmix64 finaliser
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0xFFFFFFFF
-
-
 class ShapesDataset(Dataset):
     """Procedural coloured shapes in 10 classes; item i is the same image for the same (seed, split, size)."""
 
@@ -107,7 +101,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        g = torch.Generator().manual_seed(_mix_seed(self.seed * 3 + self.split_offset, index))
+        g = torch.Generator().manual_seed(mix_seed(self.seed * 3 + self.split_offset, index))
         label = index % self.num_classes  # balanced classes
         return render_shape(label, self.size, g), label
 

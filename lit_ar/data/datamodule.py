@@ -7,33 +7,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from lit_ar.data.builtin import _mix_seed
+from lit_ar.data.cached_tokens import TokenCache
 from lit_ar.data.resumable import ResumableDataLoader, ResumableSampler
 from lit_ar.data.sources import SourceSplits, load_source
-from lit_ar.data.transforms import ImageTransform
-
-
-class TransformedDataset(Dataset):
-    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`.
-
-    Indexed by `(index, epoch)` (what ResumableSampler yields), a sample's random crop and flip come from a
-    generator seeded with (seed, epoch, index), not from the process's global RNG: the same augmentation on 1 or N
-    devices, with any number of workers, and after a mid-epoch resume. A plain int index uses the global RNG."""
-
-    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool, seed: int = 0):
-        self.source, self.transform, self.unconditional, self.seed = source, transform, unconditional, seed
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        generator = None
-        if isinstance(index, tuple):
-            index, epoch = index
-            generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
-        image, label = self.source[index]
-        label = 0 if self.unconditional else label
-        return {"image": self.transform(image, generator), "label": torch.tensor(label, dtype=torch.long)}
+from lit_ar.data.transforms import ImageTransform, TransformedDataset
 
 
 class ClassBalancedLabels(Dataset):
@@ -247,13 +224,11 @@ class ImageDataModule(L.LightningDataModule):
         shard = Subset(labels, range(rank, len(labels), world))
         return DataLoader(shard, batch_size=self.per_device_batch_size(), shuffle=False)
 
-    # ---- token caches (lit_ar.data.token_cache) -------------------------------------------------------------
+    # ---- token caches (lit_ar.data.cached_tokens) ------------------------------------------------------------
     @property
     def cache(self):
         """The TokenCache of `token_cache`, or None."""
         if self._cache is None and self.hparams.token_cache:
-            from lit_ar.data.token_cache import TokenCache
-
             self._cache = TokenCache(self.hparams.token_cache)
         return self._cache
 

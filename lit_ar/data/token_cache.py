@@ -9,28 +9,24 @@ Every image is encoded at its centre crop and, with `hflip`, mirrored (variant 1
 (LlamaGen's crop range, 1.1), then its centre and four corner crops, each also mirrored with `hflip` (10 variants).
 Training picks one variant per sample at random (among the unmirrored ones when the datamodule's `hflip` is off);
 validation takes the centre crop.
-A cache folder holds, per split (`train`, `val`), memory-mapped numpy arrays and one `meta.json`:
-  discrete tokens  {split}_tokens.npy  (N, V, L_total) uint16/int32; multi-scale scales are concatenated
-                   coarse to fine (L_total = sum s*s; `split_scales` cuts a batch back into the per-scale list)
-  kl latents       {split}_mean.npy, {split}_std.npy  (N, V, L, D) float32, already times the latent scale:
-                   training batches draw mean + std * eps (MAR-style), validation batches take the mean
-  labels           {split}_labels.npy  (N,) int64
-`meta.json` records the tokenizer's fingerprint (sha256 of its weights), vocabulary, grid, scales, latent width
-and image size; a cache refuses to serve a generator whose tokenizer has another fingerprint.
+
+The folder's format, and its reading side (what `data.token_cache` serves), are `lit_ar.data.cached_tokens`.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch.utils.data import DataLoader
 
-from lit_ar.data.builtin import _mix_seed
+# TokenCache and split_scales: imported from here by name too (tests, tutorials written before the reading side moved)
+from lit_ar.data.cached_tokens import CACHE_VERSION, META, TokenCache, split_scales, tokenizer_fingerprint  # noqa: F401
+from lit_ar.data.datamodule import ImageDataModule
+from lit_ar.data.transforms import ImageTransform, TransformedDataset
+from lit_ar.tokenizers import load_tokenizer
 
-CACHE_VERSION = 1
-META = "meta.json"
 CROPS = ("center", "ten")
 FIVE_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")  # variant 0 is the centre
 
@@ -44,21 +40,6 @@ def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [x[..., i : i + size, j : j + size] for i, j in corners]
 
 
-def tokenizer_fingerprint(autoencoder: torch.nn.Module) -> str:
-    """sha256 over the tokenizer's state dict (names, shapes, dtypes, bytes): its identity, whatever the file."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(autoencoder.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def split_scales(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
-    """(B, sum s*s) flattened multi-scale tokens -> list of (B, s*s), coarse to fine."""
-    return list(tokens.split([s * s for s in scales], dim=1))
-
-
 @torch.no_grad()
 def write_token_cache(
     tokenizer_ckpt: str, output: str, data, hflip: bool = True, batch_size: int = 64, device: str = "cpu",
@@ -67,10 +48,6 @@ def write_token_cache(
     """Encode `data` (an ImageDataModule; its train and validation splits at the centre crop, or with crops="ten" at
     five crops of the image enlarged by data.resize_scale) with the tokenizer checkpoint into `output`, each view
     also mirrored with `hflip`. Returns the cache folder."""
-    from lit_ar.data.datamodule import TransformedDataset
-    from lit_ar.data.transforms import ImageTransform
-    from lit_ar.systems.tokenizer import load_tokenizer
-
     ae = load_tokenizer(tokenizer_ckpt).to(device)
     h = data.hparams
     if (h.image_size, h.channels) != (ae.image_size, ae.channels):
@@ -152,90 +129,8 @@ def write_token_cache(
     return folder
 
 
-class TokenCache:
-    """A cache folder written by `write_token_cache`: its metadata, checks and datasets."""
-
-    def __init__(self, path: str, setting: str = "data.token_cache"):
-        self.folder = Path(path)
-        if not (self.folder / META).is_file():
-            raise FileNotFoundError(
-                f"{setting}={path!r} is not a token cache (no {META}); write one with "
-                "`python -m lit_ar.data.token_cache --tokenizer_ckpt ... --output ...`"
-            )
-        self.meta = json.loads((self.folder / META).read_text())
-        if self.meta.get("version") != CACHE_VERSION:
-            raise ValueError(
-                f"{setting}={path!r} has cache version {self.meta.get('version')}; expected {CACHE_VERSION}"
-            )
-        self.setting = setting
-
-    def check_tokenizer(self, autoencoder_or_ckpt, setting: str = "model.init_args.tokenizer_ckpt") -> None:
-        """Refuse a tokenizer (an Autoencoder or a checkpoint path) other than the one that wrote the cache."""
-        if isinstance(autoencoder_or_ckpt, str | Path):
-            from lit_ar.systems.tokenizer import load_tokenizer
-
-            name, autoencoder = str(autoencoder_or_ckpt), load_tokenizer(str(autoencoder_or_ckpt))
-        else:
-            name, autoencoder = "the given tokenizer", autoencoder_or_ckpt
-        fingerprint = tokenizer_fingerprint(autoencoder)
-        if fingerprint != self.meta["tokenizer_fingerprint"]:
-            raise ValueError(
-                f"{self.setting}={str(self.folder)!r} was written by another tokenizer: {setting}={name!r} has "
-                f"fingerprint {fingerprint[:16]}..., the cache {self.meta['tokenizer_fingerprint'][:16]}... (written "
-                f"from {self.meta['tokenizer_ckpt']!r}); rebuild the cache with this tokenizer"
-            )
-
-    def dataset(self, split: str, train: bool, hflip: bool, unconditional: bool = False, seed: int = 0
-                ) -> "TokenCacheDataset":  # fmt: skip
-        return TokenCacheDataset(self, split, random_variant=train, hflip=hflip, sample=train,
-                                 unconditional=unconditional, seed=seed)  # fmt: skip
-
-
-class TokenCacheDataset(Dataset):
-    """Items `{"tokens": (L_total,) long | (L, D) float, "label": ()}` from a cache split; `random_variant` picks one
-    of the cached views at random (the mirrored ones only with `hflip`), else the centre crop; `sample` draws kl
-    latents from their posterior."""
-
-    def __init__(self, cache: TokenCache, split: str, random_variant: bool, sample: bool, unconditional: bool,
-                 seed: int = 0, hflip: bool = True):  # fmt: skip
-        self.meta, self.random_variant, self.sample = cache.meta, random_variant, sample
-        self.unconditional, self.seed = unconditional, seed
-        names = ("mean", "std") if cache.meta["is_continuous"] else ("tokens",)
-        self.arrays = {k: np.load(cache.folder / f"{split}_{k}.npy", mmap_mode="r") for k in names}
-        self.labels = np.load(cache.folder / f"{split}_labels.npy", mmap_mode="r")
-        views = cache.meta["variants"]  # the cached views' names; a training sample draws among these indices
-        self.variants = [i for i, view in enumerate(views) if hflip or not view.endswith("_hflip")]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        # Indexed by (index, epoch) (ResumableSampler), the flip variant and the latent draw come from a generator
-        # seeded per sample, as image augmentations do: the same on 1 or N devices and after a mid-epoch resume.
-        generator = None
-        if isinstance(index, tuple):
-            index, epoch = index
-            generator = torch.Generator().manual_seed(_mix_seed(_mix_seed(self.seed, epoch), index))
-        v = 0  # the centre crop
-        if self.random_variant and len(self.variants) > 1:
-            v = self.variants[int(torch.randint(len(self.variants), (), generator=generator))]
-        if "tokens" in self.arrays:
-            tokens = torch.from_numpy(self.arrays["tokens"][index, v].astype(np.int64))  # (L_total,)
-        else:
-            tokens = torch.from_numpy(np.array(self.arrays["mean"][index, v]))  # (L, D)
-            if self.sample:
-                noise = torch.randn(tokens.shape, generator=generator, dtype=tokens.dtype)
-                tokens = tokens + torch.from_numpy(np.array(self.arrays["std"][index, v])) * noise
-        label = 0 if self.unconditional else int(self.labels[index])
-        return {"tokens": tokens, "label": torch.tensor(label, dtype=torch.long)}
-
-
 def main(args: list[str] | None = None) -> Path:
     """`python -m lit_ar.data.token_cache --tokenizer_ckpt CKPT --output DIR [--data.* ...]`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lit_ar.data.datamodule import ImageDataModule
-
     parser = ArgumentParser(description="Encode a dataset once with a frozen tokenizer into a token cache.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--tokenizer_ckpt", type=str, required=True, help="TokenizerSystem checkpoint.")

@@ -1,7 +1,11 @@
-"""Image transforms in plain torch (lit_ar does not depend on torchvision)."""
+"""Image transforms in plain torch (lit_ar does not depend on torchvision), and `TransformedDataset`, which applies
+one to every item of an image source: the batch format of the datamodule, the token cache and the evaluation."""
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from lit_ar.draws import mix_seed
 
 
 def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
@@ -47,3 +51,26 @@ class ImageTransform:
         if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return x.clamp(-1.0, 1.0).contiguous()
+
+
+class TransformedDataset(Dataset):
+    """(uint8 image, label) pairs to the batch format `{"image": (C, H, W) in [-1, 1], "label": ()}`.
+
+    Indexed by `(index, epoch)` (what ResumableSampler yields), a sample's random crop and flip come from a
+    generator seeded with (seed, epoch, index), not from the process's global RNG: the same augmentation on 1 or N
+    devices, with any number of workers, and after a mid-epoch resume. A plain int index uses the global RNG."""
+
+    def __init__(self, source: Dataset, transform: ImageTransform, unconditional: bool, seed: int = 0):
+        self.source, self.transform, self.unconditional, self.seed = source, transform, unconditional, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        generator = None
+        if isinstance(index, tuple):
+            index, epoch = index
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        image, label = self.source[index]
+        label = 0 if self.unconditional else label
+        return {"image": self.transform(image, generator), "label": torch.tensor(label, dtype=torch.long)}

@@ -8,7 +8,6 @@ its own network, exactly as alternating G/D steps on the same batch would.
 """
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -21,32 +20,12 @@ from torch.func import functional_call
 
 from lit_ar.metrics import perplexity, psnr, ssim
 from lit_ar.models.autoencoder import PRESETS, Autoencoder, PatchDiscriminator
+from lit_ar.models.lpips import LPIPS
 from lit_ar.systems.lr_schedule import warmup_cosine
 
-# TokenizerSystem settings that build the Autoencoder (load_tokenizer rebuilds it from a checkpoint's hparams)
-AUTOENCODER_ARGS = (
-    "image_size", "channels", "quantizer", "preset", "base_channels", "ch_mult", "num_res_blocks", "mid_attention",
-    "downsample_padding", "quant_conv_kernel", "double_z", "decoder_level_attention", "z_channels", "codebook_size",
-    "latent_dim", "levels", "scales", "beta", "l2_norm", "ema", "ema_decay", "dead_code_steps", "phi_count",
-    "phi_ratio", "entropy_weight", "entropy_gamma", "entropy_temperature", "kl_weight", "latent_scale",
-)  # fmt: skip
-
-
-# Settings added when the peers' presets were made to load the peers' weights. A checkpoint saved before they existed
-# has none of them, and its autoencoder was built this way, whatever its preset.
-BEFORE_PEER_LAYOUTS = {"downsample_padding": "symmetric", "quant_conv_kernel": 1, "double_z": False,
-                       "decoder_level_attention": True}  # fmt: skip
-
-
-def autoencoder_kwargs(hparams) -> dict:
-    kwargs = {k: hparams[k] for k in AUTOENCODER_ARGS if k in hparams}
-    if not any(k in hparams for k in BEFORE_PEER_LAYOUTS):
-        kwargs.update(BEFORE_PEER_LAYOUTS)
-    for k in ("ch_mult", "levels", "scales"):
-        if kwargs.get(k) is not None:
-            kwargs[k] = tuple(kwargs[k])
-    kwargs["latent_scale"] = kwargs.get("latent_scale") or 1.0  # auto: the checkpoint's buffer holds the value
-    return kwargs
+# load_tokenizer lives below the systems, where the token cache reaches it; BEFORE_PEER_LAYOUTS and load_tokenizer
+# are imported from here by name too (tests, scripts written before the move)
+from lit_ar.tokenizers import BEFORE_PEER_LAYOUTS, autoencoder_kwargs, load_tokenizer  # noqa: F401
 
 
 def _distributed() -> bool:
@@ -217,8 +196,6 @@ class TokenizerSystem(L.LightningModule):
                     f"model.init_args.lpips_weight={lpips_weight} needs model.init_args.lpips_path: a local folder "
                     "with vgg16-397923af.pth and vgg.pth (LPIPS v0.1); or set lpips_weight: 0"
                 )
-            from lit_ar.models.lpips import LPIPS
-
             object.__setattr__(self, "lpips", LPIPS(lpips_path, setting="model.init_args.lpips_path"))
         vocab = self.autoencoder.vocab_size or 1
         self.register_buffer("code_last_step", torch.full((vocab,), -(10**9), dtype=torch.long))
@@ -392,20 +369,3 @@ class TokenizerSystem(L.LightningModule):
         opt = torch.optim.AdamW(groups, betas=tuple(h.betas))
         sched = warmup_cosine(opt, h.warmup_steps, int(self.trainer.estimated_stepping_batches), h.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def load_tokenizer(path: str) -> Autoencoder:
-    """A TokenizerSystem checkpoint -> its Autoencoder, frozen (requires_grad False) and in eval mode, on the CPU."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"tokenizer checkpoint {path!r} does not exist (model.init_args.tokenizer_ckpt); train one with "
-            "`lit_ar fit --config configs/tokenizer/vq_shapes.yaml` and pass its checkpoints/last.ckpt"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams, state = ckpt.get("hyper_parameters", {}), ckpt.get("state_dict", {})
-    if "quantizer" not in hparams or not any(k.startswith("autoencoder.") for k in state):
-        raise ValueError(f"{path!r} is not a TokenizerSystem checkpoint (model.init_args.tokenizer_ckpt)")
-    autoencoder = Autoencoder(**autoencoder_kwargs(hparams))
-    prefix = "autoencoder."
-    autoencoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return autoencoder.eval().requires_grad_(False)
