@@ -1,14 +1,52 @@
-"""The `lit_ar` command: a thin LightningCLI over every system and the one ImageDataModule."""
+"""The `lit_ar` command: a thin LightningCLI over every system and the one ImageDataModule. Every Trainer it builds
+has the always-on callbacks and checkpoint IO (`ALWAYS_ON_CALLBACKS`, SafeCheckpointIO), listed in a config or not."""
+
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import Strategy
 
 from lit_ar.checkpoints import SafeCheckpointIO
 from lit_ar.data.datamodule import ImageDataModule
+from lit_ar.reliability import ExactResume, NonFiniteGuard, Preemption
 
 # Lightning types these Union[float, int, None]: jsonargparse tries the float first, so `limit_val_batches: 1` (a
 # count of one batch) became 1.0, which Lightning reads as 100% of the batches.
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+# On every Trainer the CLI builds, so that no config can forget them: exact resume, a save on pre-emption and the
+# non-finite guard (with SafeCheckpointIO, atomic and checked checkpoints). A config lists one only to change its
+# settings (configs/debug/: `NonFiniteGuard` with `max_consecutive: 5`); then the config's is the one kept. The added
+# Preemption only warns when no ModelCheckpoint saves `last.ckpt`: a config that asks for nothing must not fail.
+ALWAYS_ON_CALLBACKS = {
+    ExactResume: ExactResume,
+    Preemption: lambda: Preemption(require_last_checkpoint=False),
+    NonFiniteGuard: NonFiniteGuard,
+}
+
+
+def with_always_on_callbacks(callbacks: list[L.Callback], listed: list[L.Callback]) -> list[L.Callback]:
+    """`callbacks` (the config's `trainer.callbacks`) and a default of each always-on class that neither they nor
+    `listed` (callbacks the CLI adds from elsewhere) hold an instance of."""
+    present = [*callbacks, *listed]
+    missing = [make() for cls, make in ALWAYS_ON_CALLBACKS.items() if not any(isinstance(c, cls) for c in present)]
+    return [*callbacks, *missing]
+
+
+def with_checkpoint_io(plugins: list[Any], strategy: Any) -> list[Any]:
+    """`plugins` (the config's `trainer.plugins`) and a SafeCheckpointIO, unless they or the strategy already choose
+    a checkpoint IO (Lightning takes one only; a config's own, even another class, is its choice)."""
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return plugins
+    if isinstance(strategy, Strategy) and strategy._checkpoint_io is not None:
+        return plugins
+    return [*plugins, SafeCheckpointIO()]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
 class LitARCLI(LightningCLI):
@@ -21,6 +59,17 @@ class LitARCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size")
         parser.link_arguments("data.channels", "model.init_args.channels")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The config's Trainer, with the always-on callbacks and SafeCheckpointIO it does not list itself."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        parser = self._parser(self.subcommand)
+        # callbacks LightningCLI adds on its own (its callback arguments, `trainer_defaults`) count as listed
+        listed = [cb for key in parser.callback_keys for cb in _as_list(self._get(self.config_init, key))]
+        listed += _as_list(self.trainer_defaults.get("callbacks"))
+        kwargs["callbacks"] = with_always_on_callbacks(_as_list(config.get("callbacks")), listed)
+        kwargs["plugins"] = with_checkpoint_io(_as_list(config.get("plugins")), config.get("strategy"))
+        return super().instantiate_trainer(**kwargs)
 
     def _check_checkpoints_against_model(self) -> None:
         # `--ckpt_path` loads through the checkpoint plugin: let it refuse another family's or a misfitting checkpoint

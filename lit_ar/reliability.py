@@ -1,4 +1,4 @@
-"""Callbacks that let a run survive interruption and bad numerics; every family opts in by configuration.
+"""Callbacks that let a run survive interruption and bad numerics, on every run of the `lit_ar` command.
 
 - `ExactResume`: saves and restores the RNG states (torch CPU and CUDA, numpy, python) so that a resumed run draws
   the random numbers the uninterrupted run would have drawn. With the datamodule's resumable loader (the data
@@ -9,6 +9,9 @@
 - `NonFiniteGuard`: a non-finite loss or gradient skips the optimizer step and is counted (`train/nonfinite_steps`);
   `max_consecutive` in a row stop the run with the last good checkpoint untouched.
 - `check_finite(terms)`: the test a manual-optimization system calls before stepping.
+
+The `lit_ar` command adds the three callbacks to every Trainer it builds (`lit_ar.cli`); a config lists one only to
+change its settings.
 """
 
 import random
@@ -100,20 +103,31 @@ class Preemption(L.Callback):
     Args:
         signals: Extra signals treated like SIGTERM (which Lightning always handles). A signal that already has a
             handler (e.g. Lightning's SLURM requeue handler) is left alone.
+        require_last_checkpoint: Refuse to fit without a ModelCheckpoint with `save_last: true`, where the
+            pre-emption checkpoint goes; false only warns, and a pre-empted run then stops cleanly without saving.
+            The Preemption `lit_ar` adds to a config that lists none is not strict (see `lit_ar.cli`).
     """
 
-    def __init__(self, signals: list[str] | None = None):
+    def __init__(self, signals: list[str] | None = None, require_last_checkpoint: bool = True):
         self.signals = ["SIGUSR1"] if signals is None else list(signals)
+        self.require_last_checkpoint = require_last_checkpoint
         for name in self.signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
                 raise ValueError(f"Preemption.signals: {name!r} is not a signal of this platform (e.g. 'SIGUSR1')")
         self._previous: dict[signal.Signals, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in trainer.callbacks):
+        if stage != "fit" or any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in trainer.callbacks):
+            return
+        if self.require_last_checkpoint:
             raise ValueError(
                 "Preemption needs a ModelCheckpoint with `save_last: true` in `trainer.callbacks`: the pre-emption "
                 "checkpoint is written as its last.ckpt, where `--ckpt_path last` finds it."
+            )
+        if any(isinstance(cb, ModelCheckpoint) for cb in trainer.callbacks):  # checkpointing on, but no last.ckpt
+            rank_zero_warn(
+                "Preemption: no ModelCheckpoint in `trainer.callbacks` has `save_last: true`, so a pre-empted run "
+                "stops cleanly but saves nothing to resume from; add one to resume with `--ckpt_path last`."
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,6 +158,10 @@ class Preemption(L.Callback):
                 # private in Lightning 2.6, covered by tests/test_reliability.py
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
                 saved.append(cb.last_model_path)
+        if not saved:
+            rank_zero_info(f"Preemption: signal received at step {trainer.global_step}; nothing saved (no "
+                           "ModelCheckpoint with `save_last: true`).")  # fmt: skip
+            return
         rank_zero_info(
             f"Preemption: signal received; saved step {trainer.global_step} to {', '.join(saved)}. "
             "Resume with `--ckpt_path last`."

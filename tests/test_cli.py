@@ -17,8 +17,11 @@ from conftest import (
     run_lit_ar,
     stacked_configs,
 )
+from lightning.fabric.plugins import TorchCheckpointIO
 
-from lit_ar.cli import cli_main
+from lit_ar.checkpoints import SafeCheckpointIO
+from lit_ar.cli import ALWAYS_ON_CALLBACKS, cli_main
+from lit_ar.reliability import NonFiniteGuard, Preemption
 
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
 DEBUG_CLASSIFIER = str(CONFIGS / "debug" / "classifier.yaml")
@@ -66,6 +69,7 @@ def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tm
     args = [arg for config in stack for arg in ("--config", str(config))]
     cli = cli_main([*args, *config_overrides(stack, tmp_path, checkpoints_root)], run=False)
     assert cli.model is not None and cli.datamodule is not None
+    assert_always_on(cli.trainer)
     if path.parent.name == "eval":
         assert cli.model.evaluator is not None
     if len(parts) == 3:  # the overlay's settings win over its base's
@@ -73,7 +77,59 @@ def test_every_shipped_config_pins_seed_and_run_folder_and_instantiates(path, tm
         assert all(cli.datamodule.hparams[key] == value for key, value in data.items() if key != "token_cache")
         model = (own.get("model") or {}).get("init_args") or {}
         assert all(cli.model.hparams[key] == value for key, value in model.items()
-                   if not key.endswith("_ckpt") and key != "evaluator")  # fmt: skip
+                   if not key.endswith("_ckpt") and key not in ("evaluator", "predict_kwargs"))  # fmt: skip
+        # predict_kwargs is stored complete (the family's typed settings): the overlay's keys hold its values
+        if "predict_kwargs" in model:
+            sampling = cli.model.hparams.predict_kwargs
+            assert all(sampling[key] == value for key, value in model["predict_kwargs"].items())
+
+
+def assert_always_on(trainer) -> None:
+    """SafeCheckpointIO and one of each always-on callback, whatever the config lists."""
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    for cls in ALWAYS_ON_CALLBACKS:
+        assert sum(isinstance(cb, cls) for cb in trainer.callbacks) == 1, f"one {cls.__name__} on the Trainer"
+
+
+def debug_classifier_with(tmp_path: Path, callbacks: list[dict], plugins: list | None = None) -> str:
+    """The debug classifier config with these `trainer.callbacks` and `trainer.plugins` only."""
+    config = yaml.safe_load(Path(DEBUG_CLASSIFIER).read_text())
+    config["trainer"].pop("plugins", None)
+    config["trainer"]["callbacks"] = callbacks
+    if plugins is not None:
+        config["trainer"]["plugins"] = plugins
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_config_that_lists_none_gets_the_always_on_callbacks_and_checkpoint_io(tmp_path):
+    config = debug_classifier_with(tmp_path, callbacks=[])
+    cli = cli_main(["--config", config, *run_dir_args(tmp_path)], run=False)
+    assert_always_on(cli.trainer)
+    (preemption,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)]
+    assert preemption.signals == ["SIGUSR1"] and not preemption.require_last_checkpoint
+    (guard,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteGuard)]
+    assert guard.max_consecutive == 10, "the default settings"
+    # and it trains: without a ModelCheckpoint that saves last.ckpt the added Preemption warns, it does not refuse
+    with pytest.warns(UserWarning, match=r"Preemption: no ModelCheckpoint .* has `save_last: true`"):
+        cli = cli_main(["fit", "--config", config, *run_dir_args(tmp_path), "--trainer.max_steps", "2",
+                        "--trainer.limit_val_batches", "0"])  # fmt: skip
+    assert cli.trainer.global_step == 2
+
+
+def test_a_config_that_lists_an_always_on_class_keeps_its_own(tmp_path):
+    guard = {"class_path": "lit_ar.reliability.NonFiniteGuard", "init_args": {"max_consecutive": 5}}
+    io = {"class_path": "lit_ar.checkpoints.SafeCheckpointIO", "init_args": {"verify_crc": False}}
+    cli = cli_main(["--config", debug_classifier_with(tmp_path, [guard], [io]), *run_dir_args(tmp_path)], run=False)
+    assert_always_on(cli.trainer)
+    (kept,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteGuard)]
+    assert kept.max_consecutive == 5
+    assert cli.trainer.strategy.checkpoint_io.verify_crc is False
+    # another checkpoint IO is the config's choice too: Lightning takes one only
+    plain = {"class_path": "lightning.fabric.plugins.TorchCheckpointIO"}
+    cli = cli_main(["--config", debug_classifier_with(tmp_path, [], [plain]), *run_dir_args(tmp_path)], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is TorchCheckpointIO
 
 
 def test_print_config_parses_back(tmp_path, capsys):
@@ -198,3 +254,11 @@ def test_step_based_validation_is_not_tied_to_epochs(path):
     trainer = merged_yaml(stacked_configs(path))["trainer"]  # a tier's overlay as stacked on its base
     if isinstance(trainer.get("val_check_interval"), int) and trainer["val_check_interval"] > 1:
         assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None
+
+
+def test_a_misspelt_sampling_setting_is_refused_when_the_config_is_parsed(capsys):
+    """predict_kwargs is the family's typed settings: `--print_config` rejects a key the method does not take."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "debug" / "masked.yaml"), "--model.init_args.predict_kwargs",
+                  "{stpes: 4}", "--print_config"])  # fmt: skip
+    assert "stpes" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from conftest import (
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ar.checkpoints import SafeCheckpointIO, atomic_save, load_checkpoint, load_system
-from lit_ar.cli import cli_main
+from lit_ar.cli import ALWAYS_ON_CALLBACKS, cli_main
 from lit_ar.data import ImageDataModule
 from lit_ar.data.resumable import ResumableDataLoader, ResumableSampler
 from lit_ar.reliability import NonFiniteGuard, NonFiniteLossError, check_finite
@@ -298,15 +298,18 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_opts_into_safe_checkpoints_and_exact_resume(path):
+def test_every_shipped_config_saves_last_and_lists_an_always_on_class_only_to_change_it(path):
+    """The CLI adds SafeCheckpointIO, ExactResume, Preemption and NonFiniteGuard to every Trainer (tests/test_cli.py
+    checks each shipped config's); a config that lists one anyway must be changing its settings."""
     trainer = merged_yaml(stacked_configs(path))["trainer"]  # a tier's overlay as stacked on its base
-    plugins = [p["class_path"] if isinstance(p, dict) else p for p in trainer.get("plugins") or []]
-    assert "lit_ar.checkpoints.SafeCheckpointIO" in plugins, "atomic, checked checkpoints (trainer.plugins)"
-    callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in trainer["callbacks"]}
-    for name in ("ExactResume", "Preemption", "NonFiniteGuard"):
-        assert f"lit_ar.reliability.{name}" in callbacks, f"trainer.callbacks lacks lit_ar.reliability.{name}"
-    checkpoints = [a for c, a in callbacks.items() if c.endswith("ModelCheckpoint")]
-    assert any(a.get("save_last") for a in checkpoints), "a ModelCheckpoint with save_last: true"
+    listed = [*(trainer.get("plugins") or []), *(trainer.get("callbacks") or [])]
+    entries = [e if isinstance(e, dict) else {"class_path": e} for e in listed]
+    always_on = {cls.__name__ for cls in [SafeCheckpointIO, *ALWAYS_ON_CALLBACKS]}
+    for entry in entries:
+        if entry["class_path"].rsplit(".", 1)[-1] in always_on:
+            assert entry.get("init_args"), f"{entry['class_path']} with its default settings: the CLI adds it"
+    checkpoints = [e.get("init_args") or {} for e in entries if e["class_path"].endswith("ModelCheckpoint")]
+    assert any(a.get("save_last") for a in checkpoints), "a ModelCheckpoint with save_last: true (for Preemption)"
 
 
 def test_grad_scaler_state_is_restored_and_its_overflow_skips_are_not_counted(tmp_path):
