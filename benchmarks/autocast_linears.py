@@ -22,7 +22,7 @@ import torch
 import lit_ar.systems.generator
 from benchmarks.__main__ import build, count_params
 from benchmarks.common import machine, print_table, sync, write_json
-from lit_ar.systems.generator import linears_in_autocast_dtype
+from lit_ar.performance import linears_in_autocast_dtype
 
 FAMILIES = ("causal", "flowar", "mar", "masked", "scale")
 

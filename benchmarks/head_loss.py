@@ -15,8 +15,8 @@ import argparse
 import torch
 
 from benchmarks.common import machine, precision_context, print_table, time_call, write_json
+from lit_ar.models.categorical_head import compiled_head_cross_entropy, head_cross_entropy
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
-from lit_ar.systems.generator import compiled_head_cross_entropy, head_cross_entropy
 
 FORMS = {"eager": lambda: head_cross_entropy, "compiled": compiled_head_cross_entropy}
 

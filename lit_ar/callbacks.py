@@ -6,9 +6,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+
+from lit_ar.evaluation import GeneratorEvaluator
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -52,12 +54,20 @@ class RealImageGrid(L.Callback):
 class SampleGrid(L.Callback):
     """Every `every_n_steps` training steps, samples `per_class` images of the first `num_classes_shown` classes
     from fixed labels and a fixed seed, and logs the grid as `samples/grid` (the same noise every time, so the
-    grids show the model improving, not the noise changing)."""
+    grids show the model improving, not the noise changing). `sample_kwargs` null samples with the generator's
+    `predict_kwargs`, so a config states its sampling once; a mapping is checked against the generator's typed
+    settings when training starts."""
 
     def __init__(self, every_n_steps: int = 500, num_classes_shown: int = 10, per_class: int = 4, seed: int = 0,
                  sample_kwargs: dict | None = None):  # fmt: skip
         self.every_n_steps, self.num_classes_shown, self.per_class = every_n_steps, num_classes_shown, per_class
-        self.seed, self.sample_kwargs = seed, sample_kwargs or {}
+        self.seed, self.sample_kwargs = seed, sample_kwargs
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.sample_kwargs is None:
+            self.sample_kwargs = dict(pl_module.hparams.get("predict_kwargs") or {})
+        if hasattr(pl_module, "sampling_settings"):  # a misspelt key fails now, not at the first grid
+            pl_module.sampling_settings(self.sample_kwargs, "SampleGrid.sample_kwargs")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -161,8 +171,6 @@ class FIDCallback(L.Callback):
                 comparable with others).
             use_averaged_weights: Sample with the weights of an active WeightAveraging (EMA) callback.
         """
-        from lit_ar.evaluation import GeneratorEvaluator
-
         if every_n_steps < 1:
             raise ValueError(f"FIDCallback.every_n_steps={every_n_steps} must be at least 1")
         self.every_n_steps, self.use_averaged_weights = every_n_steps, use_averaged_weights
@@ -180,8 +188,6 @@ class FIDCallback(L.Callback):
         self.evaluator.prepare(trainer, pl_module)  # bad settings and the reference: before the first step
 
     def _averaging_callback(self, trainer: L.Trainer):
-        from lightning.pytorch.callbacks import WeightAveraging
-
         for cb in trainer.callbacks:
             if isinstance(cb, WeightAveraging) and cb._average_model is not None:
                 return cb

@@ -1,12 +1,10 @@
 """Sampling arithmetic shared by every family: logit filters (temperature, top-k, top-p), seeded categorical
-sampling, classifier-free-guidance schedules and mask schedules. Pure functions over tensors; no model code."""
+sampling and mask schedules. Pure functions over tensors; no model code. Guidance and its schedules: lit_ar.guidance."""
 
 import math
-from typing import Literal
 
 import torch
 
-CFG_SCHEDULES = ("constant", "linear", "interval", "power_cosine")
 MASK_SCHEDULES = ("cosine", "arccos", "linear", "power", "sigmoid")
 
 
@@ -56,42 +54,6 @@ def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, devi
     """Standard Gumbel noise of `shape` (fp32), from uniforms drawn from `generator` (clamped away from log(0))."""
     uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
     return -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
-
-
-def cfg_scale(
-    schedule: Literal["constant", "linear", "interval", "power_cosine"],
-    cfg: float,
-    progress: float,
-    interval: tuple[float, float] = (0.0, 1.0),
-    power: float = 1.0,
-) -> float:
-    """The guidance scale at `progress` in [0, 1] (fraction of tokens, steps or scales generated so far).
-    constant: cfg; linear: 1 -> cfg (MAR; VAR's ramp too, but VAR's own `cfg` c ends at 1 + c, so it is lit_ar's
-    1 + c); interval: cfg inside [lo, hi], 1 outside;
-    power_cosine: 1 + (cfg - 1) * (1 - cos(pi * progress**power)) / 2 (MUSE/MaskGIT style)."""
-    if schedule == "constant":
-        return cfg
-    if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * progress
-    if schedule == "interval":
-        lo, hi = interval
-        return cfg if lo <= progress <= hi else 1.0
-    if schedule == "power_cosine":
-        return 1.0 + (cfg - 1.0) * (1 - math.cos(math.pi * progress**power)) / 2
-    raise ValueError(f"cfg_schedule={schedule!r} is not known; known schedules: {CFG_SCHEDULES}")
-
-
-def check_cfg_schedule(schedule: str, interval: tuple[float, float] = (0.0, 1.0)) -> None:
-    if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule={schedule!r} is not known; known schedules: {CFG_SCHEDULES}")
-    lo, hi = interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"cfg_interval={tuple(interval)} must satisfy 0 <= low <= high <= 1")
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
-    return uncond + scale * (cond - uncond)
 
 
 def mask_ratio(schedule: str, r: torch.Tensor | float, power: float = 2.0, sigmoid_k: float = 10.0) -> torch.Tensor:

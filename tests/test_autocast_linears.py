@@ -12,7 +12,7 @@ from conftest import head_off_zero
 from torch import nn
 
 import lit_ar.systems.generator
-from lit_ar.systems.generator import linears_in_autocast_dtype
+from lit_ar.performance import linears_in_autocast_dtype
 
 
 def stack() -> nn.Sequential:

@@ -335,7 +335,7 @@ def test_shapes32_gpu_script_runs_end_to_end_on_cpu(tmp_path):
 def test_autocast_linears_benchmark_times_both_forms_and_checks_their_tokens(family, tmp_path):
     import lit_ar.systems.generator
     from benchmarks import autocast_linears
-    from lit_ar.systems.generator import linears_in_autocast_dtype
+    from lit_ar.performance import linears_in_autocast_dtype
 
     out = tmp_path / "cast.json"
     argv = ["--family", family, "--size", "tiny", "--modes", "eager", "--repeat", "1", "--json", str(out)]

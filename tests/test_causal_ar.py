@@ -2,8 +2,6 @@
 equals raster, seeded sampling, compiled equals eager, every bad input, and the CLI (train, golden curve, predict,
 DDP)."""
 
-import sys
-import types
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,9 +15,9 @@ from torch import nn
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from lit_ar.cli import cli_main
+from lit_ar.models.categorical_head import head_cross_entropy
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.systems.causal_ar import CausalARSystem
-from lit_ar.systems.generator import head_cross_entropy
 
 V, G, NC = 32, 4, 3  # tiny vocab, 4x4 grid, 3 classes
 
@@ -166,17 +164,21 @@ def train_logits_at(system: CausalARSystem, batch: dict, step: int):
 
 
 def test_step_randomness_is_the_same_for_one_process_and_for_two():
-    """Class dropout and RAR orders come from a per-step draw for the global batch; rank r takes rows r::world, the
-    rows the DistributedSampler gives it, so 2 processes x batch 3 draw what 1 process x batch 6 draws."""
+    """Class dropout and RAR orders come from the step's Draws, drawn for the global batch; rank r takes rows
+    r::world, the rows the DistributedSampler gives it, so 2 processes x batch 3 draw what 1 process x batch 6 draws."""
     system = tiny_system()
-    one = system._global_rand(system._step_generator(4), 6, 5)
-    parts = []
-    for rank in range(2):
-        system._trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0)
-        parts.append(system._global_rand(system._step_generator(4), 3, 5))
-    system._trainer = None
+
+    def rand(step: int, batch: int, world: int = 1, rank: int = 0) -> torch.Tensor:
+        system._trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=step, current_epoch=0)
+        try:
+            return system.draws("train", batch_idx=0).rand(batch, 5)
+        finally:
+            system._trainer = None
+
+    one = rand(4, 6)
+    parts = [rand(4, 3, world=2, rank=rank) for rank in range(2)]
     assert torch.equal(torch.stack(parts, 1).reshape(6, 5), one)
-    assert not torch.equal(system._global_rand(system._step_generator(5), 6, 5), one)  # a new draw each batch
+    assert not torch.equal(rand(5, 6), one)  # a new draw each step
 
 
 # -- the system: sampling --------------------------------------------------------------------------------------
@@ -289,7 +291,11 @@ def test_tokens_that_do_not_fit_the_grid_are_refused():
 def test_bad_model_settings_are_refused():
     with pytest.raises(ValueError, match=r"rar_anneal_start=5 and rar_anneal_end=2 must satisfy"):
         tiny_system(rar=True, rar_anneal_start=5, rar_anneal_end=2)
-    with pytest.raises(ValueError, match=r"vocab_size and model.init_args.grid_size must be set"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer_ckpt is not set, so model.init_args.vocab_size and "
+        r"model.init_args.grid_size must be set",
+    ):
         CausalARSystem(num_classes=3, image_size=16)
     with pytest.raises(ValueError, match=r"2D RoPE needs a head width dim/n_head divisible by 4"):
         tiny_system(dim=24, n_head=4)
@@ -297,7 +303,7 @@ def test_bad_model_settings_are_refused():
 
 @pytest.fixture
 def fake_tokenizer_checkpoint(monkeypatch):
-    """Stands in for lit_ar.systems.tokenizer.load_tokenizer: returns the stub with the attributes it is given."""
+    """Stands in for the generator's load_tokenizer: returns the stub with the attributes it is given."""
     made = {}
 
     def load_tokenizer(path: str):
@@ -306,17 +312,17 @@ def fake_tokenizer_checkpoint(monkeypatch):
             setattr(tok, name, value)
         return tok
 
-    monkeypatch.setitem(sys.modules, "lit_ar.systems.tokenizer", types.SimpleNamespace(load_tokenizer=load_tokenizer))
+    monkeypatch.setattr("lit_ar.systems.generator.load_tokenizer", load_tokenizer)
     return made
 
 
 @pytest.mark.parametrize(
     "tokenizer, setting, match",
     [
-        ({}, {"vocab_size": 64}, r"vocab_size=64 disagrees with the tokenizer's vocab_size=32 \(tok.ckpt\)"),
-        ({}, {"grid_size": 8}, r"grid_size=8 disagrees with the tokenizer's grid_size=4"),
+        ({}, {"vocab_size": 64}, r"vocab_size=64 differs from the tokenizer's vocab_size=32 \(tok.ckpt\)"),
+        ({}, {"grid_size": 8}, r"grid_size=8 differs from the tokenizer's grid_size=4"),
         ({"is_continuous": True, "vocab_size": None}, {}, r"CausalARSystem models discrete token ids .* is continuous"),
-        ({"scales": (1, 2, 4)}, {}, r"is a multi-scale tokenizer \(scales \(1, 2, 4\)\)"),
+        ({"scales": (1, 2, 4)}, {}, r"is a multi-scale tokenizer \(scales \[1, 2, 4\]\)"),
     ],
 )
 def test_a_tokenizer_that_disagrees_with_the_generator_is_refused(fake_tokenizer_checkpoint, tokenizer, setting,
@@ -347,8 +353,8 @@ def test_compiled_blocks_and_decode_step_equal_eager():
 
 @pytest.mark.slow
 def test_compiled_head_and_loss_equal_eager_with_their_gradients():
-    """With `compile`, training_step's head and cross-entropy run as one compiled graph: the same loss, and the same
-    gradients for the hidden states and for the head's weights, as the eager pair."""
+    """With `compile`, the categorical head and its cross-entropy run as one compiled graph: the same loss, and the
+    same gradients for the hidden states and for the head's weights, as the eager pair."""
     torch._dynamo.reset()  # so the cache entry counted below is this test's
     eager, compiled = tiny_system(n_layer=1), tiny_system(n_layer=1, compile=True)
     compiled.load_state_dict(eager.state_dict())
@@ -357,7 +363,7 @@ def test_compiled_head_and_loss_equal_eager_with_their_gradients():
     grads = []
     for system in (eager, compiled):
         h = hidden.clone().requires_grad_()
-        loss = system.token_loss(h, targets)
+        loss = system.head.loss(h, targets)
         loss.backward()
         grads.append((loss.detach(), h.grad, system.model.output.weight.grad, system.model.norm.weight.grad))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -21,10 +21,12 @@ from conftest import (
 
 from lit_ar.checkpoints import IncompatibleCheckpointError
 from lit_ar.cli import cli_main
+from lit_ar.draws import Draws
+from lit_ar.methods.masked import truncated_normal
 from lit_ar.models.diffusion_head import DiffusionHead
 from lit_ar.models.flowar import FlowARTransformer, doubling_scales
 from lit_ar.models.mar import MARTransformer
-from lit_ar.systems.flow_ar import FlowARSystem, truncated_normal
+from lit_ar.systems.flow_ar import FlowARSystem
 from lit_ar.systems.generator import GeneratorSystem
 
 TINY = dict(token_dim=4, grid_size=4, dim=32, depth=2, n_heads=2, head_width=32, head_depth=2, num_classes=3,
@@ -68,7 +70,7 @@ def train_and_check_the_loss_falls(system: FlowARSystem, steps: int) -> None:
     system.train()
     losses = []
     for step in range(steps):
-        loss = system.loss(batch, torch.Generator().manual_seed(step % 2))
+        loss = system.loss(batch, Draws(step % 2))
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -195,14 +197,14 @@ def test_mar_loss_equals_the_head_at_every_position_weighted_by_the_mask():
     tokens, labels = batch["tokens"], batch["label"]
     B, L, D = tokens.shape
     m, C = 2, system.core.decoder_dim
-    g = torch.Generator().manual_seed(3)
-    # MAR's form, the draws in the system's order: order, mask ratio, noise, times
-    order = system.draw(torch.rand, g, B, L).argsort(dim=1)
+    g = Draws(3).generator
+    # MAR's form, the draws in the method's order: order, mask ratio, noise, times
+    order = torch.rand(B, L, generator=g).argsort(dim=1)
     ratio = truncated_normal(torch.rand((), generator=g), 0.7, 1.0, 1.0, 0.25)
     mask = order.argsort(dim=1) < math.ceil(L * float(ratio))  # (B, L)
     cond = system.core(tokens, mask, labels)[:, None].expand(B, m, L, C).reshape(-1, C)
-    noise = system.draw(torch.randn, g, B, m, L, D).reshape(-1, D)
-    t = system.draw(torch.rand, g, B, m, L).reshape(-1)
+    noise = torch.randn(B, m, L, D, generator=g).reshape(-1, D)
+    t = torch.rand(B, m, L, generator=g).reshape(-1)
     x1 = tokens[:, None].expand(B, m, L, D).reshape(-1, D)
     v = system.head(t[:, None] * x1 + (1 - t[:, None]) * noise, t, cond)
     weight = mask[:, None].expand(B, m, L).reshape(-1).float()
@@ -210,7 +212,7 @@ def test_mar_loss_equals_the_head_at_every_position_weighted_by_the_mask():
     assert 0 < weight.mean() < 1  # some tokens known: the two forms differ in work
     embedded_rows = []
     system.head.cond_embed.register_forward_hook(lambda m, i, out: embedded_rows.append(out.shape[:-1].numel()))
-    torch.testing.assert_close(system.loss(batch, torch.Generator().manual_seed(3)), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(system.loss(batch, Draws(3)), expected, rtol=1e-5, atol=1e-6)
     assert embedded_rows == [int(mask.sum())]  # each hidden token's condition embedded once, not once per draw
 
 
@@ -227,7 +229,7 @@ def test_mar_sampling_fills_every_token_in_any_number_of_steps():
 
 
 class FakeTrainer(SimpleNamespace):
-    """What FlowARSystem.draw reads of a DDP trainer: world size, rank, step."""
+    """What GeneratorSystem.draws reads of a DDP trainer: world size, rank, step."""
 
 
 @pytest.mark.parametrize("backbone, head", [("mar", "flow"), ("flowar", "flow"), ("mar", "diffusion")])
@@ -238,16 +240,16 @@ def test_draws_per_global_sample_make_two_ranks_equal_one_process(backbone, head
     system.train()
     batch = token_batch(8)
     system._trainer = FakeTrainer(world_size=1, global_rank=0, global_step=3)
-    one = system.loss(batch, system.step_generator(0, "train"))
+    one = system.loss(batch, system.draws("train", 0))
     ranks = []
     for rank in range(2):
         system._trainer = FakeTrainer(world_size=2, global_rank=rank, global_step=3)
         shard = {k: v[rank::2] for k, v in batch.items()}
-        ranks.append(system.loss(shard, system.step_generator(0, "train")))
+        ranks.append(system.loss(shard, system.draws("train", 0)))
     system._trainer = None
     torch.testing.assert_close((ranks[0] + ranks[1]) / 2, one, rtol=1e-5, atol=1e-6)
     system._trainer = FakeTrainer(world_size=1, global_rank=0, global_step=4)
-    assert not torch.equal(system.loss(batch, system.step_generator(0, "train")), one), "each step draws anew"
+    assert not torch.equal(system.loss(batch, system.draws("train", 0)), one), "each step draws anew"
     system._trainer = None
 
 
@@ -258,7 +260,7 @@ def test_bf16_autocast_training_and_sampling_stay_finite():
         system.train()
         for step in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = system.loss(token_batch(seed=step), torch.Generator().manual_seed(step))
+                loss = system.loss(token_batch(seed=step), Draws(step))
             assert loss.dtype == torch.float32 and torch.isfinite(loss), backbone
             opt.zero_grad()
             loss.backward()
@@ -292,7 +294,7 @@ def test_the_diffusion_head_trains_and_samples_on_every_backbone(backbone):
     assert a.shape == b.shape == (2, 16, 4) and torch.isfinite(a).all()
     assert torch.equal(b, c) and not torch.equal(b, d)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = system.loss(token_batch(), torch.Generator().manual_seed(0))
+        loss = system.loss(token_batch(), Draws(0))
         out = system.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
     assert loss.dtype == out.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(out).all()
 
@@ -358,7 +360,7 @@ def test_bad_settings_are_refused():
         FlowARSystem(backbone="mar", head_batch_mul=0, **TINY)
     with pytest.raises(ValueError, match=r"model.init_args.time_sampling='beta' is not known"):
         FlowARSystem(backbone="mar", time_sampling="beta", **TINY)
-    with pytest.raises(ValueError, match=r"without model.init_args.tokenizer_ckpt, set model.init_args.token_dim"):
+    with pytest.raises(ValueError, match=r"tokenizer_ckpt is not set, so model.init_args.token_dim"):
         FlowARSystem(backbone="mar", **{**TINY, "token_dim": None})
     system = tiny_system("flowar")
     wide = {"tokens": torch.randn(2, 16, 8), "label": torch.tensor([0, 1])}
@@ -387,8 +389,8 @@ def test_compiled_equals_eager(backbone, head):
     compiled.load_state_dict(eager.state_dict())
     assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
     batch = token_batch()
+    torch.testing.assert_close(compiled.loss(batch, Draws(0)), eager.loss(batch, Draws(0)), rtol=1e-4, atol=1e-5)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    torch.testing.assert_close(compiled.loss(batch, g()), eager.loss(batch, g()), rtol=1e-4, atol=1e-5)
     kw = dict(cfg=2.0, flow_steps=2)
     if backbone == "mar":
         kw["steps"] = 3
@@ -413,11 +415,11 @@ def test_a_compiled_mar_stays_compiled_through_training_validation_and_sampling(
         batch, odd = token_batch(8), token_batch(5, seed=1)
         with torch.autocast("cpu", torch.bfloat16):  # as bf16-mixed
             for step in range(2):  # two mask ratios: two encoder lengths
-                system.loss(batch, torch.Generator().manual_seed(step)).backward()
+                system.loss(batch, Draws(step)).backward()
             system.eval()
             with torch.no_grad():
                 for b in (batch, odd):  # validation, with a short last batch
-                    system.loss(b, torch.Generator().manual_seed(0))
+                    system.loss(b, Draws(0))
                 for labels, steps in ((torch.tensor([0, 1]), 4), (torch.tensor([0, 1, 2]), 16)):
                     system.sample_tokens(labels, steps=steps, flow_steps=2, cfg=2.0, generator=torch.Generator())
         graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))

@@ -133,7 +133,7 @@ def test_cache_requires_positions():
 
 
 def test_activation_checkpointing_keeps_gradients_and_names():
-    from lit_ar.systems.generator import enable_activation_checkpointing
+    from lit_ar.performance import enable_activation_checkpointing
 
     blocks = tiny_stack().train()
     x = torch.randn(2, 6, 32, requires_grad=True)

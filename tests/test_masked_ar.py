@@ -2,8 +2,6 @@
 compiled vs eager, and the CLI (fit, golden curve, predict, DDP vs one process)."""
 
 import math
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from conftest import (
 from torch import nn
 
 from lit_ar.cli import cli_main
+from lit_ar.draws import Draws
 from lit_ar.models.masked_ar import MaskedTransformer
 from lit_ar.sampling import MASK_SCHEDULES, tokens_to_reveal
 from lit_ar.systems.masked_ar import MaskedARSystem
@@ -68,7 +67,7 @@ def stub_tokenizer_ckpt(monkeypatch):
     def load_tokenizer(path: str):
         return loaded.get(path, StubTokenizer())
 
-    monkeypatch.setitem(sys.modules, "lit_ar.systems.tokenizer", types.SimpleNamespace(load_tokenizer=load_tokenizer))
+    monkeypatch.setattr("lit_ar.systems.generator.load_tokenizer", load_tokenizer)
     return loaded
 
 
@@ -143,8 +142,8 @@ def test_presets_and_core_errors():
 @pytest.mark.parametrize("schedule", MASK_SCHEDULES)
 def test_training_mask_ratio_follows_the_schedule(schedule):
     system = make_system(mask_schedule=schedule)
-    noise = system._noise(seed=1, local_batch=4000)
-    n = noise["n_masked"].double()
+    mask, global_masked = system.method.draw_mask(4000, L, Draws(1))
+    n = mask.sum(1).double()
     assert n.min() >= 1 and n.max() <= L
     # E[ceil(L * ratio(u))] / L with u ~ U(0, 1), from a fine quadrature of the schedule
     u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
@@ -152,7 +151,7 @@ def test_training_mask_ratio_follows_the_schedule(schedule):
 
     expected = torch.ceil(mask_ratio(schedule, u) * L).clamp(1, L).mean() / L
     assert float(n.mean() / L) == pytest.approx(float(expected), abs=0.015)
-    assert int(noise["global_masked"]) == int(n.sum())
+    assert int(global_masked) == int(n.sum())
 
 
 def test_loss_counts_masked_positions_only():
@@ -192,17 +191,21 @@ def test_class_dropout_uses_the_null_class():
     assert set(labels.tolist()) == {0, 3} and 0.4 < float((labels == 3).float().mean()) < 0.6
 
 
-def test_training_randomness_is_per_global_sample(monkeypatch):
+def test_training_randomness_is_per_global_sample():
     """Rank r of 2 at batch B draws exactly the global samples r, r+2, ... of one process at batch 2B, so the
     masks, mask counts and class dropout of a sample do not depend on the number of devices."""
-    system = make_system()
-    whole = system._noise(seed=7, local_batch=6)
+    system, labels = make_system(class_dropout=0.5), torch.zeros(6, dtype=torch.long)
+
+    def draw(world: int, rank: int, batch: int):
+        draws = Draws.for_step(7, "train", 0, 0, world=world, rank=rank)
+        dropped = system.training_labels(labels[:batch], draws)
+        return (dropped, *system.method.draw_mask(batch, L, draws))
+
+    whole = draw(1, 0, 6)
     for rank in (0, 1):
-        monkeypatch.setattr(system, "_world", lambda rank=rank: (2, rank))
-        part = system._noise(seed=7, local_batch=3)
-        for key in ("ratio", "drop", "order", "n_masked"):
-            assert torch.equal(part[key], whole[key][rank::2])
-        assert int(part["global_masked"]) == int(whole["global_masked"])
+        part = draw(2, rank, 3)
+        assert torch.equal(part[0], whole[0][rank::2]) and torch.equal(part[1], whole[1][rank::2])
+        assert int(part[2]) == int(whole[2])
 
 
 def test_training_step_encodes_images_and_validation_logs_token_accuracy():
@@ -389,9 +392,9 @@ def test_system_settings_are_checked(stub_tokenizer_ckpt):
     # with a tokenizer the vocabulary and grid come from it, and explicit values must agree with it
     system = make_system(tokenizer=True, tokenizer_ckpt="tok.ckpt")
     assert (system.model.vocab_size, system.model.grid_size) == (V, G)
-    with pytest.raises(ValueError, match=r"model.init_args.vocab_size=16 differs from the tokenizer's vocab_size 8"):
+    with pytest.raises(ValueError, match=r"model.init_args.vocab_size=16 differs from the tokenizer's vocab_size=8"):
         make_system(tokenizer=True, tokenizer_ckpt="tok.ckpt", vocab_size=16)
-    with pytest.raises(ValueError, match=r"model.init_args.grid_size=8 differs from the tokenizer's grid_size 4"):
+    with pytest.raises(ValueError, match=r"model.init_args.grid_size=8 differs from the tokenizer's grid_size=4"):
         make_system(tokenizer=True, tokenizer_ckpt="tok.ckpt", grid_size=8)
     with pytest.raises(ValueError, match=r"data.image_size=32 differs from the tokenizer's image size 16"):
         make_system(tokenizer=True, tokenizer_ckpt="tok.ckpt", image_size=32)
@@ -496,7 +499,7 @@ def test_help_lists_the_family_and_the_base_settings(capsys):
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree_with_one(tmp_path, debug_tokenizer):
-    """Class dropout and the masks are drawn per global sample (MaskedARSystem._noise), and the loss is normalised by
+    """Class dropout and the masks are drawn per global sample (the step's Draws), and the loss is normalised by
     the global masked-token count, so 2 gloo processes at batch 8 train exactly like 1 process at batch 16 (the
     debug config turns nn.Dropout off: its masks come from each process's own generator)."""
     common = ["fit", "--config", str(DEBUG), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),

@@ -13,6 +13,10 @@ from conftest import CONFIGS, run_dir_args
 
 from lit_ar.checkpoints import load_system
 from lit_ar.cli import cli_main
+from lit_ar.guidance import cfg_scale, guide
+from lit_ar.methods.base import ContinuousSampling
+from lit_ar.methods.groups import ScaleSampling
+from lit_ar.methods.raster import RasterSampling
 from lit_ar.models.autoencoder import PRESETS, Autoencoder
 from lit_ar.models.diffusion_head import DiffusionHead, diffusion_loss, sample_diffusion
 from lit_ar.released_weights import (
@@ -24,7 +28,6 @@ from lit_ar.released_weights import (
     write_mar_kl_checkpoint,
     write_var_checkpoints,
 )
-from lit_ar.sampling import cfg_scale, guide
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.flow_ar import FlowARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
@@ -70,7 +73,8 @@ def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
     system = load_system(str(imported[1]), CausalARSystem)
     assert system.hparams.prefix_rope == "zero" and system.model.vocab_size == 64
     assert system.hparams.preset == "GPT-nano"  # read from the weights: width 64, 2 layers
-    assert system.hparams.predict_kwargs == {"cfg": 2.0, "temperature": 1.0}  # LlamaGen's FID sampling (GPT-B, GPT-L)
+    # LlamaGen's FID sampling (GPT-B, GPT-L), stored as the complete typed settings
+    assert system.hparams.predict_kwargs == RasterSampling(cfg=2.0, temperature=1.0).as_dict()
     logits = system.model(fixture["tokens"][:, :-1], fixture["labels"])  # (2, 64, 64)
     torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
 
@@ -226,7 +230,7 @@ def test_imported_var_samples_with_var_s_fid_settings(var_imported):
     """VAR's README samples for FID with cfg=1.5, top_k=900, top_p=0.96, and guides scale k of K with
     (1 + t) * cond - t * uncond, t = cfg * k / (K - 1): lit_ar's linear schedule with cfg 2.5 is that guidance."""
     kwargs = load_system(str(var_imported[1]), ScaleARSystem).hparams.predict_kwargs
-    assert kwargs == {"cfg": 2.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96}
+    assert kwargs == ScaleSampling(cfg=2.5, cfg_schedule="linear", top_k=900, top_p=0.96).as_dict()
     cond, uncond = torch.randn(3, 64), torch.randn(3, 64)
     for k in range(10):
         t = 1.5 * k / 9
@@ -350,8 +354,8 @@ def test_imported_mar_samples_through_the_cli_and_its_bad_inputs(mar_imported, t
     """MAR's FID settings in generator.yaml (all tokens as AR steps here: the tiny grid has 64, MAR's 256; 100 DDPM
     steps, linear CFG), stacked on the MAR family's config; `lit_ar predict` samples it without image data."""
     model_config = yaml.safe_load(mar_imported[1].with_suffix(".yaml").read_text())["model"]["init_args"]
-    assert model_config["predict_kwargs"] == {"steps": 64, "flow_steps": 100, "cfg": 3.0, "cfg_schedule": "linear",
-                                              "temperature": 1.0}  # fmt: skip
+    mar_fid = ContinuousSampling(steps=64, flow_steps=100, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+    assert model_config["predict_kwargs"] == mar_fid.as_dict()
     assert (model_config["dim"], model_config["depth"], model_config["decoder_depth"], model_config["buffer_size"],
             model_config["head_width"], model_config["head_depth"]) == (32, 2, 2, 4, 64, 2)  # fmt: skip
     cli_main(["predict", "--config", str(CONFIGS / "debug" / "flow_mar.yaml"), "--config",

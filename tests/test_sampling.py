@@ -3,11 +3,9 @@
 import pytest
 import torch
 
+from lit_ar.guidance import CFG_SCHEDULES, cfg_scale, check_cfg_schedule
 from lit_ar.sampling import (
-    CFG_SCHEDULES,
     MASK_SCHEDULES,
-    cfg_scale,
-    check_cfg_schedule,
     check_sampling_args,
     filter_logits,
     mask_ratio,

@@ -16,9 +16,9 @@ from conftest import (
 )
 
 from lit_ar.cli import cli_main
+from lit_ar.methods.groups import ScaleSampling, smoothed_codes
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.models.scale_ar import ScaleTransformer, block_causal_mask, scale_levels
-from lit_ar.systems.scale_ar import smoothed_codes
 
 SCALES = (1, 2, 3, 4)  # L = 30 tokens
 CV = 8  # codebook width
@@ -262,7 +262,7 @@ def test_more_smooth_mixes_codes_and_reduces_to_hard_sampling_with_one_candidate
     assert torch.isfinite(smooth).all() and not torch.equal(smooth, system.sample(labels, **{**kw, "generator": g()}))
     assert torch.equal(smooth, system.sample(labels, more_smooth=True, **{**kw, "generator": g()}))
     codes = system.tokenizer.quantizer.codebook.codes()  # (V, C)
-    mixed = smoothed_codes(torch.randn(2, 3, codes.shape[0]), 1.0, None, None, 0.0, g(), codes)  # (2, 3, C)
+    mixed = smoothed_codes(torch.randn(2, 3, codes.shape[0]), ScaleSampling(), 0.0, g(), codes)  # (2, 3, C)
     # a convex combination of the codes: inside their bounding box, dimension by dimension
     assert mixed.shape == (2, 3, codes.shape[1])
     assert (mixed >= codes.min(0).values - 1e-6).all() and (mixed <= codes.max(0).values + 1e-6).all()
@@ -281,14 +281,14 @@ def test_sampling_under_bf16_autocast(system):
 def test_cfg_over_scales(system, monkeypatch, schedule):
     """One batch of conditional and null-class rows; the logits sampled at scale k are
     uncond + g_k (cond - uncond), with g_k ramped 1 -> cfg over the scales (VAR) or constant."""
-    import lit_ar.systems.scale_ar as scale_ar
+    from lit_ar.models.categorical_head import CategoricalHead
 
     labels, cfg, K = torch.arange(3), 4.0, len(system.scales)
     steps = record(monkeypatch, system.model, "forward_scale")
-    sampled = record(monkeypatch, scale_ar, "sample_logits")
+    sampled = record(monkeypatch, CategoricalHead, "sample_logits")
     system.sample_tokens(labels, cfg=cfg, cfg_schedule=schedule, generator=torch.Generator().manual_seed(0))
     for k in range(K):
-        both, used = steps[k][1], sampled[k][0][0]  # (6, s^2, V), (3, s^2, V)
+        both, used = steps[k][1], sampled[k][0][1]  # (6, s^2, V), (3, s^2, V): args (head, logits, ...)
         assert both.shape[0] == 6
         g = 1 + (cfg - 1) * k / (K - 1) if schedule == "linear" else cfg
         torch.testing.assert_close(used, both[3:] + g * (both[:3] - both[3:]))
@@ -332,7 +332,7 @@ def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):
     from lit_ar.systems import ScaleARSystem
 
     kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2)
-    with pytest.raises(ValueError, match=r"model.init_args.scales=\[1, 2, 4\] differ from the tokenizer's scales "
+    with pytest.raises(ValueError, match=r"model.init_args.scales=\[1, 2, 4\] differs from the tokenizer's scales="
                                          r"\[1, 2, 3, 4\]"):  # fmt: skip
         ScaleARSystem(scales=[1, 2, 4], **kw)
     with pytest.raises(ValueError, match=r"scale_loss_weights=\[1.0, 2.0\] must be 4 non-negative numbers"):
@@ -369,11 +369,11 @@ def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree_with_one(msvq_ckpt, tmp_path):
-    """2 gloo processes at batch 4 each = 1 process at batch 8: the same train/loss curve. Class dropout is off
-    here: it draws from the global RNG, which differs between the two layouts."""
+    """2 gloo processes at batch 4 each = 1 process at batch 8: the same train/loss curve, with class dropout on
+    (at 0.5, so that about half the labels are dropped): it draws from the step's Draws, for the global batch."""
     common = [
         "fit", "--config", str(DEBUG_SCALE), "--model.init_args.tokenizer_ckpt", str(msvq_ckpt),
-        "--model.init_args.class_dropout", "0", "--trainer.max_steps", "6", "--data.shuffle", "false",
+        "--model.init_args.class_dropout", "0.5", "--trainer.max_steps", "6", "--data.shuffle", "false",
         "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"

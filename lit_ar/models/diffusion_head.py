@@ -36,6 +36,30 @@ class DiffusionHead(FlowHead):
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6, freq_dim: int = 256):
         super().__init__(token_dim, cond_dim, width, depth, freq_dim, out_dim=2 * token_dim, time_scale=1.0)
 
+    # -- the head protocol (FlowHead.loss and FlowHead.sample call these) ----------------------------------------
+    def draw_times(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform draws -> DDPM step indices in [0, 1000), drawn uniformly (MAR)."""
+        return (u * TRAIN_STEPS).long().clamp(max=TRAIN_STEPS - 1)
+
+    def token_loss(self, target, noise, t, cond_embedding) -> torch.Tensor:
+        return diffusion_loss(self, target, None, noise, t, cond_embedding)
+
+    def check_sampling(self, settings) -> tuple[int, str]:
+        flow_steps = 100 if settings.flow_steps is None else settings.flow_steps
+        if settings.sampler not in (None, "ddpm"):
+            raise ValueError(f"sampler={settings.sampler!r}: the diffusion head (head='diffusion') samples with 'ddpm' "
+                             "only; leave sampler null")  # fmt: skip
+        if tuple(settings.guidance_interval) != (0.0, 1.0):
+            raise ValueError(f"guidance_interval={tuple(settings.guidance_interval)} is the flow head's; the diffusion "
+                             "head guides every DDPM step (leave it (0.0, 1.0))")  # fmt: skip
+        spaced_steps(flow_steps)  # refuses a count outside [1, 1000]
+        return flow_steps, "ddpm"
+
+    def sample_rows(self, c, u, settings, generator, scale: float) -> torch.Tensor:
+        flow_steps, _ = self.check_sampling(settings)
+        noise = torch.randn(c.shape[0], self.token_dim, generator=generator, device=c.device)
+        return sample_diffusion(self, c, u, noise, flow_steps, scale, settings.temperature, generator)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The noise schedule

@@ -95,9 +95,11 @@ class FlowHead(nn.Module):
     kind = "flow"
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6, freq_dim: int = 256,
-                 out_dim: int | None = None, time_scale: float = 1000.0):  # fmt: skip
+                 out_dim: int | None = None, time_scale: float = 1000.0,
+                 time_sampling: str = "uniform"):  # fmt: skip
         super().__init__()
-        self.token_dim, self.cond_dim = token_dim, cond_dim
+        flow_times(torch.zeros(1), time_sampling)  # refuses an unknown law now
+        self.token_dim, self.cond_dim, self.time_sampling = token_dim, cond_dim, time_sampling
         self.time_embed = TimeEmbedding(width, freq_dim, scale=time_scale)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
@@ -125,6 +127,58 @@ class FlowHead(nn.Module):
                 "new model"
             )
 
+    # -- the head protocol: loss(cond, target, draws) and sample(cond, guidance, settings, generator, progress) --------
+    def draw_times(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform draws -> this head's training times (flow times in (0, 1))."""
+        return flow_times(u, self.time_sampling)
+
+    def token_loss(self, target, noise, t, cond_embedding) -> torch.Tensor:
+        return flow_loss(self, target, None, noise, t, cond_embedding)
+
+    def loss(self, cond: torch.Tensor, target: torch.Tensor, draws, batch_mul: int = 1,
+             positions: torch.Tensor | None = None, num_positions: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Conditions (B, T, C) and target tokens (B, T, D) -> the mean loss over `batch_mul` (noise, time) draws per
+        token (MAR's diffusion_batch_mul: the head is cheap, the core's pass is shared). The draws are made per
+        global sample from `draws`; with `positions` (B, T), the tokens' places among `num_positions`, they are
+        made for every place and read at the given ones (MAR: the random stream does not depend on how many tokens
+        are hidden)."""
+        B, T, D = target.shape
+        m = batch_mul
+        drawn = T if positions is None else num_positions
+        noise = draws.randn(B, m, drawn, D)  # (B, m, drawn, D)
+        t = self.draw_times(draws.rand(B, m, drawn))  # (B, m, drawn)
+        if positions is not None:
+            noise = noise.gather(2, positions[:, None, :, None].expand(B, m, T, D))  # (B, m, T, D)
+            t = t.gather(2, positions[:, None].expand(B, m, T))  # (B, m, T)
+        rep = lambda x: x[:, None].expand(B, m, *x.shape[1:]).reshape(B * m * T, *x.shape[2:])  # noqa: E731
+        embedded = self.cond_embed(cond)  # (B, T, W): once per token, not once per draw
+        return self.token_loss(rep(target), noise.reshape(-1, D), t.reshape(-1), rep(embedded))
+
+    def check_sampling(self, settings) -> tuple[int, str]:
+        """The head's steps and sampler of `settings`, defaults filled in; refuses what this head does not take."""
+        flow_steps, sampler = 25 if settings.flow_steps is None else settings.flow_steps, settings.sampler or "euler"
+        check_flow_sampling(flow_steps, sampler, settings.guidance_interval)
+        return flow_steps, sampler
+
+    def sample_rows(self, c, u, settings, generator, scale: float) -> torch.Tensor:
+        """Conditions (N, C) (and the negative branch's (N, C) when guided) -> tokens (N, D)."""
+        flow_steps, sampler = self.check_sampling(settings)
+        noise = settings.temperature * torch.randn(c.shape[0], self.token_dim, generator=generator, device=c.device)
+        return sample_flow(head_velocity_fn(self, c, u), noise, flow_steps, sampler, scale, settings.guidance_interval,
+                           generator)  # fmt: skip
+
+    def sample(self, cond: torch.Tensor, guidance, settings, generator: torch.Generator | None,
+               progress: float) -> torch.Tensor:  # fmt: skip
+        """Conditions (B', n, C) of a (guided) batch -> tokens (B, n, D) in fp32, guided at the scale of `progress`
+        and then passed through the guidance's `post` hook."""
+        B = cond.shape[0] // 2 if guidance.active else cond.shape[0]
+        n, C = cond.shape[1], cond.shape[2]
+        c = cond[:B].reshape(B * n, C)
+        u = cond[B:].reshape(B * n, C) if guidance.active else None
+        scale = guidance.scale_at(progress) if guidance.active else 1.0
+        x = self.sample_rows(c, u, settings, generator, scale).view(B, n, self.token_dim)
+        return x if guidance.post is None else guidance.post(x)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 cond_embedding: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """cond (N, cond_dim), or cond_embedding (N, W): `self.cond_embed(cond)` made once by a caller that reuses it
@@ -141,6 +195,15 @@ class FlowHead(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training: the rectified-flow velocity loss
+
+
+def flow_times(u: torch.Tensor, kind: str) -> torch.Tensor:
+    """Uniform draws u in [0, 1) -> flow times: uniform, or logit-normal (SD3: sigmoid of a standard normal)."""
+    if kind == "uniform":
+        return u
+    if kind == "logit_normal":
+        return torch.sigmoid(math.sqrt(2) * torch.erfinv(2 * u.clamp(1e-6, 1 - 1e-6) - 1))
+    raise ValueError(f"model.init_args.time_sampling={kind!r} is not known; use 'uniform' or 'logit_normal'")
 
 
 def sample_time(n: int, kind: str, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -3,124 +3,51 @@ generator, tokens from images or from a token cache, label checks, the optimizer
 `test`/`validate` = the evaluation protocol of `lit_ar.evaluation.GeneratorEvaluator` (FID, IS, precision/recall,
 class accuracy of class-balanced seeded samples against a cached reference).
 
-A family subclasses it and implements `training_step`/`validation_step` (tokens -> loss) and `sample(...)`.
+A family is a short declaration on top: its typed settings mapped to a core, a head and a method (lit_ar/methods/),
+whose `loss` and `sample` this class calls with the step's `Draws` and the settings' `Guidance`.
 """
 
 import contextlib
-import functools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from lit_ar.checkpoints import load_checkpoint
+from lit_ar.draws import Draws
 from lit_ar.evaluation import GeneratorEvaluator
-from lit_ar.models.layers import Block
+from lit_ar.guidance import Guidance
+from lit_ar.methods.base import SamplingSettings
+from lit_ar.performance import enable_activation_checkpointing, linears_in_autocast_dtype
 from lit_ar.systems.lr_schedule import warmup_cosine
+from lit_ar.tokenizers import load_tokenizer
 
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # class labels
 
 
-def enable_activation_checkpointing(root: nn.Module) -> int:
-    """Recompute each transformer block's activations in the backward pass instead of storing them (memory for
-    compute). Patches the blocks' forward in place, so parameter names and checkpoints are unchanged.
-    Returns the number of blocks patched."""
-    count = 0
-    for module in root.modules():
-        if isinstance(module, Block) and not getattr(module, "_activation_checkpointing", False):
-            module.forward = functools.partial(_checkpointed_forward, module.forward)
-            module._activation_checkpointing = True
-            count += 1
-    return count
-
-
-def _checkpointed_forward(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-# Every family's transformer blocks run one code object (layers.Block.forward), and dynamo keeps at most
-# `recompile_limit` graphs per code object (8 by default); past that, a call that fits none of them runs eager. One
-# run needs more than 8: training and no-grad validation, sampling with weights cast to the autocast dtype, each with
-# MAR's query-only last block or a KV cache. A compiled MAR hit the limit at its first validation, so from then on it
-# validated and sampled eager.
-BLOCK_RECOMPILE_LIMIT = 64
-
-
-def compile_blocks_in_place(blocks: Iterable[nn.Module], dynamic: bool | None = None) -> None:
-    """`torch.compile` each of `blocks` in place (checkpoint keys keep no `_orig_mod.`), with room in dynamo's
-    recompile limit for every variant a run calls. `dynamic=True` compiles for shapes that change from call to call
-    from the first compile on, instead of after a first recompile."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-    for block in blocks:
-        block.compile(dynamic=dynamic)
-
-
-def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,
-                       reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """A core's head and the cross-entropy of its logits: hidden (..., C) -> `model.logits(hidden, *head_args)`
-    (..., V), against targets (...) long, in fp32."""
-    logits = model.logits(hidden, *head_args).float()
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction=reduction,
-                           label_smoothing=label_smoothing)  # fmt: skip
-
-
-@functools.cache
-def compiled_head_cross_entropy():
-    """`head_cross_entropy` compiled: one function for every model, which takes the model as an argument, so no
-    compiled graph holds a system (a copy of one, e.g. for EMA, would otherwise train through the original's head)."""
-    return torch.compile(head_cross_entropy)
-
-
 @contextlib.contextmanager
-def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) -> Iterator[int]:
-    """While sampling under autocast, the nn.Linear weights and biases inside `modules` hold copies in the autocast
-    dtype; they get their fp32 tensors back on exit. Yields how many tensors it cast.
-
-    Why: autocast casts a linear's weight to its dtype anyway, so the arithmetic is the same to the bit. Eager
-    autocast caches those casts for the length of its context, but a compiled block casts its weights inside its
-    graph at every call (VAR-d16 calls its 16 blocks at 10 scales): on a 2-core CPU in bf16 autocast, this made
-    VAR-d16's compiled sampling 12-22% faster, from below eager to above it, with the same samples
-    (`python -m benchmarks.autocast_linears`; benchmarks/RESULTS.md).
-
-    The copies are made at each call, not kept: Lightning's EMA swaps weights in through `.data`, which no version
-    counter sees, so a kept copy could go stale unnoticed. It does nothing where it would not be exact or safe:
-    autocast off, grad on, FSDP, or parameters that are not plain fp32 tensors. `modules` must run their linears
-    under autocast only, not inside an fp32 island. The causal family skips it where its compiled decode step is a
-    CUDA graph, which holds its weights' addresses."""
-    enabled = torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
-    dtype = torch.get_autocast_dtype(device_type) if enabled else None
-    params = []
-    if dtype in (torch.bfloat16, torch.float16):
-        submodules = [m for module in modules for m in module.modules()]
-        params = [p for m in submodules if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
-        # FSDP (either version) points parameters at shards or gathered copies itself: no second hand on `.data`
-        sharded = any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in submodules)
-        if sharded or not all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in params):
-            params = []
-    originals = [p.data for p in params]
+def eval_mode(module: nn.Module):
+    """Dropout off while sampling; the previous mode back afterwards, even on error."""
+    was_training = module.training
+    module.eval()
     try:
-        for p in params:
-            p.data = p.data.to(dtype)
-        yield len(params)
+        yield module
     finally:
-        for p, data in zip(params, originals):
-            p.data = data
+        module.train(was_training)
 
 
 class GeneratorSystem(L.LightningModule):
     # Whether the family models continuous tokens (B, L, D) (the flow family) or discrete ids: a tokenizer of the
     # other kind is refused when it is loaded.
     continuous_tokens: bool = False
+    # The family's sampling settings (a dataclass of lit_ar.methods): `predict_kwargs`, the sample grid's, the
+    # evaluator's and the FID callback's sampling are all parsed into it, so a misspelt key fails by name.
+    Sampling: type[SamplingSettings] = SamplingSettings
 
     def __init__(
         self,
@@ -138,7 +65,7 @@ class GeneratorSystem(L.LightningModule):
         activation_checkpointing: bool = False,
         init_weights: str | None = None,
         predict_seed: int = 0,
-        predict_kwargs: dict | None = None,
+        predict_kwargs: SamplingSettings | dict | None = None,
         evaluator: GeneratorEvaluator | None = None,
     ):
         """
@@ -166,25 +93,30 @@ class GeneratorSystem(L.LightningModule):
                 checkpoint's tokenizer must be the configured one. Not read when `lit_ar fit` resumes from
                 `--ckpt_path`.
             predict_seed: Seed of `lit_ar predict` sampling (batch b uses predict_seed + its first index).
-            predict_kwargs: Sampling settings used by `predict` (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}).
+            predict_kwargs: Sampling settings of `predict`, and of the sample grid, the evaluator and the FID callback
+                unless they set their own (e.g. {cfg: 2.0, temperature: 1.0, top_k: null}); the family's typed
+                settings (`--model.help` lists them), stored complete in the checkpoint.
             evaluator: The evaluation protocol `lit_ar test` runs (a `lit_ar.evaluation.GeneratorEvaluator`:
                 extractor, samples per class, sampling settings, reference); see configs/eval/generator_shapes.yaml.
                 Not a hyper-parameter of the model: it is not saved in checkpoints.
         """
         super().__init__()
+        # refuses a misspelt or out-of-range setting now, before any work
+        settings = type(self).Sampling.parse(predict_kwargs, "model.init_args.predict_kwargs").as_dict()
         # collects the init arguments of the family subclass too (Lightning walks the __init__ frames); the
         # evaluator is how this run is measured, not part of the model
         self.save_hyperparameters(ignore=["evaluator"])
+        # stored as the complete plain mapping (checkpoints load with weights_only, which takes no dataclass)
+        self.hparams["predict_kwargs"], self._hparams_initial["predict_kwargs"] = settings, dict(settings)
+        self._run_seed: int | None = None
         self.resume_from: str | None = None  # the checkpoint `lit_ar fit --ckpt_path` resumes from (set by the CLI)
         self.evaluator = evaluator
         if evaluator is not None and evaluator.sampling is None:  # sample as `lit_ar predict` does
-            evaluator.sampling = dict(predict_kwargs or {})
+            evaluator.sampling = dict(settings)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"model.init_args.class_dropout={class_dropout} must be in [0, 1)")
         self.tokenizer: nn.Module | None = None
         if tokenizer_ckpt is not None:
-            from lit_ar.systems.tokenizer import load_tokenizer
-
             self.tokenizer = load_tokenizer(tokenizer_ckpt)
             self.check_tokenizer_image(self.tokenizer, image_size, channels)
             self.check_tokenizer_kind(self.tokenizer, self.continuous_tokens, type(self).__name__)
@@ -210,6 +142,47 @@ class GeneratorSystem(L.LightningModule):
                 f"model.init_args.tokenizer_ckpt: {system} models {want}, but the tokenizer is {have}; "
                 "pick a generator of the tokenizer's kind or a tokenizer of the generator's"
             )
+
+    # the configured token settings and the tokenizer attribute each must equal
+    TOKEN_SETTINGS = {
+        "vocab_size": ("vocab_size", "vocab_size"),
+        "grid_size": ("grid_size", "grid_size"),
+        "token_dim": ("latent_channels", "latent width latent_channels"),
+        "scales": ("scales", "scales"),
+    }
+
+    def resolve_tokens(self, multi_scale: bool = False, **configured):
+        """The token space, resolved once for every family: the tokenizer's (its kind checked when it was loaded),
+        each configured value (vocab_size, grid_size, token_dim, scales) checked against it; without a tokenizer,
+        the configured values, all of which must then be set. Returns them in the order given."""
+        tok, path = self.tokenizer, self.hparams.tokenizer_ckpt
+        if tok is None:
+            missing = [name for name, value in configured.items() if value is None]
+            if missing:
+                raise ValueError(f"model.init_args.tokenizer_ckpt is not set, so "
+                                 f"{' and '.join('model.init_args.' + m for m in missing)} must be set")  # fmt: skip
+            return tuple(configured.values())
+        has_scales = bool(getattr(tok, "scales", None))
+        if has_scales and not multi_scale:
+            raise ValueError(f"model.init_args.tokenizer_ckpt={path!r} is a multi-scale tokenizer (scales "
+                             f"{list(tok.scales)}); {type(self).__name__} models one token grid (use ScaleARSystem, "
+                             "or a vq, fsq or lfq tokenizer)")  # fmt: skip
+        if multi_scale and not has_scales:
+            kind = getattr(tok, "quantizer_type", type(getattr(tok, "quantizer", tok)).__name__)
+            raise ValueError(f"model.init_args.tokenizer_ckpt={path} is a {kind!r} tokenizer without scales; "
+                             f"{type(self).__name__} needs a multi-scale VQ tokenizer (TokenizerSystem with "
+                             "quantizer 'msvq')")  # fmt: skip
+        resolved = []
+        for name, mine in configured.items():
+            attr, what = self.TOKEN_SETTINGS[name]
+            theirs = getattr(tok, attr)
+            theirs = list(theirs) if name == "scales" else theirs
+            if mine is not None and (list(mine) if name == "scales" else mine) != theirs:
+                raise ValueError(f"model.init_args.{name}={list(mine) if name == 'scales' else mine} differs from the "
+                                 f"tokenizer's {what}={theirs} ({path}); leave it unset (null) to take the "
+                                 "tokenizer's")  # fmt: skip
+            resolved.append(tuple(theirs) if name == "scales" else theirs)
+        return tuple(resolved)
 
     def check_labels(self, labels: torch.Tensor, allow_null: bool = False) -> None:
         """Labels must lie in [0, num_classes) (or be the null class when allow_null)."""
@@ -251,13 +224,30 @@ class GeneratorSystem(L.LightningModule):
             return labels, labels
         return labels, torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
 
+    def sampling_settings(self, values: SamplingSettings | dict | None = None, setting: str = "sampling"):
+        """The family's typed settings from a mapping (None: `predict_kwargs`), refusing unknown keys by name."""
+        if values is None:
+            values = self.hparams.predict_kwargs
+        return type(self).Sampling.parse(values, setting)
+
+    def guidance(self, settings: SamplingSettings) -> Guidance:
+        """The settings' guidance, its negative branch this model with the null class."""
+        return settings.guidance(null_class=self.hparams.num_classes)
+
+    # -- training randomness -------------------------------------------------------------------------------------
+    def draws(self, stage: str, batch_idx: int) -> Draws:
+        """The step's `Draws`, seeded by (run seed, stage, global step, batch index), drawn for the global batch and
+        sliced to this rank: 1 and N processes draw the same for every sample."""
+        trainer = self._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = self._run_seed if self._run_seed is not None else torch.initial_seed()
+        return Draws.for_step(seed, stage, self.global_step, batch_idx, self.device, world, rank)
+
+    def training_labels(self, labels: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Labels with class dropout (the null class with probability class_dropout), drawn first in every step."""
+        return draws.class_dropout(labels, self.hparams.class_dropout, self.hparams.num_classes)
+
     # -- data ------------------------------------------------------------------------------------------------
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null class with probability class_dropout (training only)."""
-        if not self.training or self.hparams.class_dropout == 0.0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.hparams.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor):
@@ -284,6 +274,8 @@ class GeneratorSystem(L.LightningModule):
         return self
 
     def on_fit_start(self) -> None:
+        # one run seed for every rank (rank 0's), whatever each process's own seeding was
+        self._run_seed = int(self.trainer.strategy.broadcast(torch.initial_seed() & 0x7FFFFFFFFFFFFFFF))
         # Lightning warns when any module is in eval mode as training starts; the frozen tokenizer always is, by
         # design. Silence exactly that count, so that any other module left in eval mode still gets the warning.
         if self.tokenizer is not None:
@@ -294,17 +286,6 @@ class GeneratorSystem(L.LightningModule):
                     "ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training",
                     category=PossibleUserWarning,
                 )  # fmt: skip
-
-    # -- training loss ---------------------------------------------------------------------------------------
-    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, *head_args: torch.Tensor,
-                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
-        """Cross-entropy of the core's logits for `hidden` (..., C) against targets (...): `head_cross_entropy`. With
-        `compile`, the head and the loss run as one compiled graph. Eager, the logits (..., V) are written out, cast
-        to fp32, and read again by the log-softmax and by each of their backward passes; compiled, those passes
-        fuse (GPT-B training shapes on a 2-core CPU: 180 against 314 ms for the pair's forward and backward in
-        bf16 autocast)."""
-        loss_fn = compiled_head_cross_entropy() if self.hparams.compile else head_cross_entropy
-        return loss_fn(self.model, hidden, targets, *head_args, reduction=reduction, label_smoothing=label_smoothing)
 
     # -- optimisation ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -343,9 +324,24 @@ class GeneratorSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- sampling ----------------------------------------------------------------------------------------------
-    def sample(self, labels: torch.Tensor, **kwargs) -> torch.Tensor:
-        """labels (B,) -> images (B, C, H, W) in [-1, 1]. Implemented by each family."""
+    def sampling_call(self, labels: torch.Tensor, settings: dict, allow_null: bool = False):
+        """Every family's first step of a sampling call, before any work: the typed settings (a misspelt key is
+        refused by name), the labels checked and on this device, and the guidance object."""
+        settings = self.sampling_settings(settings)
+        labels, _ = self.sampling_labels(labels, settings.cfg, allow_null)
+        return labels, settings, self.guidance(settings)
+
+    def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):
+        """labels (B,) -> tokens, by the family's method. Implemented by each family."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings) -> torch.Tensor:
+        """labels (B,) -> images (B, C, H, W) in [-1, 1]: `sample_tokens` with the family's settings (its
+        `Sampling` dataclass: `--model.help` lists them), decoded by the tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("sample() decodes with the tokenizer: set model.init_args.tokenizer_ckpt")
+        return self.decode(self.sample_tokens(labels, generator=generator, **settings))
 
     def load_init_weights(self, path: str) -> None:
         """Every weight but the tokenizer's from a checkpoint of this family (see `init_weights`), before any
@@ -413,6 +409,6 @@ class GeneratorSystem(L.LightningModule):
         """Batches of labels (see ImageDataModule.predict_per_class) -> uint8 samples with their indices."""
         labels, index = batch["label"], batch["index"]
         g = torch.Generator(device=self.device).manual_seed(self.hparams.predict_seed + int(index[0]))
-        images = self.sample(labels, generator=g, **(self.hparams.predict_kwargs or {}))
+        images = self.sample(labels, generator=g, **self.hparams.predict_kwargs)
         uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
         return {"images": uint8.cpu(), "labels": labels.cpu(), "index": index.cpu()}
