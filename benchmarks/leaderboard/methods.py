@@ -1,0 +1,205 @@
+"""The leaderboard's registry of methods: one `Method` per row, added with `register(...)`.
+
+A new method (a family's variant, one written in a tutorial) owes its row: one call, e.g.
+
+    from benchmarks.leaderboard import Method, register
+
+    register(Method(
+        name="LlamaGen (top-k 8)",
+        paper="https://arxiv.org/abs/2406.06525",
+        config="configs/causal/llamagen_{data}.yaml",  # {data}: the tier's dataset (digits or shapes)
+        debug_config="configs/debug/causal.yaml",        # the `debug` tier's config
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.predict_kwargs", "{cfg: 2.0, top_k: 8}"]},
+    ))
+
+and `python -m benchmarks.leaderboard --tier digits --methods "LlamaGen (top-k 8)"` trains and evaluates it at the
+tier's budget, under the tier's protocol, next to the others.
+"""
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from benchmarks.leaderboard.tiers import TIERS, Budget
+
+TOKENIZER_KINDS = ("vq", "msvq", "kl")
+# What an override list may be: fixed arguments, or arguments made from the tier's budget (e.g. RAR's anneal steps)
+Overrides = Sequence[str] | Callable[[Budget], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the leaderboard: a generator config and what it needs."""
+
+    name: str
+    """The method's name as the field writes it: the row's label and its `--methods` name."""
+    paper: str
+    """Link to the paper (or to the code) the method comes from."""
+    config: str | None
+    """The generator config of the data tiers, `{data}` standing for the tier's dataset (`digits` or `shapes`):
+    `configs/causal/llamagen_{data}.yaml`. None: the method has only a debug config."""
+    debug_config: str | None
+    """The generator config of the `debug` tier (`configs/debug/...`, trains in seconds). None: no debug row."""
+    tokenizer: str
+    """The tokenizer kind its tokens come from: `vq`, `msvq` or `kl`. A tier trains one tokenizer of each kind its
+    methods need, shared by them."""
+    overrides: Mapping[str, Overrides] = field(default_factory=dict)
+    """Extra `lit_ar` arguments by tier: key `*` for every tier, a tier's name (both budgets) or `<tier>:gpu` (its GPU
+    budget only), applied in that order after the config. A `--config FILE` pair stacks FILE on the config. A
+    callable gets the tier's `Budget` and returns the arguments."""
+    notes: str = ""
+    """One line on what the row runs, where that differs from the paper (shown in the JSON and the docs)."""
+
+    @property
+    def slug(self) -> str:
+        """The row's folder name: the name in lower case, runs of other characters as `_` ("MAR (DDPM head)" ->
+        mar_ddpm_head)."""
+        return re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
+
+    def config_for(self, tier: str, dataset: str) -> str | None:
+        """The generator config of this method in `tier` (whose data is `dataset`), or None where it has none."""
+        if tier == "debug":
+            return self.debug_config
+        return None if self.config is None else self.config.format(data=dataset)
+
+    def overrides_for(self, tier: str, gpu: bool, budget: Budget) -> list[str]:
+        keys = ["*", tier] + ([f"{tier}:gpu"] if gpu else [])
+        args: list[str] = []
+        for key in keys:
+            value = self.overrides.get(key, ())
+            args += [str(a) for a in (value(budget) if callable(value) else value)]
+        return args
+
+
+METHODS: dict[str, Method] = {}
+"""Every registered method by name, in the order of the leaderboard's rows."""
+
+
+def register(method: Method, replace: bool = False) -> Method:
+    """Add `method`'s row to the leaderboard (after the rows registered before it) and return it. A name (or a
+    folder name, `Method.slug`) already taken is refused unless `replace`, which puts the new entry in its place."""
+    if not method.name.strip() or not method.slug:
+        raise ValueError(f"Method.name={method.name!r}: a method needs a name with letters or digits")
+    if method.tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"Method.tokenizer={method.tokenizer!r} (method {method.name!r}) is not a tokenizer kind; "
+                         f"accepted: {', '.join(TOKENIZER_KINDS)}")  # fmt: skip
+    if method.config is None and method.debug_config is None:
+        raise ValueError(f"method {method.name!r} has neither a config nor a debug_config: it has no tier to run in")
+    valid = {"*", *TIERS, *(f"{t}:gpu" for t in TIERS)}
+    if unknown := sorted(set(method.overrides) - valid):
+        raise ValueError(f"Method.overrides of {method.name!r} has keys {unknown}; accepted: '*', a tier "
+                         f"({', '.join(TIERS)}) or '<tier>:gpu'")  # fmt: skip
+    taken = {m.slug: name for name, m in METHODS.items() if name != method.name}
+    if not replace and method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already; pass replace=True to replace it")
+    if method.slug in taken:
+        other = taken[method.slug]
+        raise ValueError(f"method {method.name!r} would share the run folder {method.slug!r} with {other!r}; give "
+                         "it another name")  # fmt: skip
+    METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> Method:
+    """Remove a method's row (e.g. one a test or a tutorial registered); returns it."""
+    if name not in METHODS:
+        raise KeyError(f"no method named {name!r} is registered; registered: {', '.join(METHODS)}")
+    return METHODS.pop(name)
+
+
+def rar_anneal(budget: Budget) -> list[str]:
+    """RAR's random-order anneal at the shipped fractions of training (from 1/4 to 3/4 of the steps), not at the
+    shipped step numbers."""
+    return ["--model.init_args.rar_anneal_start", str(budget.steps // 4),
+            "--model.init_args.rar_anneal_end", str(3 * budget.steps // 4)]  # fmt: skip
+
+
+# -- the rows --------------------------------------------------------------------------------------------------------
+# Each family's shipped config as it is; the tier changes the budget, the image size and the tokenizer path.
+register(
+    Method(
+        name="LlamaGen",
+        paper="https://arxiv.org/abs/2406.06525",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+    )
+)
+register(
+    Method(
+        name="RAR",
+        paper="https://arxiv.org/abs/2411.00776",
+        config="configs/causal/rar_{data}.yaml",
+        debug_config="configs/debug/rar.yaml",
+        tokenizer="vq",
+        overrides={
+            "*": rar_anneal,
+            # the GPU budget trains RAR at LlamaGen's shapes32 size, as benchmarks/shapes32_gpu.sh does
+            "shapes32:gpu": ["--config", "configs/shapes32/causal/llamagen_shapes.yaml"],
+        },
+        notes="the random-order anneal from 1/4 to 3/4 of the tier's steps",
+    )
+)
+register(
+    Method(
+        name="MaskGIT",
+        paper="https://arxiv.org/abs/2202.04200",
+        config="configs/masked/maskgit_{data}.yaml",
+        debug_config="configs/debug/masked.yaml",
+        tokenizer="vq",
+    )
+)
+register(
+    Method(
+        name="VAR",
+        paper="https://arxiv.org/abs/2404.02905",
+        config="configs/scale/var_{data}.yaml",
+        debug_config="configs/debug/scale.yaml",
+        tokenizer="msvq",
+        overrides={"shapes32": ["--model.init_args.scales", "null"]},
+        notes="shapes32: the multi-scale tokenizer's scales (VAR's, rescaled to the 8x8 grid)",
+    )
+)
+register(
+    Method(
+        name="MAR",
+        paper="https://arxiv.org/abs/2406.11838",
+        config="configs/flow/mar_{data}.yaml",
+        debug_config="configs/debug/flow_mar.yaml",
+        tokenizer="kl",
+        notes="MAR's bidirectional random-order backbone with the config's head: lit_ar's flow-matching head",
+    )
+)
+register(
+    Method(
+        name="MAR (DDPM head)",
+        paper="https://arxiv.org/abs/2406.11838",
+        config="configs/flow/mar_{data}.yaml",
+        debug_config="configs/debug/flow_mar.yaml",
+        tokenizer="kl",
+        overrides={"*": ["--model.init_args.head", "diffusion"]},
+        notes="MAR's own diffusion head (cosine DDPM, learned variance); the config's flow_steps are its DDPM steps",
+    )
+)
+register(
+    Method(
+        name="FlowAR",
+        paper="https://arxiv.org/abs/2412.15205",
+        config="configs/flow/flowar_{data}.yaml",
+        debug_config="configs/debug/flow_flowar.yaml",
+        tokenizer="kl",
+    )
+)
+register(
+    Method(
+        name="causal+flow",
+        paper="https://arxiv.org/abs/2406.11838",
+        config="configs/flow/flowar_{data}.yaml",
+        debug_config="configs/debug/flow_flowar.yaml",
+        tokenizer="kl",
+        overrides={"*": ["--model.init_args.backbone", "causal"]},
+        notes="continuous tokens in raster order, causal attention, the flow head: MAR's causal baseline, run as "
+        "FlowAR's config with backbone: causal",
+    )
+)
