@@ -97,34 +97,30 @@ class CausalARSystem(GeneratorSystem):
         h = self.hparams
         return random_order_ratio(step, h.rar_anneal_start, h.rar_anneal_end) if h.rar else 0.0
 
-    def _tokens_labels(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch)  # (B, L)
         if tokens.ndim != 2 or tokens.shape[1] != self.model.num_tokens:
             raise ValueError(
                 f"tokens of shape {tuple(tokens.shape)} do not fit the generator's {self.model.grid_size}x"
                 f"{self.model.grid_size} grid ({self.model.num_tokens} tokens per image)"
             )
-        return tokens, batch["label"]
+        return tokens
 
     def train_logits(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward: logits (B, L, V) and targets (B, L) of the step's draw."""
-        tokens, labels = self._tokens_labels(batch)
-        draws = self.draws("train", batch_idx)
-        labels = self.training_labels(labels, draws)
+        tokens, draws = self.batch_tokens(batch), self.draws("train", batch_idx)
+        labels = self.training_labels(batch["label"], draws)
         fed, order, targets = self.method.train_inputs(tokens, draws)
         return self.model(fed, labels, order), targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens, labels = self._tokens_labels(batch)
-        draws = self.draws("train", batch_idx)
-        loss = self.method.loss(self.model, self.head, tokens, self.training_labels(labels, draws), draws)["loss"]
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        loss = super().training_step(batch, batch_idx)
         if self.hparams.rar:
             self.log("train/rar_ratio", self.rar_ratio(self.global_step))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        tokens, labels = self._tokens_labels(batch)
+        tokens, labels = self.batch_tokens(batch), batch["label"]
         logits = self.model(tokens[:, :-1], labels)  # raster, true labels: what sampling sees
         self.log("val/loss", F.cross_entropy(logits.flatten(0, 1), tokens.flatten()), sync_dist=True)
         self.log("val/token_acc", (logits.argmax(-1) == tokens).float().mean(), sync_dist=True)

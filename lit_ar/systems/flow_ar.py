@@ -34,6 +34,7 @@ HEADS = ("flow", "diffusion")
 class FlowARSystem(GeneratorSystem):
     continuous_tokens = True
     Sampling = ContinuousSampling
+    core_name = "core"
 
     def __init__(
         self,
@@ -144,17 +145,16 @@ class FlowARSystem(GeneratorSystem):
         with torch.no_grad():
             return self.tokenizer.encode(batch["image"], sample=self.hparams.posterior_sample)
 
-    def loss(self, batch: dict, draws) -> torch.Tensor:
-        """The step's loss: class dropout (training only), then the method's draw and loss over the core and head."""
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch).float()  # (B, L, D)
         self.head.check_tokens(tokens, "the tokenizer's tokens")
+        return tokens
+
+    def loss(self, batch: dict, draws) -> torch.Tensor:
+        """The step's loss: class dropout (training only), then the method's draw and loss over the core and head."""
+        tokens = self.batch_tokens(batch)
         labels = self.training_labels(batch["label"], draws) if self.training else batch["label"]
         return self.method.loss(self.core, self.head, tokens, labels, draws)["loss"]
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.draws("train", batch_idx))
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.draws("val", batch_idx))

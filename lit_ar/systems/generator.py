@@ -48,6 +48,8 @@ class GeneratorSystem(L.LightningModule):
     # The family's sampling settings (a dataclass of lit_ar.methods): `predict_kwargs`, the sample grid's, the
     # evaluator's and the FID callback's sampling are all parsed into it, so a misspelt key fails by name.
     Sampling: type[SamplingSettings] = SamplingSettings
+    # The attribute that holds the family's core (the flow family's is `core`, for its checkpoints' keys)
+    core_name: str = "model"
 
     def __init__(
         self,
@@ -246,6 +248,29 @@ class GeneratorSystem(L.LightningModule):
     def training_labels(self, labels: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Labels with class dropout (the null class with probability class_dropout), drawn first in every step."""
         return draws.class_dropout(labels, self.hparams.class_dropout, self.hparams.num_classes)
+
+    def batch_tokens(self, batch: dict):
+        """The batch's tokens in the form the family's method takes, checked (families refine it)."""
+        return self.tokens_from_batch(batch)
+
+    def method_kwargs(self) -> dict:
+        """What the family's method needs beyond the core and the head (VAR: the tokenizer's quantizer)."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The method's loss on the step's draws: class dropout first, then the method's own draw."""
+        draws = self.draws("train", batch_idx)
+        tokens = self.batch_tokens(batch)
+        labels = self.training_labels(batch["label"], draws)
+        terms = self.method.loss(
+            getattr(self, self.core_name), self.head, tokens, labels, draws, **self.method_kwargs()
+        )
+        # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
+        self.log("train/loss", terms["loss"], prog_bar=True, sync_dist=True)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, sync_dist=True)
+        return terms["loss"]
 
     # -- data ------------------------------------------------------------------------------------------------
 

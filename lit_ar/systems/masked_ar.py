@@ -87,7 +87,7 @@ class MaskedARSystem(GeneratorSystem):
         return CategoricalHead(self.model, compile=self.hparams.compile)
 
     # -- training ----------------------------------------------------------------------------------------------
-    def _tokens(self, batch: dict) -> torch.Tensor:
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch)  # (B, L)
         L, V = self.model.num_tokens, self.model.vocab_size
         if tokens.ndim != 2 or tokens.shape[1] != L:
@@ -100,16 +100,8 @@ class MaskedARSystem(GeneratorSystem):
             self._checked_token_range = True
         return tokens.long()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens, draws = self._tokens(batch), self.draws("train", batch_idx)
-        labels = self.training_labels(batch["label"], draws)
-        loss = self.method.loss(self.model, self.head, tokens, labels, draws)["loss"]
-        # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        tokens, draws = self._tokens(batch), self.draws("val", batch_idx)
+        tokens, draws = self.batch_tokens(batch), self.draws("val", batch_idx)
         hidden, targets, global_masked = self.method.masked_states(self.model, tokens, batch["label"], draws)
         logits = self.head.logits(hidden)  # (M, V)
         loss = F.cross_entropy(logits, targets, reduction="sum") * draws.world / global_masked

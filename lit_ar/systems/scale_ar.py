@@ -93,28 +93,22 @@ class ScaleARSystem(GeneratorSystem):
         return CategoricalHead(self.model, compile=self.hparams.compile)
 
     # -- training ----------------------------------------------------------------------------------------------
-    def scale_tokens(self, batch: dict) -> list[torch.Tensor]:
+    def batch_tokens(self, batch: dict) -> list[torch.Tensor]:
         """A batch's index maps: a list of (B, s_k^2) long (a token cache may hold them concatenated, (B, L))."""
         tokens = self.tokens_from_batch(batch)
         if isinstance(tokens, torch.Tensor):
             tokens = list(tokens.split([s * s for s in self.scales], dim=1))
         return tokens
 
+    def method_kwargs(self) -> dict:
+        return {"quantizer": self.tokenizer.quantizer}  # it builds the next scale's input, in training and sampling
+
     def shared_step(self, batch: dict, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher-forced pass -> the core's last-block states (B, L, C), the head's class embedding (B, C) and
         the targets (B, L)."""
         draws = draws or self.draws("train" if self.training else "val", 0)
         labels = self.training_labels(batch["label"], draws) if self.training else batch["label"]
-        return self.method.teacher_forced(self.model, self.tokenizer.quantizer, self.scale_tokens(batch), labels)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        draws = self.draws("train", batch_idx)
-        labels = self.training_labels(batch["label"], draws)
-        loss = self.method.loss(self.model, self.head, self.scale_tokens(batch), labels, draws,
-                                quantizer=self.tokenizer.quantizer)["loss"]  # fmt: skip
-        # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
+        return self.method.teacher_forced(self.model, self.tokenizer.quantizer, self.batch_tokens(batch), labels)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hidden, cond, target = self.shared_step(batch, self.draws("val", batch_idx))
