@@ -15,6 +15,7 @@ from lit_ar.guidance import CfgSchedule, Guidance, check_cfg_schedule
 from lit_ar.sampling import check_sampling_args
 
 S = TypeVar("S", bound="SamplingSettings")
+CONTINUOUS_CFG_SCHEDULES = ("constant", "linear", "power_cosine")  # `interval` is the flow head's guidance_interval
 
 
 @dataclass
@@ -94,6 +95,3 @@ class ContinuousSampling(SamplingSettings):
         if self.cfg_schedule not in CONTINUOUS_CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r} is not supported here; use one of "
                              f"{CONTINUOUS_CFG_SCHEDULES} (guidance_interval limits CFG in flow time)")  # fmt: skip
-
-
-CONTINUOUS_CFG_SCHEDULES = ("constant", "linear", "power_cosine")
