@@ -49,12 +49,13 @@ def smoothed_codes(logits: torch.Tensor, settings: SamplingSettings, progress: f
 
 
 class NextScale:
-    """`token_weights` (L,): each token's weight in the loss (summing to 1 over a sample's tokens)."""
+    """`label_smoothing` of the cross-entropy. The loss weighs each token by `token_weights` (L,), summing to 1 over
+    a sample's tokens: the system's buffer, passed at each call, so it is on the model's device."""
 
     Sampling = ScaleSampling
 
-    def __init__(self, token_weights: torch.Tensor, label_smoothing: float = 0.0):
-        self.token_weights, self.label_smoothing = token_weights, label_smoothing
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
 
     def teacher_forced(self, core, quantizer, indices: list[torch.Tensor], labels: torch.Tensor):
         """Index maps [(B, s_k^2) per scale] -> the core's last-block states (B, L, C), the head's class embedding
@@ -64,15 +65,16 @@ class NextScale:
         hidden, cond = core.hidden(labels, x_BLCv)  # (B, L, C), (B, C)
         return hidden, cond, torch.cat(indices, dim=1)
 
-    def weighted_loss(self, ce: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def weighted_loss(ce: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (B * L,) -> each sample's weighted sum over its tokens, averaged."""
-        return (ce.view_as(target) * self.token_weights.to(ce.device)).sum(1).mean()
+        return (ce.view_as(target) * token_weights).sum(1).mean()
 
     def loss(self, core, head: CategoricalHead, tokens: list[torch.Tensor], labels: torch.Tensor, draws: Draws,
-             quantizer=None) -> dict[str, torch.Tensor]:  # fmt: skip
+             quantizer=None, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         hidden, cond, target = self.teacher_forced(core, quantizer, tokens, labels)
         ce = head.loss(hidden, target, draws, cond, reduction="none", label_smoothing=self.label_smoothing)
-        return {"loss": self.weighted_loss(ce, target)}
+        return {"loss": self.weighted_loss(ce, target, token_weights)}
 
     @torch.no_grad()
     def sample(self, core, head: CategoricalHead, labels: torch.Tensor, guidance: Guidance, settings: ScaleSampling,

@@ -211,20 +211,16 @@ class GeneratorSystem(L.LightningModule):
             modules = []
         return linears_in_autocast_dtype(modules, self.device.type)
 
-    def sampling_labels(self, labels: torch.Tensor, cfg: float, allow_null: bool = False):
+    def sampling_labels(self, labels: torch.Tensor, cfg: float, allow_null: bool = False) -> torch.Tensor:
         """Every family's first check of a sampling call, before any work: labels (B,) of integer class indices in
-        range, and a cfg the model was trained for. Returns the labels (B,) long on this device and the rows the
-        model is conditioned on: the labels, or under CFG (2B,) [labels; null class], so that one batch computes
-        the conditional and the unconditional prediction."""
+        range, and a cfg the model was trained for. Returns the labels (B,) long on this device (the rows a guided
+        batch is conditioned on are `Guidance.rows`')."""
         self.check_cfg(cfg)
         if not (isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.dtype in INTEGER_DTYPES):
             got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else repr(labels)
             raise ValueError(f"labels must be a 1D integer tensor of class indices; got {got}")
         self.check_labels(labels, allow_null)
-        labels = labels.to(self.device, torch.long)
-        if cfg == 1.0:
-            return labels, labels
-        return labels, torch.cat([labels, torch.full_like(labels, self.hparams.num_classes)])
+        return labels.to(self.device, torch.long)
 
     def sampling_settings(self, values: SamplingSettings | dict | None = None, setting: str = "sampling"):
         """The family's typed settings from a mapping (None: `predict_kwargs`), refusing unknown keys by name."""
@@ -353,7 +349,7 @@ class GeneratorSystem(L.LightningModule):
         """Every family's first step of a sampling call, before any work: the typed settings (a misspelt key is
         refused by name), the labels checked and on this device, and the guidance object."""
         settings = self.sampling_settings(settings)
-        labels, _ = self.sampling_labels(labels, settings.cfg, allow_null)
+        labels = self.sampling_labels(labels, settings.cfg, allow_null)
         return labels, settings, self.guidance(settings)
 
     def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):

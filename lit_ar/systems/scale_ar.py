@@ -83,7 +83,7 @@ class ScaleARSystem(GeneratorSystem):
         weights = torch.tensor(scale_loss_weights or [1.0] * len(self.scales), dtype=torch.float32)
         per_token = weights[self.model.levels]  # (L,)
         self.register_buffer("token_weights", per_token / per_token.sum(), persistent=False)  # sums to 1
-        self.method = NextScale(self.token_weights, label_smoothing)
+        self.method = NextScale(label_smoothing)
         if self.hparams.compile:
             compile_blocks_in_place(self.model.blocks)
 
@@ -101,7 +101,8 @@ class ScaleARSystem(GeneratorSystem):
         return tokens
 
     def method_kwargs(self) -> dict:
-        return {"quantizer": self.tokenizer.quantizer}  # it builds the next scale's input, in training and sampling
+        # the quantizer builds the next scale's input, in training and sampling
+        return {"quantizer": self.tokenizer.quantizer, "token_weights": self.token_weights}
 
     def shared_step(self, batch: dict, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher-forced pass -> the core's last-block states (B, L, C), the head's class embedding (B, C) and
@@ -115,7 +116,7 @@ class ScaleARSystem(GeneratorSystem):
         logits = self.model.logits(hidden, cond).float()  # (B, L, V)
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
                              label_smoothing=self.hparams.label_smoothing)  # fmt: skip
-        loss = self.method.weighted_loss(ce, target)
+        loss = self.method.weighted_loss(ce, target, self.token_weights)
         correct = (logits.argmax(-1) == target).float()  # (B, L)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/token_acc", correct.mean(), sync_dist=True)
