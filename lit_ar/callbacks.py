@@ -1,4 +1,6 @@
-"""Callbacks that put pictures in TensorBoard: real-image grids, reconstructions, samples."""
+"""Callbacks that put pictures in the run's loggers (real-image grids, reconstructions, samples; through
+`lit_ar.loggers.log_image`: TensorBoard, W&B, MLflow, CSV), write `lit_ar predict`'s samples, measure FID during
+training and images/s and tokens/s (`ImageThroughput`)."""
 
 import math
 from pathlib import Path
@@ -6,11 +8,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from lit_ar.evaluation import GeneratorEvaluator
+from lit_ar.loggers import log_image
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -30,11 +33,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
 
 
 def log_image_grid(trainer: L.Trainer, tag: str, images: torch.Tensor, nrow: int | None = None) -> None:
-    """Write a grid to every TensorBoard logger of the trainer (no-op without one)."""
-    grid = make_grid(images, nrow)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
+    """Write a grid of (B, C, H, W) images in [-1, 1] to every logger of the trainer (none: nothing)."""
+    log_image(trainer, tag, make_grid(images, nrow))
 
 
 class RealImageGrid(L.Callback):
@@ -106,6 +106,8 @@ class SampleWriter(BasePredictionWriter):
         np.savez(out / "samples.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         grid = make_grid(images[: self.grid_images].float() / 127.5 - 1)
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")
+        rank_zero_info(f"samples: {out / 'samples.npz'} ({len(labels)} images), grid of the first "
+                       f"{min(len(labels), self.grid_images)}: {out / 'grid.png'}")  # fmt: skip
 
 
 class ReconstructionGrid(L.Callback):
@@ -211,3 +213,35 @@ class FIDCallback(L.Callback):
         for logger in trainer.loggers:  # direct: `self.log` in a batch hook is dropped off the log_every_n_steps grid
             logger.log_metrics(values, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+
+
+class ImageThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for lit_ar's batches: `train/samples_per_sec` is images/s and, for a generator,
+    `train/items_per_sec` tokens/s (the tokens of one image, read once from the first batch's tokens), with the
+    batches/s and the per-device figures beside them; the same for validation. Lightning's `window_size` (batches
+    averaged) and `separator` (`/`: the metrics sit beside `train/loss`) are its settings."""
+
+    def __init__(self, window_size: int = 50, separator: str = "/"):
+        super().__init__(batch_size_fn=self.images_in, length_fn=self.tokens_in, window_size=window_size,
+                         separator=separator)  # fmt: skip
+        self._tokens_per_image: int | None = None
+        self._module: L.LightningModule | None = None
+
+    @staticmethod
+    def images_in(batch: dict) -> int:
+        return len(batch["label"])
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._module = pl_module
+        self._module_has_flops = hasattr(pl_module, "flops_per_batch")  # no FLOPs warning for lit_ar's systems
+        if stage != "fit" or not hasattr(pl_module, "tokens_from_batch"):  # a tokenizer, a classifier, sampling
+            self.length_fn = None
+
+    def tokens_in(self, batch: dict) -> int:
+        """The batch's tokens: images x tokens per image (a generator's: `tokens_from_batch`)."""
+        if self._tokens_per_image is None:
+            tokens = self._module.tokens_from_batch(batch)
+            parts = tokens if isinstance(tokens, list | tuple) else [tokens]  # multi-scale: one tensor per scale
+            self._tokens_per_image = sum(t.shape[1] for t in parts)  # (B, L) ids or (B, L, D) vectors
+        return self.images_in(batch) * self._tokens_per_image

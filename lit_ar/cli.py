@@ -8,8 +8,10 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 
+from lit_ar.callbacks import ImageThroughput
 from lit_ar.checkpoints import SafeCheckpointIO
 from lit_ar.data.datamodule import ImageDataModule
+from lit_ar.loggers import check_logger_packages, check_run_folders, describe_run
 from lit_ar.reliability import ExactResume, NonFiniteGuard, Preemption
 
 # Lightning types these Union[float, int, None]: jsonargparse tries the float first, so `limit_val_batches: 1` (a
@@ -20,10 +22,19 @@ BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches"
 # non-finite guard (with SafeCheckpointIO, atomic and checked checkpoints). A config lists one only to change its
 # settings (configs/debug/: `NonFiniteGuard` with `max_consecutive: 5`); then the config's is the one kept. The added
 # Preemption only warns when no ModelCheckpoint saves `last.ckpt`: a config that asks for nothing must not fail.
+# ImageThroughput logs images/s and tokens/s (Lightning's ThroughputMonitor) beside the losses.
 ALWAYS_ON_CALLBACKS = {
     ExactResume: ExactResume,
     Preemption: lambda: Preemption(require_last_checkpoint=False),
     NonFiniteGuard: NonFiniteGuard,
+    ImageThroughput: ImageThroughput,
+}
+
+# A TensorBoardLogger's constant `hp_metric` (-1) is off: the parser's default logger carries the setting, and a
+# config naming the same class keeps it (jsonargparse merges its init_args over these) unless it sets it itself.
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
 }
 
 
@@ -59,6 +70,13 @@ class LitARCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size")
         parser.link_arguments("data.channels", "model.init_args.channels")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
+
+    def instantiate_classes(self) -> None:
+        # a logger whose package is missing is named, with its pip command, before anything is built
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_logger_packages(config.get("trainer", {}).get("logger"))
+        super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The config's Trainer, with the always-on callbacks and SafeCheckpointIO it does not list itself."""
@@ -79,11 +97,18 @@ class LitARCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoints_against_model()
+        check_run_folders(self.trainer)  # an unwritable run folder fails now, not after the first epoch
         # a generator resuming a run reads its weights from that checkpoint, not from its init_weights
         if hasattr(self.model, "resume_from"):
             self.model.resume_from = self.config.fit.get("ckpt_path")
 
     before_validate = before_test = before_predict = _check_checkpoints_against_model
+
+    def _say_where(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(describe_run(self.trainer)), flush=True)
+
+    after_fit = after_validate = after_test = after_predict = _say_where
 
     def _parse_ckpt_path(self) -> None:
         """Lightning merges the hyper-parameters saved in a `--ckpt_path` file over the config: it silently switches
