@@ -241,7 +241,11 @@ class ImageThroughput(ThroughputMonitor):
     def tokens_in(self, batch: dict) -> int:
         """The batch's tokens: images x tokens per image (a generator's: `tokens_from_batch`)."""
         if self._tokens_per_image is None:
-            tokens = self._module.tokens_from_batch(batch)
+            # on a forked random state: a tokenizer that samples its posterior (the flow family's) must not move the
+            # training's random stream (the golden loss curves, exact resume)
+            device = self._module.device
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                tokens = self._module.tokens_from_batch(batch)
             parts = tokens if isinstance(tokens, list | tuple) else [tokens]  # multi-scale: one tensor per scale
             self._tokens_per_image = sum(t.shape[1] for t in parts)  # (B, L) ids or (B, L, D) vectors
         return self.images_in(batch) * self._tokens_per_image
