@@ -86,9 +86,10 @@ class SampleGrid(L.Callback):
 
 class SampleWriter(BasePredictionWriter):
     """Writes `lit_ar predict` samples: `samples.npz` (images (N, H, W, C) uint8, labels (N,), in global index
-    order, the format evaluators read) and `grid.png`, in `output_dir` (default: the run folder)."""
+    order, the format evaluators read) and `grid.png` (one row per class, `grid_images` images in all: the first of
+    each class), in `output_dir` (default: the run folder), and sends the grid to the loggers as `predict/grid`."""
 
-    def __init__(self, output_dir: str | None = None, grid_images: int = 64):
+    def __init__(self, output_dir: str | None = None, grid_images: int = 100):
         super().__init__(write_interval="epoch")
         self.output_dir, self.grid_images = output_dir, grid_images
 
@@ -104,10 +105,22 @@ class SampleWriter(BasePredictionWriter):
         out = Path(self.output_dir or trainer.log_dir or ".")
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / "samples.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        grid = make_grid(images[: self.grid_images].float() / 127.5 - 1)
+        shown, per_row = self.grid_rows(labels)
+        grid = make_grid(images[shown].float() / 127.5 - 1, nrow=per_row)
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")
-        rank_zero_info(f"samples: {out / 'samples.npz'} ({len(labels)} images), grid of the first "
-                       f"{min(len(labels), self.grid_images)}: {out / 'grid.png'}")  # fmt: skip
+        log_image(trainer, "predict/grid", grid)
+        rank_zero_info(f"samples: {out / 'samples.npz'} ({len(labels)} images); grid of {len(shown)}, a row per "
+                       f"class: {out / 'grid.png'}")  # fmt: skip
+
+    def grid_rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Indices of the grid's images (the first `grid_images // classes` of each class, class by class) and the
+        images per row (None: a square grid, for samples of one class or of an unconditional model)."""
+        classes = labels.unique()
+        if len(classes) == 1:
+            return torch.arange(min(len(labels), self.grid_images)), None
+        per_row = max(1, self.grid_images // len(classes))
+        shown = [torch.nonzero(labels == c).flatten()[:per_row] for c in classes]
+        return torch.cat(shown)[: self.grid_images], per_row
 
 
 class ReconstructionGrid(L.Callback):

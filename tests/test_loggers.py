@@ -134,3 +134,13 @@ def test_an_unwritable_run_folder_is_refused_by_name_before_training(tmp_path):
     run_dir = blocker / "run"  # under a file: no user, root included, can make it
     with pytest.raises(PermissionError, match=rf"run folder .*{run_dir}.* is not writable.*nothing was trained"):
         fit_classifier(run_dir)
+
+
+def test_the_predict_grid_shows_every_class_a_row_each():
+    from lit_ar.callbacks import SampleWriter
+
+    labels = torch.arange(10).repeat_interleave(50)  # class-major, as `lit_ar predict` writes them
+    shown, per_row = SampleWriter(grid_images=100).grid_rows(labels)
+    assert per_row == 10 and labels[shown].tolist() == torch.arange(10).repeat_interleave(10).tolist()
+    shown, per_row = SampleWriter(grid_images=64).grid_rows(torch.zeros(500, dtype=torch.long))  # unconditional
+    assert per_row is None and shown.tolist() == list(range(64))
