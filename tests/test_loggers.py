@@ -144,3 +144,46 @@ def test_the_predict_grid_shows_every_class_a_row_each():
     assert per_row == 10 and labels[shown].tolist() == torch.arange(10).repeat_interleave(10).tolist()
     shown, per_row = SampleWriter(grid_images=64).grid_rows(torch.zeros(500, dtype=torch.long))  # unconditional
     assert per_row is None and shown.tolist() == list(range(64))
+
+
+def test_tensorboard_serves_the_image_tags_over_http(tmp_path, checkpoints_root):
+    """As a user looks: `tensorboard --logdir` on a tokenizer's and a generator's runs, asked through its HTTP API."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    tokenizer, generator = tmp_path / "tokenizer", tmp_path / "generator"
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "tokenizer_vq.yaml"), *run_dir_args(tokenizer), *FEW_STEPS])
+    ckpt = checkpoint_for_config(CONFIGS / "debug" / "tokenizer_vq.yaml", checkpoints_root)
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "causal.yaml"), *run_dir_args(generator),
+              "--model.init_args.tokenizer_ckpt", str(ckpt), "--trainer.max_steps", "2",
+              "--trainer.limit_val_batches", "0", "--trainer.callbacks+=lit_ar.callbacks.SampleGrid",
+              "--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.per_class", "1"])  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--port", str(port), "--host",
+         "127.0.0.1", "--load_fast", "false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        tags, deadline = {}, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags", timeout=5) as r:
+                    tags = json.load(r)
+                if {"tokenizer", "generator"} <= set(tags) and tags["generator"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        scalars = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "val/reconstructions" in tags.get("tokenizer", {}), tags
+    assert "samples/grid" in tags.get("generator", {}), tags
+    assert not any("hp_metric" in run_tags for run_tags in scalars.values()), scalars
