@@ -160,7 +160,8 @@ show(rar.decode(tokens), "RAR samples (raster order)", 4)
 # %% [markdown]
 # ## Do the samples show their class?
 # A classifier trained on real shapes (tutorial 01's) labels the samples; the fraction it labels with the class
-# they were sampled for is the class accuracy. The full-size run targets at least 90%.
+# they were sampled for is the class accuracy. What a method reaches at a given budget is measured by the
+# leaderboard under one protocol (`python -m benchmarks.leaderboard`, docs/leaderboard.md), not here.
 
 # %%
 classifier_config = "configs/debug/classifier.yaml" if SMALL else "configs/classifier/shapes.yaml"
@@ -176,5 +177,3 @@ with torch.no_grad():
     predicted = classifier(images).argmax(-1)
 accuracy = (predicted == eval_labels).float().mean().item()
 print(f"class accuracy of {len(eval_labels)} samples (cfg 2): {accuracy:.1%} (generator trained {train_seconds:.0f} s)")
-if not SMALL:
-    assert accuracy >= 0.9

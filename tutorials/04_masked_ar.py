@@ -110,8 +110,8 @@ fig.suptitle("step at which each token was revealed (8 steps)")
 # %% [markdown]
 # ## Steps against quality and speed
 # More steps mean more forward passes (each over the whole grid) and fewer tokens decided at once. Quality here
-# is the class accuracy of class-conditional samples as judged by the classifier (the `shapes` target in
-# lit_ar's benchmarks is at least 90%); speed is images/s of the whole `sample()` call, decoding included.
+# is the class accuracy of class-conditional samples as judged by the classifier (what MaskGIT reaches at a
+# budget: docs/leaderboard.md); speed is images/s of the whole `sample()` call, decoding included.
 
 # %%
 steps_list = [1, 2, 4, 8, 16] if SMALL else [1, 2, 4, 8, 12, 16, 32]
