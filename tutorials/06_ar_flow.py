@@ -216,7 +216,7 @@ for batch in (1, 4 if SMALL else 64):
 # `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` over 1000 cosine-schedule steps, plus where each step's variance
 # lies (IDDPM's learned range), and samples by ancestral steps over 100 of the 1000. lit_ar has it as
 # `head: diffusion` on any backbone, checked against MAR's code to the last bit on a tiny MAR (`tests/fixtures/`), so
-# that MAR's released generators run here (`python -m lit_ar.released_weights mar`, README).
+# that MAR's released generators run here (`python -m lit_ar.released_weights mar`, docs/released_weights.md).
 #
 # With the exact `eps` of a Gaussian, 100 DDPM steps land on it. A head trained on the mixture above for the same
 # budget as the flow head learns `eps` well at every noise level, yet its samples go astray: MAR's schedule ends at
