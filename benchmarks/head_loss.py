@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in args.presets:
         torch.manual_seed(0)
         # one layer: only the head is timed, and its shapes do not depend on the depth
-        model = CausalTransformer(args.vocab, args.grid, 1000, **{**PRESETS[preset], "n_layer": 1}).to(device)
+        model = CausalTransformer(args.vocab, args.grid, 1000, **{**PRESETS[preset], "depth": 1}).to(device)
         torch.nn.init.normal_(model.output.weight, std=0.02)  # not the zero init, so the loss is not uniform
         L = args.grid**2
         hidden = torch.randn(args.batch, L, model.dim, device=device)  # (B, L, C): the last layer's states

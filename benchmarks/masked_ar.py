@@ -35,8 +35,8 @@ def causal_system(size: dict, args, device: str):
         from lit_ar.systems.causal_ar import CausalARSystem
     except ImportError:
         return None
-    system = CausalARSystem(vocab_size=args.vocab, grid_size=args.grid, dim=size["dim"], n_layer=size["n_layers"],
-                            n_head=size["n_heads"], num_classes=args.num_classes, token_dropout=0.0, resid_dropout=0.0,
+    system = CausalARSystem(vocab_size=args.vocab, grid_size=args.grid, dim=size["dim"], depth=size["depth"],
+                            n_heads=size["n_heads"], num_classes=args.num_classes, token_dropout=0.0, resid_dropout=0.0,
                             compile=args.compile)  # fmt: skip
     return system.to(device)
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     p.add_argument("--dim", type=int, help="override the preset's width")
-    p.add_argument("--n-layers", type=int, help="override the preset's depth")
+    p.add_argument("--depth", type=int, help="override the preset's depth")
     p.add_argument("--n-heads", type=int, help="override the preset's heads")
     p.add_argument("--grid", type=int, default=16, help="token grid side (16: ImageNet-256 token count)")
     p.add_argument("--vocab", type=int, default=1024, help="codebook size (MaskGIT: 1024)")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = {**PRESETS[args.preset], **{k: v for k, v in
-            dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads).items() if v is not None}}  # fmt: skip
+            dict(dim=args.dim, depth=args.depth, n_heads=args.n_heads).items() if v is not None}}  # fmt: skip
     torch.manual_seed(0)
     masked = MaskedARSystem(vocab_size=args.vocab, grid_size=args.grid, num_classes=args.num_classes, dropout=0.0,
                             compile=args.compile, **{"preset": args.preset, **size}).to(device)  # fmt: skip

@@ -70,7 +70,7 @@ def make_causal(vocab: int, grid: int, width: int, heads: int, params: int, num_
     best = None
     for n_layer in range(1, 200):
         torch.manual_seed(0)
-        system = CausalARSystem(vocab_size=vocab, grid_size=grid, dim=width, n_layer=n_layer, n_head=heads,
+        system = CausalARSystem(vocab_size=vocab, grid_size=grid, dim=width, depth=n_layer, n_heads=heads,
                                 num_classes=num_classes, image_size=64, token_dropout=0.0, resid_dropout=0.0,
                                 compile=compile)  # fmt: skip
         gap = abs(parameter_count(system.model) - params)
@@ -118,9 +118,8 @@ def training_row(system, batch: int, precision: str, repeat: int) -> dict:
         L_ = system.model.num_tokens
         data = {"tokens": torch.randint(0, system.model.vocab_size, (batch, L_), device=device), "label": labels}
 
-        def loss_fn():
-            logits, targets = system.train_logits(data, 0)
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        def loss_fn():  # the training step's loss: its draws, the method's loss through the head
+            return system.loss_terms(data, system.draws("train", 0))["loss"]
 
     def step():
         with precision_context(precision, device.type):
@@ -187,7 +186,7 @@ def main() -> None:
         if causal_available:
             causal = make_causal(args.vocab, 16, var.model.dim, var.model.blocks[0].attn.n_heads, n, 10, compile,
                                  device)  # fmt: skip
-            cname = f"causal {causal.hparams.n_layer} layers ({parameter_count(causal.model) / 1e6:.1f}M) {tag}"
+            cname = f"causal {len(causal.model.layers)} layers ({parameter_count(causal.model) / 1e6:.1f}M) {tag}"
             for precision in args.precisions:
                 c = sampling_row(causal, args.batch, args.cfg, precision, 1)
                 rows.append({"run": cname, "what": f"sample b{args.batch} CFG {args.cfg} {precision} (images/s)",

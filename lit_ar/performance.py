@@ -84,3 +84,10 @@ def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) ->
     finally:
         for p, data in zip(params, originals):
             p.data = data
+
+
+def compiled_decode_step(step, cuda_graph: bool):
+    """A one-token decode step compiled whole. On CUDA the step is bound by kernel launches, so it replays as a CUDA
+    graph (`reduce-overhead`; the static, in-place KV cache keeps every address fixed), as LlamaGen's and
+    gpt-fast's loops do."""
+    return torch.compile(step, fullgraph=True, mode="reduce-overhead" if cuda_graph else "default")

@@ -300,7 +300,7 @@ def write_llamagen_checkpoints(
     gpt_weights = llamagen_gpt_state_dict(read_weights(gpt_ckpt, "gpt_ckpt"))
     if gpt_preset is None:
         width, layers = gpt_weights["tok_embeddings.weight"].shape[1], _count(gpt_weights, r"^layers\.(\d+)\.")
-        sizes = [name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (width, layers)]
+        sizes = [name for name, p in GPT_PRESETS.items() if (p["dim"], p["depth"]) == (width, layers)]
         if not sizes:
             raise ValueError(f"gpt_ckpt={gpt_ckpt!r} holds a GPT of width {width} and {layers} layers, which no preset "
                              f"has; known sizes: {list(GPT_PRESETS)}")  # fmt: skip

@@ -206,6 +206,13 @@ def debug_tokenizer(checkpoints_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def msvq_ckpt(checkpoints_root) -> Path:
+    """The debug multi-scale VQ tokenizer (configs/debug/tokenizer_msvq.yaml), freshly initialised: see the note
+    above debug_tokenizer (test_tokenizer.py trains it)."""
+    return checkpoint_for_config(CONFIGS / "debug" / "tokenizer_msvq.yaml", checkpoints_root)
+
+
+@pytest.fixture(scope="session")
 def classifier_ckpt(tmp_path_factory) -> Path:
     """A tiny shapes classifier (configs/debug/classifier.yaml: 16px, 32 features), trained once per session."""
     from lit_ar.cli import cli_main

@@ -24,7 +24,7 @@ V, G, NC = 32, 4, 3  # tiny vocab, 4x4 grid, 3 classes
 
 def tiny_model(**kw) -> CausalTransformer:
     torch.manual_seed(0)
-    model = CausalTransformer(V, G, NC, **{"dim": 32, "n_layer": 2, "n_head": 2, **kw}).eval()
+    model = CausalTransformer(V, G, NC, **{"dim": 32, "depth": 2, "n_heads": 2, **kw}).eval()
     with torch.no_grad():  # random weights everywhere (the output layer starts at zero)
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -49,7 +49,7 @@ class StubTokenizer(nn.Module):
 def tiny_system(**kw) -> CausalARSystem:
     torch.manual_seed(0)
     system = CausalARSystem(**{"vocab_size": V, "grid_size": G, "num_classes": NC, "image_size": 16, "dim": 32,
-                               "n_layer": 2, "n_head": 2, **kw})  # fmt: skip
+                               "depth": 2, "n_heads": 2, **kw})  # fmt: skip
     with torch.no_grad():
         for p in system.model.parameters():
             p.normal_(0.0, 0.3)
@@ -78,7 +78,7 @@ def test_gpt_b_has_llamagen_layout_and_parameter_count():
 
 
 def test_output_layer_starts_at_zero_so_the_first_prediction_is_uniform():
-    model = CausalTransformer(V, G, NC, dim=32, n_layer=1, n_head=2)
+    model = CausalTransformer(V, G, NC, dim=32, depth=1, n_heads=2)
     assert torch.equal(model.output.weight, torch.zeros_like(model.output.weight))
     logits = model(torch.randint(0, V, (2, 5)), torch.tensor([0, NC]))
     assert torch.equal(logits, torch.zeros(2, 6, V))
@@ -86,7 +86,7 @@ def test_output_layer_starts_at_zero_so_the_first_prediction_is_uniform():
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"cls_token_num": 3}, {"n_kv_head": 1, "qk_norm": True}, {"target_aware": True, "cls_token_num": 2},
+    [{}, {"cls_token_num": 3}, {"n_kv_heads": 1, "qk_norm": True}, {"target_aware": True, "cls_token_num": 2},
      {"prefix_rope": "zero"}],
     ids=["llamagen", "3-prefix", "gqa-qknorm", "rar", "zero-prefix-rope"],
 )  # fmt: skip
@@ -155,10 +155,19 @@ def test_rar_training_at_r0_is_exactly_raster_training_and_at_r1_permutes():
     assert torch.equal(targets.sort(1).values, batch["tokens"].sort(1).values)  # a permutation of each image
 
 
+def train_logits(system: CausalARSystem, batch: dict):
+    """The training forward: logits (B, L, V) and targets (B, L) of the step's draw (class dropout drawn first, then
+    the order, as in the training step)."""
+    draws = system.draws("train", 0)
+    labels = system.training_labels(batch["label"], draws)
+    fed, order, targets = system.method.train_inputs(system.batch_tokens(batch), draws)
+    return system.model(fed, labels, order), targets
+
+
 def train_logits_at(system: CausalARSystem, batch: dict, step: int):
     system._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=step, current_epoch=0)
     try:
-        return system.train_logits(batch, batch_idx=0)
+        return train_logits(system, batch)
     finally:
         system._trainer = None
 
@@ -297,8 +306,8 @@ def test_bad_model_settings_are_refused():
         r"model.init_args.grid_size must be set",
     ):
         CausalARSystem(num_classes=3, image_size=16)
-    with pytest.raises(ValueError, match=r"2D RoPE needs a head width dim/n_head divisible by 4"):
-        tiny_system(dim=24, n_head=4)
+    with pytest.raises(ValueError, match=r"2D RoPE needs a head width dim/n_heads divisible by 4"):
+        tiny_system(dim=24, n_heads=4)
 
 
 @pytest.fixture
@@ -340,10 +349,10 @@ def test_the_tokenizer_sets_vocab_and_grid(fake_tokenizer_checkpoint):
 # -- compile ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compiled_blocks_and_decode_step_equal_eager():
-    eager, compiled = tiny_system(n_layer=1), tiny_system(n_layer=1, compile=True)
+    eager, compiled = tiny_system(depth=1), tiny_system(depth=1, compile=True)
     compiled.load_state_dict(eager.state_dict())
     batch = token_batch(4)
-    torch.testing.assert_close(compiled.train_logits(batch, 0)[0], eager.train_logits(batch, 0)[0],
+    torch.testing.assert_close(train_logits(compiled, batch)[0], train_logits(eager, batch)[0],
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     labels = torch.tensor([0, 1, 2])
     a = eager.generate(labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
@@ -356,7 +365,7 @@ def test_compiled_head_and_loss_equal_eager_with_their_gradients():
     """With `compile`, the categorical head and its cross-entropy run as one compiled graph: the same loss, and the
     same gradients for the hidden states and for the head's weights, as the eager pair."""
     torch._dynamo.reset()  # so the cache entry counted below is this test's
-    eager, compiled = tiny_system(n_layer=1), tiny_system(n_layer=1, compile=True)
+    eager, compiled = tiny_system(depth=1), tiny_system(depth=1, compile=True)
     compiled.load_state_dict(eager.state_dict())
     hidden = torch.randn(4, eager.model.num_tokens, eager.model.dim)
     targets = torch.randint(0, V, (4, eager.model.num_tokens))
@@ -369,7 +378,7 @@ def test_compiled_head_and_loss_equal_eager_with_their_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     assert _debug_get_cache_entry_list(head_cross_entropy.__code__), "the compiled path ran through dynamo"
     batch = token_batch(4)  # and training_step is the cross-entropy of the logits, compiled or not
-    expected = F.cross_entropy(eager.train_logits(batch, 0)[0].flatten(0, 1), batch["tokens"].flatten())
+    expected = F.cross_entropy(train_logits(eager, batch)[0].flatten(0, 1), batch["tokens"].flatten())
     torch.testing.assert_close(compiled.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
 
 

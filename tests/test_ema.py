@@ -97,7 +97,7 @@ def test_the_multi_tensor_update_equals_the_per_tensor_rule_on_a_transformer():
     from lit_ar.models.causal_ar import CausalTransformer
 
     torch.manual_seed(0)
-    model = CausalTransformer(vocab_size=32, grid_size=4, num_classes=3, dim=32, n_layer=2, n_head=4)
+    model = CausalTransformer(vocab_size=32, grid_size=4, num_classes=3, dim=32, depth=2, n_heads=4)
     model.register_buffer("count", torch.tensor(0))
     multi = AveragedModel(model, use_buffers=True, multi_avg_fn=warmup_ema_update(0.99))
     per_tensor = AveragedModel(model, use_buffers=True, avg_fn=warmup_per_tensor(0.99))

@@ -35,7 +35,7 @@ def tokens_labels(B: int = 4):
 
 
 def test_raster_method_trains_and_samples_without_a_trainer():
-    core = randomised(CausalTransformer(V, G, NC, dim=32, n_layer=2, n_head=2))
+    core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2))
     head, method = CategoricalHead(core), RasterAR()
     tokens, labels = tokens_labels()
     loss = method.loss(core, head, tokens, labels, Draws(0))["loss"]
@@ -52,7 +52,7 @@ def test_raster_method_trains_and_samples_without_a_trainer():
 
 def test_random_order_at_ratio_zero_is_raster_training():
     """RAR with r = 0 (the identity order for every sample) is LlamaGen's raster loss, draw for draw."""
-    core = randomised(CausalTransformer(V, G, NC, dim=32, n_layer=2, n_head=2, target_aware=True))
+    core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2, target_aware=True))
     head, tokens, labels = CategoricalHead(core), *tokens_labels()
     raster = RasterAR().loss(core, head, tokens, labels, Draws(0))["loss"]
     identity = RasterAR(random_order=lambda step: 0.0).loss(core, head, tokens, labels, Draws(0))["loss"]
@@ -61,7 +61,7 @@ def test_random_order_at_ratio_zero_is_raster_training():
 
 
 def test_masked_method_trains_and_samples_without_a_trainer():
-    core = randomised(MaskedTransformer(V, G, NC, dim=32, n_layers=2, n_heads=2, dropout=0.0))
+    core = randomised(MaskedTransformer(V, G, NC, dim=32, depth=2, n_heads=2, dropout=0.0))
     head, method = CategoricalHead(core), MaskGIT(label_smoothing=0.1)
     tokens, labels = tokens_labels()
     loss = method.loss(core, head, tokens, labels, Draws(0))["loss"]
@@ -74,7 +74,7 @@ def test_masked_method_trains_and_samples_without_a_trainer():
 
 def test_masked_loss_of_two_ranks_is_the_one_process_loss():
     """The mean over the global batch's masked tokens: each rank's loss scaled by world / global count."""
-    core = randomised(MaskedTransformer(V, G, NC, dim=32, n_layers=2, n_heads=2, dropout=0.0))
+    core = randomised(MaskedTransformer(V, G, NC, dim=32, depth=2, n_heads=2, dropout=0.0))
     head, method, (tokens, labels) = CategoricalHead(core), MaskGIT(), tokens_labels(6)
     one = method.loss(core, head, tokens, labels, Draws.for_step(3, "train", 2, 0))["loss"]
     ranks = [method.loss(core, head, tokens[r::2], labels[r::2], Draws.for_step(3, "train", 2, 0, world=2, rank=r))
@@ -106,7 +106,7 @@ def test_mar_method_trains_and_samples_without_a_trainer():
 
 
 def test_guidance_at_scale_one_is_no_guidance_and_its_hook_runs_after_combining():
-    core = randomised(CausalTransformer(V, G, NC, dim=32, n_layer=2, n_head=2))
+    core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2))
     head, method, (_, labels) = CategoricalHead(core), RasterAR(), tokens_labels()
     plain = method.sample(core, head, labels, Guidance(), RasterSampling(), torch.Generator().manual_seed(0))
     ramp = Guidance(1.0, "linear", null_class=NC)  # every step's scale is 1: no negative rows at all

@@ -207,7 +207,7 @@ def var_imported(var_fixture, tmp_path_factory) -> tuple[Path, Path]:
     for part in ("vae", "var"):
         torch.save(var_fixture[part], folder / f"{part}.pth")  # as VAR's released files: a bare state dict
     return write_var_checkpoints(str(folder / "vae.pth"), str(folder / "var.pth"), str(folder / "out"), None, 16, 10,
-                                 tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip
+                                 tokenizer_settings=VAR_VAE, generator_settings={"dim": 64, "n_heads": 2})  # fmt: skip
 
 
 def test_imported_var_tokenizer_gives_var_s_codes_and_images(var_fixture, var_imported):
@@ -264,7 +264,7 @@ def test_var_command_line_and_bad_inputs(var_fixture, var_imported, tmp_path):
     torch.save(shared, tmp_path / "shared.pth")
     with pytest.raises(ValueError, match=r"share one AdaLN linear across blocks \(shared_aln\)"):
         write_var_checkpoints(str(folder / "vae.pth"), str(tmp_path / "shared.pth"), str(tmp_path / "x"), 2, 16, 10,
-                              tokenizer_settings=VAR_VAE, generator_settings={"width": 64, "heads": 2})  # fmt: skip
+                              tokenizer_settings=VAR_VAE, generator_settings={"dim": 64, "n_heads": 2})  # fmt: skip
 
 
 # ---- MAR's KL-16 -------------------------------------------------------------------------------------------------

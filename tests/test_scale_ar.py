@@ -107,7 +107,7 @@ def test_dropout_and_drop_path_are_off_in_eval_and_on_in_train():
 
 
 def test_width_not_divisible_by_heads_is_refused():
-    with pytest.raises(ValueError, match=r"width=30 is not divisible by heads=4"):
+    with pytest.raises(ValueError, match=r"dim=30 is not divisible by n_heads=4"):
         tiny(dim=30)
     with pytest.raises(ValueError, match=r"rope needs a head width .* divisible by 4"):
         tiny(dim=24, n_heads=4, rope=True)
@@ -150,13 +150,6 @@ def test_layers_extras_used_by_var():
 
 DEBUG_SCALE = CONFIGS / "debug" / "scale.yaml"
 GOLDEN = Path(__file__).parent / "golden" / "scale.json"
-
-
-@pytest.fixture(scope="session")
-def msvq_ckpt(checkpoints_root) -> Path:
-    """The debug multi-scale VQ tokenizer (configs/debug/tokenizer_msvq.yaml), freshly initialised: see the note
-    above conftest.debug_tokenizer (test_tokenizer.py trains it)."""
-    return checkpoint_for_config(CONFIGS / "debug" / "tokenizer_msvq.yaml", checkpoints_root)
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +295,7 @@ def test_compiled_system_trains_like_eager(msvq_ckpt):
 
     torch.manual_seed(0)
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])}
-    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2, class_dropout=0.0,
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, dim=32, n_heads=2, class_dropout=0.0,
               label_smoothing=0.1, scale_loss_weights=[1, 2, 3, 4])  # fmt: skip
     eager, compiled = ScaleARSystem(**kw).train(), ScaleARSystem(compile=True, **kw).train()
     compiled.load_state_dict(eager.state_dict())
@@ -314,11 +307,12 @@ def test_scale_loss_weights_select_scales(msvq_ckpt):
 
     torch.manual_seed(0)
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])}
-    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2, class_dropout=0.0)
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, dim=32, n_heads=2, class_dropout=0.0)
     only_last = ScaleARSystem(scale_loss_weights=[0, 0, 0, 1], **kw).eval()
     uniform = ScaleARSystem(**kw).eval()
     uniform.load_state_dict(only_last.state_dict())
-    hidden, cond, target = only_last.shared_step(batch)
+    hidden, cond, target = only_last.method.teacher_forced(only_last.model, only_last.tokenizer.quantizer,
+                                                           only_last.batch_tokens(batch), batch["label"])  # fmt: skip
     logits = only_last.model.logits(hidden, cond)  # (B, L, V)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L)
     torch.testing.assert_close(only_last.training_step(batch, 0), ce[:, -16:].mean())
@@ -331,7 +325,7 @@ def test_scale_loss_weights_select_scales(msvq_ckpt):
 def test_bad_settings_are_refused(msvq_ckpt, checkpoints_root, system):
     from lit_ar.systems import ScaleARSystem
 
-    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, width=32, heads=2)
+    kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, dim=32, n_heads=2)
     with pytest.raises(ValueError, match=r"model.init_args.scales=\[1, 2, 4\] differs from the tokenizer's scales="
                                          r"\[1, 2, 3, 4\]"):  # fmt: skip
         ScaleARSystem(scales=[1, 2, 4], **kw)

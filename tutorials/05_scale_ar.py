@@ -144,7 +144,7 @@ if CausalARSystem is not None:
     best = None  # same width, as many layers as gets closest to VAR's parameter count
     for n_layer in range(1, 8 * model.model.depth):
         torch.manual_seed(0)
-        candidate = CausalARSystem(vocab_size=vocab, grid_size=grid, dim=width, n_layer=n_layer, n_head=4,
+        candidate = CausalARSystem(vocab_size=vocab, grid_size=grid, dim=width, depth=n_layer, n_heads=4,
                                    image_size=model.hparams.image_size)  # fmt: skip
         gap = abs(sum(p.numel() for p in candidate.model.parameters()) - var_params)
         if best is not None and gap > best[0]:

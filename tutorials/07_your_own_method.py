@@ -122,7 +122,7 @@ print(spiral_order(4).argsort().view(4, 4))  # the step at which each position o
 
 # %%
 torch.manual_seed(0)
-core = CausalTransformer(vocab_size=16, grid_size=4, num_classes=3, dim=32, n_layer=2, n_head=2).eval()
+core = CausalTransformer(vocab_size=16, grid_size=4, num_classes=3, dim=32, depth=2, n_heads=2).eval()
 with torch.no_grad():
     for p in core.parameters():
         p.normal_(0.0, 0.3)

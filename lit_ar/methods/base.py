@@ -3,6 +3,7 @@
 A method is one file in lit_ar/methods/ with two entry points over a core and a head, in plain torch:
     loss(core, head, tokens, labels, draws) -> dict of loss terms ("loss" is the one optimised)
     sample(core, head, labels, guidance, settings, generator) -> tokens
+    validation(core, head, tokens, labels, draws) -> dict of the figures validation logs (default: the loss)
 Its settings are a dataclass extending `SamplingSettings`, whose attribute docstrings are the `--help` of
 `predict_kwargs`; the same object configures `lit_ar predict`, the sample grid, the evaluator and the FID callback.
 """
@@ -95,3 +96,21 @@ class ContinuousSampling(SamplingSettings):
         if self.cfg_schedule not in CONTINUOUS_CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r} is not supported here; use one of "
                              f"{CONTINUOUS_CFG_SCHEDULES} (guidance_interval limits CFG in flow time)")  # fmt: skip
+
+
+def check_head_batch_mul(head_batch_mul: int) -> None:
+    if head_batch_mul < 1:
+        raise ValueError(f"model.init_args.head_batch_mul={head_batch_mul} must be >= 1")
+
+
+class Method:
+    """What every method has beside its own `loss` and `sample`: its settings' class and `validation`, by default
+    the loss on the validation step's draws (with the true labels: class dropout is training's)."""
+
+    Sampling = SamplingSettings
+
+    def loss(self, core, head, tokens, labels, draws, **kwargs) -> dict:
+        raise NotImplementedError
+
+    def validation(self, core, head, tokens, labels, draws, **kwargs) -> dict:
+        return {"loss": self.loss(core, head, tokens, labels, draws, **kwargs)["loss"]}

@@ -15,10 +15,11 @@ cache across groups).
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lit_ar.draws import Draws
 from lit_ar.guidance import Guidance
-from lit_ar.methods.base import ContinuousSampling, SamplingSettings
+from lit_ar.methods.base import ContinuousSampling, Method, SamplingSettings, check_head_batch_mul
 from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.models.layers import clear_kv_caches, setup_kv_caches
 from lit_ar.sampling import filter_logits, gumbel_noise
@@ -48,7 +49,7 @@ def smoothed_codes(logits: torch.Tensor, settings: SamplingSettings, progress: f
     return weights @ codes  # (B, T, C)
 
 
-class NextScale:
+class NextScale(Method):
     """`label_smoothing` of the cross-entropy. The loss weighs each token by `token_weights` (L,), summing to 1 over
     a sample's tokens: the system's buffer, passed at each call, so it is on the model's device."""
 
@@ -75,6 +76,19 @@ class NextScale:
         hidden, cond, target = self.teacher_forced(core, quantizer, tokens, labels)
         ce = head.loss(hidden, target, draws, cond, reduction="none", label_smoothing=self.label_smoothing)
         return {"loss": self.weighted_loss(ce, target, token_weights)}
+
+    def validation(self, core, head: CategoricalHead, tokens: list[torch.Tensor], labels: torch.Tensor, draws: Draws,
+                   quantizer=None, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The loss, the token accuracy, and the accuracy of each scale (`token_acc_4x4`, ...)."""
+        hidden, cond, target = self.teacher_forced(core, quantizer, tokens, labels)
+        logits = head.logits(hidden, cond)  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
+                             label_smoothing=self.label_smoothing)  # fmt: skip
+        correct = (logits.argmax(-1) == target).float()  # (B, L)
+        terms = {"loss": self.weighted_loss(ce, target, token_weights), "token_acc": correct.mean()}
+        for s, (begin, end) in zip(core.scales, core.bounds):
+            terms[f"token_acc_{s}x{s}"] = correct[:, begin:end].mean()
+        return terms
 
     @torch.no_grad()
     def sample(self, core, head: CategoricalHead, labels: torch.Tensor, guidance: Guidance, settings: ScaleSampling,
@@ -109,12 +123,13 @@ class NextScale:
         return indices, f_hats
 
 
-class FlowGroups:
+class FlowGroups(Method):
     """`head_batch_mul`: (noise, time) draws per token sharing one pass of the core (MAR's diffusion_batch_mul)."""
 
     Sampling = ContinuousSampling
 
     def __init__(self, head_batch_mul: int = 1):
+        check_head_batch_mul(head_batch_mul)
         self.head_batch_mul = head_batch_mul
 
     def loss(self, core, head, tokens: torch.Tensor, labels: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from lit_ar.draws import Draws
 from lit_ar.guidance import Guidance
-from lit_ar.methods.base import ContinuousSampling, SamplingSettings
+from lit_ar.methods.base import ContinuousSampling, Method, SamplingSettings, check_head_batch_mul
 from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.sampling import filter_logits, gumbel_noise, mask_ratio, sample_logits, tokens_to_reveal
 
@@ -58,7 +59,7 @@ class MaskedSampling(SamplingSettings):
         tokens_to_reveal(self.mask_schedule, max(self.steps, 1), max(self.steps, 1), power=self.mask_power)
 
 
-class MaskGIT:
+class MaskGIT(Method):
     """`mask_schedule` / `mask_power`: the law of the training mask ratio; `label_smoothing` of the cross-entropy."""
 
     Sampling = MaskedSampling
@@ -93,6 +94,14 @@ class MaskGIT:
         # Mean over the masked tokens of the GLOBAL batch: DDP averages the ranks' gradients, so each rank divides
         # its sum by (global count / world); the result equals one process's mean over the same samples.
         return {"loss": ce * draws.world / global_masked}
+
+    def validation(self, core, head: CategoricalHead, tokens: torch.Tensor, labels: torch.Tensor,
+                   draws: Draws) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The loss without label smoothing, and the accuracy at the masked positions."""
+        hidden, targets, global_masked = self.masked_states(core, tokens, labels, draws)
+        logits = head.logits(hidden)  # (M, V)
+        loss = F.cross_entropy(logits, targets, reduction="sum") * draws.world / global_masked
+        return {"loss": loss, "token_acc": (logits.argmax(-1) == targets).float().mean()}
 
     @torch.no_grad()
     def sample(self, core, head: CategoricalHead, labels: torch.Tensor, guidance: Guidance, settings: MaskedSampling,
@@ -142,13 +151,16 @@ def truncated_normal(u: torch.Tensor, low: float, high: float, mean: float, std:
     return (mean + std * math.sqrt(2) * torch.erfinv(2 * p - 1)).clamp(low, high)
 
 
-class MAR:
+class MAR(Method):
     """`mask_ratio_min`: the lower end of the training mask ratio's law; `head_batch_mul`: (noise, time) draws per
     hidden token sharing one pass of the core (MAR's diffusion_batch_mul)."""
 
     Sampling = ContinuousSampling
 
     def __init__(self, mask_ratio_min: float = 0.7, head_batch_mul: int = 1):
+        if not 0.0 <= mask_ratio_min <= 1.0:
+            raise ValueError(f"model.init_args.mask_ratio_min={mask_ratio_min} must be in [0, 1]")
+        check_head_batch_mul(head_batch_mul)
         self.mask_ratio_min, self.head_batch_mul = mask_ratio_min, head_batch_mul
 
     def loss(self, core, head, tokens: torch.Tensor, labels: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:

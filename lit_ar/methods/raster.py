@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lit_ar.draws import Draws
 from lit_ar.guidance import Guidance
-from lit_ar.methods.base import SamplingSettings
+from lit_ar.methods.base import Method, SamplingSettings
 from lit_ar.models.categorical_head import CategoricalHead
 
 
@@ -37,7 +38,7 @@ def random_order_ratio(step: int, start: int, end: int) -> float:
     return 1.0 - (step - start) / (end - start)
 
 
-class RasterAR:
+class RasterAR(Method):
     """`random_order` (RAR): a function of the global step giving the probability of a random training order; None
     trains raster only (LlamaGen)."""
 
@@ -63,7 +64,17 @@ class RasterAR:
     def loss(self, core, head: CategoricalHead, tokens: torch.Tensor, labels: torch.Tensor,
              draws: Draws) -> dict[str, torch.Tensor]:  # fmt: skip
         fed, order, targets = self.train_inputs(tokens, draws)
-        return {"loss": head.loss(core.hidden(fed, labels, order), targets)}
+        loss = head.loss(core.hidden(fed, labels, order), targets)
+        if self.random_order is None:
+            return {"loss": loss}
+        return {"loss": loss, "rar_ratio": self.random_order(draws.step)}  # logged: the annealed ratio
+
+    def validation(self, core, head: CategoricalHead, tokens: torch.Tensor, labels: torch.Tensor,
+                   draws: Draws) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Raster order and the true labels, what sampling sees (not RAR's training orders)."""
+        logits = head.logits(core.hidden(tokens[:, :-1], labels))  # (B, L, V)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), tokens.flatten()),
+                "token_acc": (logits.argmax(-1) == tokens).float().mean()}  # fmt: skip
 
     @torch.no_grad()
     def sample(self, core, head: CategoricalHead, labels: torch.Tensor, guidance: Guidance, settings: RasterSampling,

@@ -42,6 +42,9 @@ class CategoricalHead:
     def __init__(self, core: nn.Module, compile: bool = False):
         self.core, self.compile = core, compile
 
+    def check_sampling(self, settings) -> None:
+        """Nothing to refuse: temperature, top_k and top_p are checked where the settings are parsed."""
+
     def logits(self, cond: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """States (..., C) -> logits (..., V) in fp32."""
         return self.core.logits(cond, *extra).float()

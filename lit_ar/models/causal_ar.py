@@ -27,15 +27,15 @@ from lit_ar.models.layers import Block, RMSNorm, clear_kv_caches, llama_hidden_d
 # LlamaGen's class-conditional sizes (GPT-B 111M ... GPT-XXXL 3.9B with 1000 classes and vocab 16384), then small
 # sizes for CPU work: nano for tests, micro/mini for the shapes configs and the benchmarks.
 PRESETS: dict[str, dict[str, int]] = {
-    "GPT-B": dict(dim=768, n_layer=12, n_head=12),
-    "GPT-L": dict(dim=1024, n_layer=24, n_head=16),
-    "GPT-XL": dict(dim=1280, n_layer=36, n_head=20),
-    "GPT-XXL": dict(dim=1536, n_layer=48, n_head=24),
-    "GPT-XXXL": dict(dim=2560, n_layer=48, n_head=40),
-    "GPT-3B": dict(dim=3200, n_layer=24, n_head=32),  # LlamaGen's released c2i 3B model (3.1B)
-    "GPT-nano": dict(dim=64, n_layer=2, n_head=4),
-    "GPT-micro": dict(dim=128, n_layer=4, n_head=4),
-    "GPT-mini": dict(dim=256, n_layer=6, n_head=8),
+    "GPT-B": dict(dim=768, depth=12, n_heads=12),
+    "GPT-L": dict(dim=1024, depth=24, n_heads=16),
+    "GPT-XL": dict(dim=1280, depth=36, n_heads=20),
+    "GPT-XXL": dict(dim=1536, depth=48, n_heads=24),
+    "GPT-XXXL": dict(dim=2560, depth=48, n_heads=40),
+    "GPT-3B": dict(dim=3200, depth=24, n_heads=32),  # LlamaGen's released c2i 3B model (3.1B)
+    "GPT-nano": dict(dim=64, depth=2, n_heads=4),
+    "GPT-micro": dict(dim=128, depth=4, n_heads=4),
+    "GPT-mini": dict(dim=256, depth=6, n_heads=8),
 }
 
 
@@ -46,9 +46,9 @@ class CausalTransformer(nn.Module):
         grid_size: int,
         num_classes: int,
         dim: int = 768,
-        n_layer: int = 12,
-        n_head: int = 12,
-        n_kv_head: int | None = None,
+        depth: int = 12,
+        n_heads: int = 12,
+        n_kv_heads: int | None = None,
         cls_token_num: int = 1,
         multiple_of: int = 256,
         ffn_dim_multiplier: float | None = None,
@@ -64,9 +64,9 @@ class CausalTransformer(nn.Module):
         initializer_range: float = 0.02,
     ):
         super().__init__()
-        head_dim = dim // n_head
-        if dim % n_head or head_dim % 4:
-            raise ValueError(f"dim={dim}, n_head={n_head}: 2D RoPE needs a head width dim/n_head divisible by 4")
+        head_dim = dim // n_heads
+        if dim % n_heads or head_dim % 4:
+            raise ValueError(f"dim={dim}, n_heads={n_heads}: 2D RoPE needs a head width dim/n_heads divisible by 4")
         if cls_token_num < 1:
             raise ValueError(f"cls_token_num={cls_token_num} must be >= 1 (the class prefix predicts token 0)")
         if prefix_rope not in ("identity", "zero"):
@@ -74,7 +74,7 @@ class CausalTransformer(nn.Module):
         self.vocab_size, self.grid_size, self.num_classes = vocab_size, grid_size, num_classes
         self.num_tokens = grid_size * grid_size  # L
         self.cls_token_num = cls_token_num  # P
-        self.dim = dim
+        self.dim, self.depth = dim, depth
 
         # P prefix tokens per label; row num_classes is the null class (CFG). P = 1 is LlamaGen's c2i layout.
         self.cls_embedding = nn.Embedding(num_classes + 1, cls_token_num * dim)
@@ -83,12 +83,12 @@ class CausalTransformer(nn.Module):
         self.target_pos = nn.Embedding(self.num_tokens, dim) if target_aware else None
         self.tok_dropout = nn.Dropout(token_dropout)
         hidden = llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
-        rates = [drop_path * i / max(n_layer - 1, 1) for i in range(n_layer)]  # stochastic depth grows with depth
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.layers = nn.ModuleList(
-            Block(dim, n_head, n_kv_head, mlp="swiglu", mlp_hidden=hidden, norm="rms", norm_eps=norm_eps,
+            Block(dim, n_heads, n_kv_heads, mlp="swiglu", mlp_hidden=hidden, norm="rms", norm_eps=norm_eps,
                   qk_norm=qk_norm, bias=False, attn_dropout=attn_dropout, resid_dropout=resid_dropout,
                   drop_path=rates[i])
-            for i in range(n_layer)
+            for i in range(depth)
         )  # fmt: skip
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)

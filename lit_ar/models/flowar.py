@@ -67,7 +67,7 @@ class FlowARTransformer(nn.Module):
         else:
             raise ValueError(f"order={order!r} is not supported; use 'scale' or 'raster'")
         self.token_dim, self.grid_size, self.num_classes, self.order = token_dim, grid_size, num_classes, order
-        self.scales, self.sizes, self.dim = scales, sizes, dim
+        self.scales, self.sizes, self.dim, self.depth = scales, sizes, dim, depth
         self.seq_len = sum(sizes)
         # block-causal mask, True = may attend: position i sees j when j's group is not after i's
         group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (T,)

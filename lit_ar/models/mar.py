@@ -44,7 +44,7 @@ class MARTransformer(nn.Module):
         decoder_dim, decoder_depth = decoder_dim or dim, decoder_depth or depth
         decoder_heads = decoder_heads or n_heads
         self.token_dim, self.seq_len, self.num_classes, self.buffer_size = token_dim, seq_len, num_classes, buffer_size
-        self.dim, self.decoder_dim = dim, decoder_dim
+        self.dim, self.depth, self.decoder_dim = dim, depth, decoder_dim
 
         def block(width: int, heads: int) -> Block:  # timm's ViT block, as MAR uses: LayerNorm, exact GELU, biases
             return Block(width, heads, mlp="gelu", mlp_hidden=int(width * mlp_ratio), norm="layer", norm_eps=1e-6,

@@ -19,9 +19,9 @@ from lit_ar.models.layers import Block, make_norm, rope_2d
 # "base" is MaskGIT's transformer (24 layers, 16 heads, width 768, GELU MLP 3072, ~170M parameters with a
 # 1024-entry codebook).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4),
-    "small": dict(dim=384, n_layers=8, n_heads=6),
-    "base": dict(dim=768, n_layers=24, n_heads=16),
+    "tiny": dict(dim=64, depth=2, n_heads=4),
+    "small": dict(dim=384, depth=8, n_heads=6),
+    "base": dict(dim=768, depth=24, n_heads=16),
 }
 
 
@@ -32,7 +32,7 @@ class MaskedTransformer(nn.Module):
         grid_size: int,
         num_classes: int,
         dim: int = 64,
-        n_layers: int = 2,
+        depth: int = 2,
         n_heads: int = 4,
         n_kv_heads: int | None = None,
         mlp: Literal["gelu", "swiglu"] = "gelu",
@@ -56,6 +56,7 @@ class MaskedTransformer(nn.Module):
                 f"got dim={dim}, n_heads={n_heads} (head_dim={head_dim})"
             )
         self.vocab_size, self.grid_size, self.num_classes = vocab_size, grid_size, num_classes
+        self.dim, self.depth = dim, depth
         self.num_tokens = grid_size * grid_size
         self.mask_token = vocab_size  # the extra input row of the token embedding
         self.pos_embed = pos_embed
@@ -74,8 +75,8 @@ class MaskedTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, n_heads, n_kv_heads, mlp=mlp, mlp_hidden=int(mlp_ratio * dim) if mlp_ratio else None, norm=norm,
                   norm_eps=norm_eps, qk_norm=qk_norm, bias=bias, resid_dropout=dropout,
-                  drop_path=drop_path * i / max(n_layers - 1, 1))  # stochastic depth grows with depth
-            for i in range(n_layers)
+                  drop_path=drop_path * i / max(depth - 1, 1))  # stochastic depth grows with depth
+            for i in range(depth)
         )  # fmt: skip
         self.norm = make_norm(norm, dim, norm_eps)
         self.head = nn.Linear(dim, vocab_size)  # predicts codebook entries only, never the mask token

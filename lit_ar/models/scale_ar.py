@@ -80,9 +80,9 @@ class ScaleTransformer(nn.Module):
         dim = dim or 64 * depth  # VAR's depth rule
         n_heads = n_heads or depth
         if dim % n_heads:
-            raise ValueError(f"width={dim} is not divisible by heads={n_heads}")
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         if rope and (dim // n_heads) % 4:
-            raise ValueError(f"rope needs a head width (width / heads = {dim // n_heads}) divisible by 4")
+            raise ValueError(f"rope needs a head width (dim / n_heads = {dim // n_heads}) divisible by 4")
         self.num_classes, self.vocab_size, self.codebook_dim = num_classes, vocab_size, codebook_dim
         self.scales, self.dim, self.depth = tuple(scales), dim, depth
         self.seq_len = sum(s * s for s in self.scales)  # L

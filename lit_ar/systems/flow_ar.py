@@ -1,16 +1,8 @@
-"""FlowARSystem: continuous-token AR with a per-token flow-matching head (or MAR's diffusion head), over one of three
-backbones, each a core and a method:
-
-- `mar`: MAR (Li et al. 2024): a bidirectional encoder-decoder core and the masked method's `MAR`
-  (lit_ar/methods/masked.py): random order, a truncated-normal mask ratio, N sampling steps with a cosine schedule.
-- `flowar`: FlowAR (Ren et al. 2024): scales that double, block-causal attention, each scale's input the previous
-  scale upsampled; the group method's `FlowGroups` (lit_ar/methods/groups.py), a scale at a time on a KV cache.
-- `causal`: continuous raster AR (causal attention, one token at a time, KV cache): `FlowGroups` with one token per
-  group.
-
-The head is the rectified-flow one (`head: flow`, lit_ar's default) or MAR's DDPM (`head: diffusion`,
-lit_ar.models.diffusion_head), with which MAR's released generators run in lit_ar. Every random draw in training
-comes from the step's `Draws` (lit_ar/draws.py), so 2 processes at batch B/2 draw what 1 process at batch B draws.
+"""FlowARSystem: continuous-token AR with a per-token flow-matching head (or MAR's diffusion head) over one of three
+backbones, each a core and a method: `mar` (MAR: `MARTransformer` and lit_ar/methods/masked.py's `MAR`), `flowar`
+(FlowAR: `FlowARTransformer` over doubling scales and lit_ar/methods/groups.py's `FlowGroups`) and `causal`
+(continuous raster AR: the same core and method, one token per group). The `diffusion` head is what MAR's released
+generators run with in lit_ar.
 """
 
 from typing import Literal
@@ -25,7 +17,7 @@ from lit_ar.models.flow_head import FlowHead
 from lit_ar.models.flowar import FlowARTransformer
 from lit_ar.models.mar import MARTransformer
 from lit_ar.performance import compile_blocks_in_place
-from lit_ar.systems.generator import GeneratorSystem, eval_mode
+from lit_ar.systems.generator import GeneratorSystem
 
 BACKBONES = ("mar", "flowar", "causal")
 HEADS = ("flow", "diffusion")
@@ -97,10 +89,6 @@ class FlowARSystem(GeneratorSystem):
             raise ValueError(f"model.init_args.backbone={backbone!r} is not known; use one of {BACKBONES}")
         if scales is not None and backbone != "flowar":
             raise ValueError(f"model.init_args.scales={scales} applies to backbone='flowar' only, not {backbone!r}")
-        if not 0.0 <= mask_ratio_min <= 1.0:
-            raise ValueError(f"model.init_args.mask_ratio_min={mask_ratio_min} must be in [0, 1]")
-        if head_batch_mul < 1:
-            raise ValueError(f"model.init_args.head_batch_mul={head_batch_mul} must be >= 1")
         if head not in HEADS:
             raise ValueError(f"model.init_args.head={head!r} is not known; use one of {HEADS}")
         if head == "diffusion" and time_sampling != "uniform":
@@ -108,33 +96,27 @@ class FlowARSystem(GeneratorSystem):
                              "diffusion head draws its DDPM steps uniformly (leave it 'uniform')")  # fmt: skip
         token_dim, grid_size = self.resolve_tokens(token_dim=token_dim, grid_size=grid_size)
         self.token_dim, self.grid_size = token_dim, grid_size
-        num_classes = self.hparams.num_classes
-        common = dict(dim=dim, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, attn_dropout=attn_dropout,
-                      proj_dropout=proj_dropout)  # fmt: skip
-        if backbone == "mar":
-            self.core = MARTransformer(token_dim, grid_size**2, num_classes, decoder_depth=decoder_depth,
-                                       buffer_size=buffer_size, **common)  # fmt: skip
-        else:
-            order = "scale" if backbone == "flowar" else "raster"
-            self.core = FlowARTransformer(token_dim, grid_size, num_classes, order=order, scales=scales, **common)
-        # MAR's decoder width is its encoder's (dim), the head's condition
-        if head == "diffusion":
-            self.head = DiffusionHead(token_dim, dim, head_width, head_depth)
-        else:
-            self.head = FlowHead(token_dim, dim, head_width, head_depth, time_sampling=time_sampling)
+        sizes = dict(dim=dim, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, attn_dropout=attn_dropout,
+                     proj_dropout=proj_dropout)  # fmt: skip
         if backbone == "mar":
             self.method = MAR(mask_ratio_min, head_batch_mul)
+            self.core = MARTransformer(token_dim, grid_size**2, self.hparams.num_classes, decoder_depth=decoder_depth,
+                                       buffer_size=buffer_size, **sizes)  # fmt: skip
         else:
             self.method = FlowGroups(head_batch_mul)
+            self.core = FlowARTransformer(token_dim, grid_size, self.hparams.num_classes, scales=scales,
+                                          order="scale" if backbone == "flowar" else "raster", **sizes)  # fmt: skip
+        # the head's condition is the core's width (MAR's decoder width is its encoder's)
+        self.head = (DiffusionHead(token_dim, dim, head_width, head_depth) if head == "diffusion" else
+                     FlowHead(token_dim, dim, head_width, head_depth, time_sampling=time_sampling))  # fmt: skip
         if self.hparams.compile:
             # MAR's encoder length and head rows change at every step (the mask ratio is drawn per batch)
             dynamic = True if backbone == "mar" else None
             compile_blocks_in_place(self.core.blocks, dynamic)
             # the whole head, not its blocks: sampling calls it flow_steps times per AR step on a few rows, where
-            # one graph a call beats a dozen eager ops around compiled blocks (MAR small, bf16: 1.12x)
+            # one graph a call beats a dozen eager ops around compiled blocks (`python -m benchmarks`)
             self.head.compile(dynamic=dynamic)  # in place, so checkpoint keys carry no `_orig_mod.`
 
-    # -- training ------------------------------------------------------------------------------------------------
     def tokens_from_batch(self, batch: dict) -> torch.Tensor:
         """Continuous tokens (B, L, D): from a token cache, or encoded now (a posterior sample or the mean)."""
         if "tokens" in batch:
@@ -150,31 +132,9 @@ class FlowARSystem(GeneratorSystem):
         self.head.check_tokens(tokens, "the tokenizer's tokens")
         return tokens
 
-    def loss(self, batch: dict, draws) -> torch.Tensor:
-        """The step's loss: class dropout (training only), then the method's draw and loss over the core and head."""
-        tokens = self.batch_tokens(batch)
-        labels = self.training_labels(batch["label"], draws) if self.training else batch["label"]
-        return self.method.loss(self.core, self.head, tokens, labels, draws)["loss"]
+    def sampling_modules(self) -> list:
+        # the blocks' and the head's linear weights, but not the head's time embedding: an fp32 island
+        return [*self.core.blocks, *(m for name, m in self.head.named_children() if name != "time_embed")]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.draws("val", batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    # -- sampling ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):
-        """labels (B,) -> continuous tokens (B, L, D), with the settings of `ContinuousSampling` (cfg and its
-        schedule over the AR steps, temperature, steps, flow_steps, sampler, guidance_interval)."""
-        labels, settings, guidance = self.sampling_call(labels, settings)
-        self.head.check_sampling(settings)  # the head's steps and sampler, before any work
-        # the backbone blocks' and the head's linear weights cast once for the call (exact; see
-        # linears_in_autocast_dtype), but not the head's time embedding: an fp32 island, which casts nothing
-        head_linears = [m for name, m in self.head.named_children() if name != "time_embed"]
-        with eval_mode(self.core), eval_mode(self.head), self.linears_cast_for_sampling([*self.core.blocks,
-                                                                                         *head_linears]):  # fmt: skip
-            if self.hparams.backbone == "mar":
-                return self.method.sample(self.core, self.head, labels, guidance, settings, generator)
-            autocast = torch.is_autocast_enabled(self.device.type)
-            dtype = torch.get_autocast_dtype(self.device.type) if autocast else self.core.pos.dtype
-            return self.method.sample(self.core, self.head, labels, guidance, settings, generator, cache_dtype=dtype)
+    def sampling_kwargs(self) -> dict:
+        return {} if self.hparams.backbone == "mar" else {"cache_dtype": self.cache_dtype()}

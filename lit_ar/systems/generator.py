@@ -23,6 +23,7 @@ from lit_ar.draws import Draws
 from lit_ar.evaluation import GeneratorEvaluator
 from lit_ar.guidance import Guidance
 from lit_ar.methods.base import SamplingSettings
+from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.performance import enable_activation_checkpointing, linears_in_autocast_dtype
 from lit_ar.systems.lr_schedule import warmup_cosine
 from lit_ar.tokenizers import load_tokenizer
@@ -41,6 +42,21 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def sizes_under_former_names(sizes: dict, former: dict[str, tuple[str, int | None]]) -> dict:
+    """The core's sizes in lit_ar's one vocabulary (`dim`, `depth`, `n_heads`, `n_kv_heads`), with the value of each
+    former name, {old: (new, value)}, moved to its new name: configs and checkpoints written before the rename still
+    load. Both names set to different values is refused."""
+    sizes = dict(sizes)
+    for old, (new, value) in former.items():
+        if value is None:
+            continue
+        if sizes.get(new) is not None and sizes[new] != value:
+            raise ValueError(f"model.init_args.{old}={value} and model.init_args.{new}={sizes[new]} disagree: {old} is "
+                             f"the former name of {new}; set {new} only")  # fmt: skip
+        sizes[new] = value
+    return sizes
+
+
 class GeneratorSystem(L.LightningModule):
     # Whether the family models continuous tokens (B, L, D) (the flow family) or discrete ids: a tokenizer of the
     # other kind is refused when it is loaded.
@@ -50,6 +66,8 @@ class GeneratorSystem(L.LightningModule):
     Sampling: type[SamplingSettings] = SamplingSettings
     # The attribute that holds the family's core (the flow family's is `core`, for its checkpoints' keys)
     core_name: str = "model"
+    # Whether sampling takes the null class as a label (unconditional samples; MaskGIT's, when trained with dropout)
+    samples_null_class: bool = False
 
     def __init__(
         self,
@@ -232,6 +250,19 @@ class GeneratorSystem(L.LightningModule):
         """The settings' guidance, its negative branch this model with the null class."""
         return settings.guidance(null_class=self.hparams.num_classes)
 
+    # -- the generator: a core, a head and a method -----------------------------------------------------------------
+    @property
+    def core(self) -> nn.Module:
+        """The family's core, under its checkpoints' name (`model`; the flow family's `core`)."""
+        return self._modules[self.core_name]
+
+    @property
+    def head(self):
+        """The family's head: its own module (`self.head = FlowHead(...)`: flow, diffusion), or the categorical head
+        over the core's own output layer, which holds no weights of its own (checkpoint keys stay the core's)."""
+        own = self._modules.get("head")
+        return own if own is not None else CategoricalHead(self.core, compile=self.hparams.compile)
+
     # -- training randomness -------------------------------------------------------------------------------------
     def draws(self, stage: str, batch_idx: int) -> Draws:
         """The step's `Draws`, seeded by (run seed, stage, global step, batch index), drawn for the global batch and
@@ -253,20 +284,31 @@ class GeneratorSystem(L.LightningModule):
         """What the family's method needs beyond the core and the head (VAR: the tokenizer's quantizer)."""
         return {}
 
+    def loss_terms(self, batch: dict, draws: Draws, class_dropout: bool = True) -> dict[str, torch.Tensor]:
+        """The method's loss terms on a batch: class dropout first (drawn first), then the method's own draw."""
+        tokens = self.batch_tokens(batch)
+        labels = self.training_labels(batch["label"], draws) if class_dropout else batch["label"]
+        return self.method.loss(self.core, self.head, tokens, labels, draws, **self.method_kwargs())
+
+    def loss(self, batch: dict, draws: Draws) -> torch.Tensor:
+        """The loss on a batch and the given draws, with class dropout in training mode only."""
+        return self.loss_terms(batch, draws, class_dropout=self.training)["loss"]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The method's loss on the step's draws: class dropout first, then the method's own draw."""
-        draws = self.draws("train", batch_idx)
-        tokens = self.batch_tokens(batch)
-        labels = self.training_labels(batch["label"], draws)
-        terms = self.method.loss(
-            getattr(self, self.core_name), self.head, tokens, labels, draws, **self.method_kwargs()
-        )
+        terms = self.loss_terms(batch, self.draws("train", batch_idx))
         # sync_dist: the logged loss is the global-batch loss, the same figure on 1 or N devices
-        self.log("train/loss", terms["loss"], prog_bar=True, sync_dist=True)
         for name, value in terms.items():
-            if name != "loss":
-                self.log(f"train/{name}", value, sync_dist=True)
+            self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True)
         return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The method's validation figures (`val/loss`, ...) on the batch: true labels, the stage's own draws."""
+        terms = self.method.validation(self.core, self.head, self.batch_tokens(batch), batch["label"],
+                                       self.draws("val", batch_idx), **self.method_kwargs())  # fmt: skip
+        for name, value in terms.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
+        return terms
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -352,9 +394,38 @@ class GeneratorSystem(L.LightningModule):
         labels = self.sampling_labels(labels, settings.cfg, allow_null)
         return labels, settings, self.guidance(settings)
 
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: the autocast dtype where sampling runs under autocast, else the core's weights'."""
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.get_autocast_dtype(self.device.type)
+        return next(self.core.parameters()).dtype
+
+    def sampling_modules(self) -> list[nn.Module]:
+        """The modules whose linear weights are cast once per sampling call (see linears_in_autocast_dtype)."""
+        return list(self.core.blocks)
+
+    def sampling_kwargs(self) -> dict:
+        """What the family's method takes at sampling beyond the core, head, labels, guidance and settings."""
+        return self.method_kwargs()
+
+    @torch.no_grad()
+    def run_sampler(self, labels: torch.Tensor, generator: torch.Generator | None, settings: dict, **method_args):
+        """labels (B,) -> the method's sample: settings typed, labels checked and the head's sampling settings
+        checked before any work; the core (and the head) in eval mode, its linears cast once for the call."""
+        labels, settings, guidance = self.sampling_call(labels, settings, allow_null=self.samples_null_class
+                                                        and self.hparams.class_dropout > 0)  # fmt: skip
+        self.head.check_sampling(settings)
+        with contextlib.ExitStack() as stack:
+            for module in (self.core, self.head):
+                if isinstance(module, nn.Module):
+                    stack.enter_context(eval_mode(module))
+            stack.enter_context(self.linears_cast_for_sampling(self.sampling_modules()))
+            return self.method.sample(self.core, self.head, labels, guidance, settings, generator,
+                                      **self.sampling_kwargs(), **method_args)  # fmt: skip
+
     def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):
-        """labels (B,) -> tokens, by the family's method. Implemented by each family."""
-        raise NotImplementedError
+        """labels (B,) -> tokens by the family's method, with the settings of the family's `Sampling`."""
+        return self.run_sampler(labels, generator, settings)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings) -> torch.Tensor:

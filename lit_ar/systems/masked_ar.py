@@ -1,24 +1,22 @@
 """MaskedARSystem: MaskGIT over a frozen discrete tokenizer: a `MaskedTransformer` core, the categorical head and the
 masked method (lit_ar/methods/masked.py), which holds the training draw (mask ratio and positions) and the parallel
-decoding loop.
+decoding loop, and validation (loss and accuracy at the masked positions).
 """
 
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-import torchmetrics
 
 from lit_ar.methods.masked import MaskedSampling, MaskGIT
-from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.models.masked_ar import PRESETS, MaskedTransformer
 from lit_ar.performance import compile_blocks_in_place
 from lit_ar.sampling import MASK_SCHEDULES
-from lit_ar.systems.generator import GeneratorSystem, eval_mode
+from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
 
 
 class MaskedARSystem(GeneratorSystem):
     Sampling = MaskedSampling
+    samples_null_class = True  # unconditional samples, when trained with class dropout
 
     def __init__(
         self,
@@ -26,7 +24,7 @@ class MaskedARSystem(GeneratorSystem):
         vocab_size: int | None = None,
         grid_size: int | None = None,
         dim: int | None = None,
-        n_layers: int | None = None,
+        depth: int | None = None,
         n_heads: int | None = None,
         mlp: Literal["gelu", "swiglu"] = "gelu",
         norm: Literal["rms", "layer"] = "layer",
@@ -38,16 +36,17 @@ class MaskedARSystem(GeneratorSystem):
         mask_power: float = 2.0,
         label_smoothing: float = 0.1,
         predict_kwargs: MaskedSampling | None = None,
+        n_layers: int | None = None,
         **kwargs,
     ):
         """
         Args:
             preset: Transformer size: tiny (CPU tests), small (shapes on one GPU), base (MaskGIT: 24 layers, width
-                768, 16 heads). `dim`, `n_layers`, `n_heads` override it.
+                768, 16 heads). `dim`, `depth`, `n_heads` override it.
             vocab_size: Codebook size; None takes the tokenizer's (if given it must equal the tokenizer's).
             grid_size: Token grid side (L = grid_size**2 tokens); None takes the tokenizer's.
             dim: Width (overrides the preset).
-            n_layers: Number of transformer blocks (overrides the preset).
+            depth: Number of transformer blocks (overrides the preset).
             n_heads: Attention heads (overrides the preset).
             mlp: MLP type: gelu (MaskGIT, 4x width) or swiglu (LLaMA).
             norm: Normalisation: layer (MaskGIT) or rms.
@@ -60,6 +59,7 @@ class MaskedARSystem(GeneratorSystem):
             mask_power: Exponent of the `power` schedule (ratio = 1 - u**mask_power).
             label_smoothing: Label smoothing of the cross-entropy on masked tokens (MaskGIT: 0.1).
             predict_kwargs: Sampling settings (see GeneratorSystem).
+            n_layers: Former name of `depth` (configs and checkpoints written before lit_ar's one size vocabulary).
         """
         super().__init__(predict_kwargs=predict_kwargs, **kwargs)
         if preset not in PRESETS:
@@ -71,22 +71,16 @@ class MaskedARSystem(GeneratorSystem):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.init_args.label_smoothing={label_smoothing} must be in [0, 1)")
         vocab_size, grid_size = self.resolve_tokens(vocab_size=vocab_size, grid_size=grid_size)
+        sizes = sizes_under_former_names(dict(dim=dim, depth=depth, n_heads=n_heads), {"n_layers": ("depth", n_layers)})
         self.model = MaskedTransformer.from_preset(
-            preset, vocab_size, grid_size, self.hparams.num_classes, dim=dim, n_layers=n_layers, n_heads=n_heads,
-            mlp=mlp, norm=norm, qk_norm=qk_norm, pos_embed=pos_embed, dropout=dropout, drop_path=drop_path,
+            preset, vocab_size, grid_size, self.hparams.num_classes, **sizes, mlp=mlp, norm=norm, qk_norm=qk_norm,
+            pos_embed=pos_embed, dropout=dropout, drop_path=drop_path,
         )  # fmt: skip
         self.method = MaskGIT(mask_schedule, mask_power, label_smoothing)
         if self.hparams.compile:
             compile_blocks_in_place(self.model.blocks)
-        self.val_token_acc = torchmetrics.MeanMetric()
         self._checked_token_range = False
 
-    @property
-    def head(self) -> CategoricalHead:
-        """The categorical head over the core's own output layer (it holds no weights of its own)."""
-        return CategoricalHead(self.model, compile=self.hparams.compile)
-
-    # -- training ----------------------------------------------------------------------------------------------
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch)  # (B, L)
         L, V = self.model.num_tokens, self.model.vocab_size
@@ -100,26 +94,9 @@ class MaskedARSystem(GeneratorSystem):
             self._checked_token_range = True
         return tokens.long()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        tokens, draws = self.batch_tokens(batch), self.draws("val", batch_idx)
-        hidden, targets, global_masked = self.method.masked_states(self.model, tokens, batch["label"], draws)
-        logits = self.head.logits(hidden)  # (M, V)
-        loss = F.cross_entropy(logits, targets, reduction="sum") * draws.world / global_masked
-        self.val_token_acc.update((logits.argmax(-1) == targets).float())
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/token_acc", self.val_token_acc)
-
-    # -- sampling ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, return_trace: bool = False,
                  **settings):  # fmt: skip
         """labels (B,) -> tokens (B, L) by MaskGIT parallel decoding, with the settings of `MaskedSampling`; with
         return_trace also the grid before each step and after the last (see MaskGIT.sample). Labels may be the null
         class (unconditional) when the model was trained with class dropout."""
-        labels, settings, guidance = self.sampling_call(labels, settings, allow_null=self.hparams.class_dropout > 0)
-        # the blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype)
-        with eval_mode(self.model), self.linears_cast_for_sampling(self.model.blocks):
-            return self.method.sample(self.model, self.head, labels, guidance, settings, generator, return_trace)
-
-    def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):
-        return self.generate(labels, generator, **settings)
+        return self.run_sampler(labels, generator, settings, return_trace=return_trace)

@@ -4,13 +4,11 @@ core, the categorical head (VAR's AdaLN head inside the core) and the group meth
 """
 
 import torch
-import torch.nn.functional as F
 
 from lit_ar.methods.groups import NextScale, ScaleSampling
-from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.models.scale_ar import ScaleTransformer
 from lit_ar.performance import compile_blocks_in_place
-from lit_ar.systems.generator import GeneratorSystem, eval_mode
+from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
 
 
 class ScaleARSystem(GeneratorSystem):
@@ -19,8 +17,8 @@ class ScaleARSystem(GeneratorSystem):
     def __init__(
         self,
         depth: int = 16,
-        width: int | None = None,
-        heads: int | None = None,
+        dim: int | None = None,
+        n_heads: int | None = None,
         mlp_ratio: float = 4.0,
         cosine_attn: bool = True,
         shared_adaln: bool = False,
@@ -32,14 +30,16 @@ class ScaleARSystem(GeneratorSystem):
         scale_loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         predict_kwargs: ScaleSampling | None = None,
+        width: int | None = None,
+        heads: int | None = None,
         **kwargs,
     ):
         """
         Args:
-            depth: Transformer blocks. VAR's presets: width = 64 * depth and heads = depth, so depth 16/20/24/30
+            depth: Transformer blocks. VAR's presets: dim = 64 * depth and n_heads = depth, so depth 16/20/24/30
                 give VAR-d16/d20/d24/d30 (310M parameters for d16 with 1000 classes and 4096 codes of width 32).
-            width: Model width; None follows VAR's rule, 64 * depth.
-            heads: Attention heads; None follows VAR's rule, depth.
+            dim: Model width; None follows VAR's rule, 64 * depth.
+            n_heads: Attention heads; None follows VAR's rule, depth.
             mlp_ratio: MLP hidden width as a multiple of the width (GELU-tanh MLP, VAR's 4).
             cosine_attn: Cosine (l2-normalised q, k) attention with a learned per-head scale, as VAR.
             shared_adaln: One AdaLN linear shared by all blocks (each adds a learned offset) instead of one per block
@@ -56,6 +56,8 @@ class ScaleARSystem(GeneratorSystem):
                 equally (VAR), so finer scales, having more tokens, count more.
             label_smoothing: Cross-entropy label smoothing.
             predict_kwargs: Sampling settings (see GeneratorSystem).
+            width: Former name of `dim` (configs and checkpoints written before lit_ar's one size vocabulary).
+            heads: Former name of `n_heads`.
         """
         super().__init__(predict_kwargs=predict_kwargs, **kwargs)
         if self.tokenizer is None:
@@ -75,9 +77,11 @@ class ScaleARSystem(GeneratorSystem):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.init_args.label_smoothing={label_smoothing} must be in [0, 1)")
+        sizes = sizes_under_former_names(dict(dim=dim, n_heads=n_heads),
+                                         dict(width=("dim", width), heads=("n_heads", heads)))  # fmt: skip
         self.model = ScaleTransformer(
-            self.hparams.num_classes, tok.vocab_size, tok.latent_channels, self.scales, depth, width, heads,
-            mlp_ratio, cosine_attn=cosine_attn, shared_adaln=shared_adaln, rope=rope, dropout=dropout,
+            self.hparams.num_classes, tok.vocab_size, tok.latent_channels, self.scales, depth, **sizes,
+            mlp_ratio=mlp_ratio, cosine_attn=cosine_attn, shared_adaln=shared_adaln, rope=rope, dropout=dropout,
             attn_dropout=attn_dropout, drop_path=drop_path,
         )  # fmt: skip
         weights = torch.tensor(scale_loss_weights or [1.0] * len(self.scales), dtype=torch.float32)
@@ -86,11 +90,6 @@ class ScaleARSystem(GeneratorSystem):
         self.method = NextScale(label_smoothing)
         if self.hparams.compile:
             compile_blocks_in_place(self.model.blocks)
-
-    @property
-    def head(self) -> CategoricalHead:
-        """The categorical head over the core's own output layer (it holds no weights of its own)."""
-        return CategoricalHead(self.model, compile=self.hparams.compile)
 
     # -- training ----------------------------------------------------------------------------------------------
     def batch_tokens(self, batch: dict) -> list[torch.Tensor]:
@@ -104,39 +103,8 @@ class ScaleARSystem(GeneratorSystem):
         # the quantizer builds the next scale's input, in training and sampling
         return {"quantizer": self.tokenizer.quantizer, "token_weights": self.token_weights}
 
-    def shared_step(self, batch: dict, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher-forced pass -> the core's last-block states (B, L, C), the head's class embedding (B, C) and
-        the targets (B, L)."""
-        draws = draws or self.draws("train" if self.training else "val", 0)
-        labels = self.training_labels(batch["label"], draws) if self.training else batch["label"]
-        return self.method.teacher_forced(self.model, self.tokenizer.quantizer, self.batch_tokens(batch), labels)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        hidden, cond, target = self.shared_step(batch, self.draws("val", batch_idx))
-        logits = self.model.logits(hidden, cond).float()  # (B, L, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
-                             label_smoothing=self.hparams.label_smoothing)  # fmt: skip
-        loss = self.method.weighted_loss(ce, target, self.token_weights)
-        correct = (logits.argmax(-1) == target).float()  # (B, L)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/token_acc", correct.mean(), sync_dist=True)
-        for k, (begin, end) in enumerate(self.model.bounds):
-            s = self.scales[k]
-            self.log(f"val/token_acc_{s}x{s}", correct[:, begin:end].mean(), sync_dist=True)
-
-    # -- sampling ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None,
-                      **settings) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
-        """labels (B,) -> the sampled index maps [(B, s_k^2) long per scale] and the tokenizer's cumulative latent
-        map f_hat (B, Cv, G, G) after each scale, with the settings of `ScaleSampling`."""
-        labels, settings, guidance = self.sampling_call(labels, settings)
-        autocast = torch.is_autocast_enabled(self.device.type)
-        dtype = torch.get_autocast_dtype(self.device.type) if autocast else self.model.head.weight.dtype
-        # the blocks' linear weights cast once for the call (exact; see linears_in_autocast_dtype)
-        with eval_mode(self.model), self.linears_cast_for_sampling(self.model.blocks):
-            return self.method.sample(self.model, self.head, labels, guidance, settings, generator,
-                                      quantizer=self.tokenizer.quantizer, cache_dtype=dtype)  # fmt: skip
+    def sampling_kwargs(self) -> dict:
+        return {"quantizer": self.tokenizer.quantizer, "cache_dtype": self.cache_dtype()}
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None, return_scales: bool = False,
