@@ -9,7 +9,7 @@
 # %% [markdown]
 # # 01 — Every generator family on `shapes` (and `digits`), at one training budget, under one evaluation protocol
 #
-# This notebook reproduces the family-comparison table of the README on the leaderboard
+# This notebook reproduces the family-comparison tables of docs/results.md on the leaderboard
 # (`benchmarks.leaderboard`, docs/leaderboard.md), which
 # 1. trains the tier's classifier (the FID feature extractor) and the tokenizers the methods need: VQ for the
 #    discrete families (LlamaGen, RAR, MaskGIT), multi-scale VQ for VAR, KL for the continuous ones (MAR, FlowAR);
@@ -28,7 +28,7 @@
 #
 # Sizes. With `LIT_AR_SMALL=1` (the tests) it runs the leaderboard's `debug` tier (16x16 images, tiny models, 16
 # steps each, 4 samples per class): about a minute on 2 CPU cores, and the figures mean nothing beyond "the pipeline
-# works". `LIT_AR_TIER=shapes32` is the CPU tier behind the README's table (32x32 images, 1000 steps of batch 32 per
+# works". `LIT_AR_TIER=shapes32` is the CPU tier of docs/results.md (32x32 images, 1000 steps of batch 32 per
 # method, 50 samples per class), `LIT_AR_TIER=digits` the same budget on scikit-learn's real digits, and the default,
 # `shapes`, the 64x64 tier (the leaderboard's `shapes64`: 3000 steps of batch 32, a GPU job). `LIT_AR_STEPS`
 # changes the step budget and `LIT_AR_FAMILIES` (comma-separated leaderboard names) runs a subset.
@@ -65,7 +65,7 @@ tier = TIERS[LEADERBOARD_TIER[TIER]]
 RUN_DIR = Path(os.environ.get("LIT_AR_RUN_DIR") or tempfile.mkdtemp(prefix="lit_ar_notebook01_"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
 STEPS = int(os.environ["LIT_AR_STEPS"]) if os.environ.get("LIT_AR_STEPS") else None  # None: the tier's budget
-FAMILIES = ["LlamaGen", "RAR", "MaskGIT", "VAR", "MAR", "FlowAR"]  # the README's six; any registered row may be named
+FAMILIES = ["LlamaGen", "RAR", "MaskGIT", "VAR", "MAR", "FlowAR"]  # the six of docs/results.md; any row may be named
 if os.environ.get("LIT_AR_FAMILIES"):  # a subset, e.g. LIT_AR_FAMILIES=LlamaGen,VAR
     FAMILIES = os.environ["LIT_AR_FAMILIES"].split(",")
     if unknown := sorted(set(FAMILIES) - set(METHODS)):
@@ -141,7 +141,7 @@ table_rows.append({"family": "real (validation split)", "FID": m["fid"], "precis
                    "images/s": None, "core calls": None, "train s": None, "steps x batch": None})  # fmt: skip
 table = pd.DataFrame(table_rows).set_index("family")
 print(table.to_string(float_format=lambda x: f"{x:.3g}"))
-table.to_csv(RUN_DIR / "family_comparison.csv")  # the README's table comes from this file
+table.to_csv(RUN_DIR / "family_comparison.csv")  # docs/results.md's table comes from this file
 assert list(table.index) == [*FAMILIES, "real (validation split)"], "a row per family, then the floor"
 assert table["FID"].notna().all() and (table["FID"] >= 0).all()
 assert table[["precision", "recall", "class acc."]].stack().between(0, 1).all()
