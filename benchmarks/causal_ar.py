@@ -78,7 +78,7 @@ def decode_step_times(system: CausalARSystem, batch: int, repeat: int = 20) -> t
     """Seconds of one decode step at the first and at the last position of the static cache."""
     m = system.model
     labels = torch.arange(batch, device=system.device) % system.hparams.num_classes
-    step = system._decode_step()
+    step = system.sampling_kwargs()["decode_step"]  # the one-token step the sampler runs (compiled with compile)
     times = []
     with torch.no_grad():
         m.setup_caches(batch, m.output.weight.dtype)

@@ -136,13 +136,13 @@ def test_flowar_attention_is_block_causal_and_the_kv_cache_matches_the_full_pass
     torch.testing.assert_close(z2[:, :start], z[:, :start])
     assert not torch.allclose(z2[:, start:end], z[:, start:end])
     # decoding group by group against the KV cache gives the full pass's conditions
-    core.setup_cache(2, torch.float32, torch.device("cpu"))
+    core.setup_caches(2, torch.float32)
     steps, group_inputs = [], None
     for g in range(len(core.sizes)):
         steps.append(core.step(g, group_inputs, labels))
         if g + 1 < len(core.sizes):
             group_inputs = core.next_input(g, targets[:, core.starts[g] : core.starts[g + 1]])
-    core.clear_cache()
+    core.clear_caches()
     torch.testing.assert_close(torch.cat(steps, dim=1), z, atol=1e-5, rtol=1e-5)
 
 

@@ -7,9 +7,11 @@ cache across groups).
   by scale, each step prefills a whole scale against the cached keys of the coarser ones; the sampled indices go back
   through the quantizer (`next_scale_input`, the very function that builds the training inputs) to make the next
   scale's input.
-- `FlowGroups` (FlowAR, Ren et al. 2024; and causal raster AR over continuous tokens), continuous: the groups are
-  the scales of the token grid (each scale's input the previous one upsampled) or single tokens in raster order;
-  the core makes a condition per token and the head (flow or diffusion) turns it into the token.
+- `FlowGroups` (FlowAR, Ren et al. 2024), continuous: the groups are the scales of the token grid (each scale's input
+  the previous one upsampled); the core makes a condition per token and the head (flow or diffusion) turns it into
+  the token. With single tokens in raster order as the groups it is causal AR over continuous tokens, and draws what
+  lit_ar/methods/raster.py's loop draws (which the continuous family's `causal` backbone runs): the parity test of
+  tests/test_methods.py.
 """
 
 from dataclasses import dataclass
@@ -148,7 +150,7 @@ class FlowGroups(Method):
             raise ValueError(f"steps={settings.steps}: backbone={'flowar' if unit == 'scale' else 'causal'!r} takes "
                              f"one step per {unit} ({K}); leave steps null")  # fmt: skip
         rows = guidance.rows(labels)  # (B,) or (2B,) [labels; null]
-        core.setup_cache(rows.shape[0], cache_dtype or core.pos.dtype, labels.device)
+        core.setup_caches(rows.shape[0], cache_dtype or core.pos.dtype)
         try:
             groups, inputs = [], None
             for k in range(K):
@@ -160,5 +162,5 @@ class FlowGroups(Method):
                 if k + 1 < K:
                     inputs = guidance.twice(core.next_input(k, x))
         finally:
-            core.clear_cache()
+            core.clear_caches()
         return groups[-1] if core.order == "scale" else torch.cat(groups, dim=1)  # (B, L, D)

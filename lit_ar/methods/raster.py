@@ -1,11 +1,15 @@
-"""Raster (next-token) AR over discrete tokens: LlamaGen, and RAR's random-order training.
+"""Raster (next-token) AR: LlamaGen and RAR's random-order training over discrete tokens, and causal AR over
+continuous tokens (GIVT, MAR's causal baseline) with a flow or diffusion head: one loop, whichever head.
 
-Training (teacher forcing): the class prefix and tokens 0..L-2 predict tokens 0..L-1, cross-entropy on every token.
-RAR trains each sample in a random order with probability r(step), annealed from 1 to 0 between two steps; the core's
-target-aware position embedding tells each slot which position it predicts. Sampling stays raster.
+Training (teacher forcing): the class prefix and tokens 0..L-2 predict tokens 0..L-1; the head's loss on every token
+(cross-entropy; the flow or diffusion loss). RAR trains each sample in a random order with probability r(step),
+annealed from 1 to 0 between two steps; the core's target-aware position embedding tells each slot which position it
+predicts. Sampling stays raster.
 
 Sampling: prefill the class prefix (and, under guidance, the null class) into a static KV cache, then L - 1
-one-token decode steps with fixed shapes; each step's logits are guided, filtered and sampled by the head.
+one-token decode steps with fixed shapes; the head turns each step's states into the token (guided logits filtered
+and sampled; or a guided ODE from noise). The core provides the raster-decoding protocol: `cls_token_num`,
+`num_tokens`, `setup_caches` / `clear_caches`, `check_decode_length`, `prefill_hidden`, `decode_hidden`, `hidden`.
 """
 
 from collections.abc import Callable
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 
 from lit_ar.draws import Draws
 from lit_ar.guidance import Guidance
-from lit_ar.methods.base import Method, SamplingSettings
+from lit_ar.methods.base import Method, SamplingSettings, check_head_batch_mul
 from lit_ar.models.categorical_head import CategoricalHead
 
 
@@ -40,12 +44,19 @@ def random_order_ratio(step: int, start: int, end: int) -> float:
 
 class RasterAR(Method):
     """`random_order` (RAR): a function of the global step giving the probability of a random training order; None
-    trains raster only (LlamaGen)."""
+    trains raster only. `head_batch_mul`: (noise, time) draws per token for a flow or diffusion head (None: the
+    categorical head, which draws nothing). `progress_after_token`: the CFG schedule's progress at token i is i / L
+    (LlamaGen's and RAR's), or, when True, (i + 1) / L, the fraction drawn once token i is (MAR's convention, which
+    the continuous family keeps)."""
 
     Sampling = RasterSampling
 
-    def __init__(self, random_order: Callable[[int], float] | None = None):
-        self.random_order = random_order
+    def __init__(self, random_order: Callable[[int], float] | None = None, head_batch_mul: int | None = None,
+                 progress_after_token: bool = False):  # fmt: skip
+        if head_batch_mul is not None:
+            check_head_batch_mul(head_batch_mul)
+        self.random_order, self.progress_after_token = random_order, progress_after_token
+        self.head_loss_args = () if head_batch_mul is None else (head_batch_mul,)
 
     def train_inputs(self, tokens: torch.Tensor, draws: Draws):
         """The training draw: tokens (B, L) -> the fed tokens (B, L - 1), the order (B, L) or None (raster), and the
@@ -61,52 +72,62 @@ class RasterAR(Method):
             tokens = tokens.gather(1, order)  # (B, L)
         return tokens[:, :-1], order, tokens
 
-    def loss(self, core, head: CategoricalHead, tokens: torch.Tensor, labels: torch.Tensor,
-             draws: Draws) -> dict[str, torch.Tensor]:  # fmt: skip
+    def loss(self, core, head, tokens: torch.Tensor, labels: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:
+        """tokens (B, L) ids or (B, L, D) vectors (raster order only)."""
         fed, order, targets = self.train_inputs(tokens, draws)
-        loss = head.loss(core.hidden(fed, labels, order), targets)
+        states = core.hidden(fed, labels) if order is None else core.hidden(fed, labels, order)  # (B, L, C)
+        loss = head.loss(states, targets, draws, *self.head_loss_args)
         if self.random_order is None:
             return {"loss": loss}
         return {"loss": loss, "rar_ratio": self.random_order(draws.step)}  # logged: the annealed ratio
 
-    def validation(self, core, head: CategoricalHead, tokens: torch.Tensor, labels: torch.Tensor,
+    def validation(self, core, head, tokens: torch.Tensor, labels: torch.Tensor,
                    draws: Draws) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Raster order and the true labels, what sampling sees (not RAR's training orders)."""
+        """Raster order and the true labels, what sampling sees (not RAR's training orders); over discrete tokens
+        also the next-token accuracy."""
+        if not isinstance(head, CategoricalHead):
+            return super().validation(core, head, tokens, labels, draws)
         logits = head.logits(core.hidden(tokens[:, :-1], labels))  # (B, L, V)
         return {"loss": F.cross_entropy(logits.flatten(0, 1), tokens.flatten()),
                 "token_acc": (logits.argmax(-1) == tokens).float().mean()}  # fmt: skip
 
     @torch.no_grad()
-    def sample(self, core, head: CategoricalHead, labels: torch.Tensor, guidance: Guidance, settings: RasterSampling,
+    def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings: SamplingSettings,
                generator: torch.Generator | None = None, num_tokens: int | None = None,
                decode_step: Callable | None = None,
                cache_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
-        """labels (B,) -> tokens (B, num_tokens) in raster order (default: the whole grid). `decode_step` is the
-        core's one-token step, or a compiled copy of it; `cache_dtype` the KV cache's (the autocast dtype, where
-        sampling runs under autocast; default the output layer's)."""
+        """labels (B,) -> tokens in raster order (default: the whole grid): ids (B, n) from the categorical head,
+        vectors (B, n, D) from a flow or diffusion head. `decode_step` is the core's `decode_hidden`, or a compiled
+        copy of it; `cache_dtype` the KV cache's (the autocast dtype, where sampling runs under autocast; default the
+        core's weights')."""
         L = core.num_tokens
         n = L if num_tokens is None else num_tokens
+        use_cache = getattr(settings, "use_cache", True)  # continuous settings have no such field: always cached
+        if getattr(settings, "steps", None) not in (None, L):
+            raise ValueError(f"steps={settings.steps}: raster decoding takes one step per token ({L}); leave steps "
+                             "null")  # fmt: skip
         rows = guidance.rows(labels)  # (B,) or (2B,) [labels; null]
-        step = decode_step or core.decode_step
-        if settings.use_cache:
-            core.setup_caches(rows.shape[0], cache_dtype or core.output.weight.dtype)
+        step = decode_step or core.decode_hidden
+        if use_cache:
+            core.setup_caches(rows.shape[0], cache_dtype or next(core.parameters()).dtype)
         try:
-            if settings.use_cache:
+            if use_cache:
                 core.check_decode_length(n)
             elif not 1 <= n <= L:
                 raise ValueError(f"num_tokens={n}: a {core.grid_size}x{core.grid_size} grid holds between 1 and {L} "
                                  "tokens")  # fmt: skip
-            tokens = labels.new_zeros(labels.shape[0], n)  # (B, n), filled left to right
+            tokens = head.token_buffer(labels.shape[0], n, labels.device)  # (B, n) ids or (B, n, D), left to right
             slots = torch.arange(core.cls_token_num, core.cls_token_num + n, device=labels.device)  # token i: P + i
             for i in range(n):
-                if not settings.use_cache:  # the whole prefix again, as a model without a cache must
-                    logits = core(guidance.twice(tokens[:, :i]), rows)[:, -1]  # (B', V)
+                if not use_cache:  # the whole prefix again, as a model without a cache must
+                    states = core.hidden(guidance.twice(tokens[:, :i]), rows)[:, -1:]  # (B', 1, C)
                 elif i == 0:
-                    logits = core.prefill(rows)  # (B', V)
+                    states = core.prefill_hidden(rows)  # (B', 1, C)
                 else:
-                    fed = guidance.twice(tokens[:, i - 1 : i].clone())  # (B', 1), a fresh contiguous tensor
-                    logits = step(fed, slots[i - 1 : i].clone())  # (B', V); no host-to-device copy per step
-                tokens[:, i] = head.sample_logits(head.guided_logits(logits, guidance, i / L), settings, generator)
+                    fed = guidance.twice(tokens[:, i - 1 : i].clone())  # (B', 1) or (B', 1, D): a fresh tensor
+                    states = step(fed, slots[i - 1 : i].clone())  # (B', 1, C); no host-to-device copy per step
+                progress = (i + self.progress_after_token) / L
+                tokens[:, i : i + 1] = head.sample(states, guidance, settings, generator, progress)
         finally:
             core.clear_caches()
         return tokens

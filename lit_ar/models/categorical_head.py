@@ -42,6 +42,10 @@ class CategoricalHead:
     def __init__(self, core: nn.Module, compile: bool = False):
         self.core, self.compile = core, compile
 
+    def token_buffer(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Room for a sampler's tokens: ids (batch, num_tokens) long, zeros."""
+        return torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+
     def check_sampling(self, settings) -> None:
         """Nothing to refuse: temperature, top_k and top_p are checked where the settings are parsed."""
 

@@ -182,21 +182,32 @@ class CausalTransformer(nn.Module):
                 f"max_seq_len >= {needed}"
             )
 
-    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
-        """Write the prefix into the cache; labels (B,) -> logits of token 0 (B, V)."""
+    # -- raster decoding on the KV cache (the protocol of lit_ar/methods/raster.py, which FlowARTransformer's raster
+    # order shares): prefill_hidden, then decode_hidden per token, each giving the states the head reads
+    def prefill_hidden(self, labels: torch.Tensor) -> torch.Tensor:
+        """Write the prefix into the cache; labels (B,) -> the states (B, 1, C) that predict token 0."""
         x = self.prefix(labels)  # (B, P, C)
         if self.target_pos is not None:
             x = x + F.pad(self.target_pos.weight[:1], (0, 0, self.cls_token_num - 1, 0))  # last slot predicts pos 0
         input_pos = torch.arange(self.cls_token_num, device=x.device)  # (P,)
-        return self._cached_forward(x, input_pos)[:, -1]
+        return self._cached_forward(x, input_pos)[:, -1:]
 
-    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Feed one token per sequence at slot `input_pos` (1,) (token i sits at slot P + i) -> logits of the next
-        token (B, V). Fixed shapes at every position: compile it once, replay it L - 1 times."""
+    def decode_hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (B, 1) at slot `input_pos` (1,) (token i sits at slot P + i) -> the states
+        (B, 1, C) that predict the next token. Fixed shapes at every position: compile it once, replay it L - 1
+        times."""
         x = self.tok_embeddings(tokens)  # (B, 1, C)
         if self.target_pos is not None:
             x = x + self.target_pos(input_pos - self.cls_token_num + 1)  # token i's slot predicts position i + 1
-        return self._cached_forward(x, input_pos)[:, -1]
+        return self._cached_forward(x, input_pos)
+
+    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+        """`prefill_hidden` to the logits of token 0 (B, V)."""
+        return self.logits(self.prefill_hidden(labels))[:, -1]
+
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """`decode_hidden` to the logits of the next token (B, V)."""
+        return self.logits(self.decode_hidden(tokens, input_pos))[:, -1]
 
     def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         # a slot may attend to every cache position up to its own: (T, S), True = may attend
@@ -204,4 +215,4 @@ class CausalTransformer(nn.Module):
         rope = self.rope[input_pos]  # (T, hd/2, 2)
         for layer in self.layers:
             x = layer(x, rope, mask=mask, input_pos=input_pos)
-        return self.logits(x)  # (B, T, V)
+        return x  # (B, T, C), before the final norm (the head's logits apply it)

@@ -154,6 +154,10 @@ class FlowHead(nn.Module):
         embedded = self.cond_embed(cond)  # (B, T, W): once per token, not once per draw
         return self.token_loss(rep(target), noise.reshape(-1, D), t.reshape(-1), rep(embedded))
 
+    def token_buffer(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Room for a sampler's tokens: vectors (batch, num_tokens, D) in fp32, zeros."""
+        return torch.zeros(batch, num_tokens, self.token_dim, device=device)
+
     def check_sampling(self, settings) -> tuple[int, str]:
         """The head's steps and sampler of `settings`, defaults filled in; refuses what this head does not take."""
         flow_steps, sampler = 25 if settings.flow_steps is None else settings.flow_steps, settings.sampler or "euler"

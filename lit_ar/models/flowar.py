@@ -9,8 +9,10 @@ Two orders, one config field:
 - `order="raster"` (continuous causal AR, GIVT / MAR's causal baseline): each group is one token in raster order;
   token i's input is token i-1 and token 0's input is the class token. This is plain causal attention.
 
-Sampling decodes one group at a time against a static KV cache (layers.setup_kv_caches); the loop is in
-lit_ar/systems/flow_ar.py.
+Sampling decodes one group at a time against a static KV cache (layers.setup_kv_caches): scale by scale in
+lit_ar/methods/groups.py's `FlowGroups`; in raster order token by token in lit_ar/methods/raster.py's `RasterAR`, the
+loop discrete raster AR runs, through the same raster-decoding protocol as `CausalTransformer` (a one-slot class
+prefix, `prefill_hidden`, `decode_hidden`).
 """
 
 from typing import Literal
@@ -86,6 +88,7 @@ class FlowARTransformer(nn.Module):
             for _ in range(depth)
         ])  # fmt: skip
         self.norm = RMSNorm(dim)
+        self._class_cond: torch.Tensor | None = None  # raster decoding: the class's AdaLN condition (B, C)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,18 +145,26 @@ class FlowARTransformer(nn.Module):
         return x
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training: inputs (B, T - 1, D) of groups 1.. (teacher_inputs), labels (B,) -> conditions (B, T, C)."""
-        x = self.embed(inputs, labels, 0, self.seq_len)  # (B, T, C)
+        """Training: inputs (B, T - 1, D) of groups 1.. (teacher_inputs), labels (B,) -> conditions (B, T, C). In
+        raster order a prefix of the tokens may be given instead, (B, t, D) -> (B, t + 1, C) (decoding without a
+        cache)."""
+        T = self.seq_len if self.order == "scale" else inputs.shape[1] + 1
+        x = self.embed(inputs, labels, 0, T)  # (B, T, C)
         cond = self.class_emb(labels).to(x.dtype)  # (B, C): AdaLN on the class in every block
         for block in self.blocks:
-            x = block(x, mask=self.attn_mask, cond=cond)
+            x = block(x, mask=self.attn_mask[:T, :T], cond=cond)
         return self.norm(x)
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        setup_kv_caches(self.blocks, batch_size, self.seq_len, dtype, device)
+    def hidden(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The conditions the head reads: the forward itself (the head is outside the core)."""
+        return self(inputs, labels)
 
-    def clear_cache(self) -> None:
+    def setup_caches(self, batch_size: int, dtype: torch.dtype) -> None:
+        setup_kv_caches(self.blocks, batch_size, self.seq_len, dtype, self.pos.device)
+
+    def clear_caches(self) -> None:
         clear_kv_caches(self.blocks)
+        self._class_cond = None
 
     def step(self, k: int, inputs: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """Sampling: the conditions (B, size_k, C) of group k, given its inputs (B, size_k, D) (None for group 0,
@@ -164,4 +175,36 @@ class FlowARTransformer(nn.Module):
         pos = torch.arange(start, end, device=x.device)
         for block in self.blocks:  # group k sees groups 0..k, i.e. every cache position before `end`
             x = block(x, input_pos=pos, cond=cond, kv_len=end)
+        return self.norm(x)
+
+    # -- raster order: the raster-decoding protocol (lit_ar/methods/raster.py) -----------------------------------
+    # position 0 is the class token (a one-slot prefix) and token i's input sits at position 1 + i, so the slots are
+    # CausalTransformer's with cls_token_num = 1
+    cls_token_num = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def check_decode_length(self, num_tokens: int) -> None:
+        if self.order != "raster":
+            raise ValueError(f"order={self.order!r} decodes scale by scale (FlowGroups), not token by token")
+        if not 1 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"num_tokens={num_tokens}: a {self.grid_size}x{self.grid_size} grid holds between 1 and "
+                             f"{self.num_tokens} tokens")  # fmt: skip
+
+    def prefill_hidden(self, labels: torch.Tensor) -> torch.Tensor:
+        """Write the class token into the cache; labels (B,) -> the condition (B, 1, C) of token 0. The class's AdaLN
+        condition is kept for the decode steps (cleared with the caches)."""
+        self._class_cond = self.class_emb(labels)  # (B, C)
+        return self.step(0, None, labels)
+
+    def decode_hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Feed token i (B, 1, D) at position `input_pos` (1,) = 1 + i -> the condition (B, 1, C) of token i + 1. The
+        position is a tensor and the cache is masked, not sliced, so the step's shapes never change."""
+        x = self.input_proj(tokens) + self.pos[:, input_pos]  # (B, 1, C)
+        cond = self._class_cond.to(x.dtype)
+        mask = torch.arange(self.seq_len, device=x.device)[None, :] <= input_pos[:, None]  # (1, S) True = may attend
+        for block in self.blocks:
+            x = block(x, mask=mask, input_pos=input_pos, cond=cond)
         return self.norm(x)

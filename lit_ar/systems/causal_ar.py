@@ -114,8 +114,8 @@ class CausalARSystem(GeneratorSystem):
 
     def sampling_kwargs(self) -> dict:
         if self.hparams.compile and self._compiled_decode is None:
-            self._compiled_decode = compiled_decode_step(self.model.decode_step, self.device.type == "cuda")
-        return {"decode_step": self._compiled_decode or self.model.decode_step, "cache_dtype": self.cache_dtype()}
+            self._compiled_decode = compiled_decode_step(self.model.decode_hidden, self.device.type == "cuda")
+        return {"decode_step": self._compiled_decode or self.model.decode_hidden, "cache_dtype": self.cache_dtype()}
 
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, num_tokens: int | None = None,
                  **settings) -> torch.Tensor:  # fmt: skip

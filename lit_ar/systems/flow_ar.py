@@ -1,8 +1,8 @@
 """FlowARSystem: continuous-token AR with a per-token flow-matching head (or MAR's diffusion head) over one of three
 backbones, each a core and a method: `mar` (MAR: `MARTransformer` and lit_ar/methods/masked.py's `MAR`), `flowar`
 (FlowAR: `FlowARTransformer` over doubling scales and lit_ar/methods/groups.py's `FlowGroups`) and `causal`
-(continuous raster AR: the same core and method, one token per group). The `diffusion` head is what MAR's released
-generators run with in lit_ar.
+(continuous raster AR: the same core in raster order and lit_ar/methods/raster.py's `RasterAR`, discrete raster AR's
+loop). The `diffusion` head is what MAR's released generators run with in lit_ar.
 """
 
 from typing import Literal
@@ -12,6 +12,7 @@ import torch
 from lit_ar.methods.base import ContinuousSampling
 from lit_ar.methods.groups import FlowGroups
 from lit_ar.methods.masked import MAR
+from lit_ar.methods.raster import RasterAR
 from lit_ar.models.diffusion_head import DiffusionHead
 from lit_ar.models.flow_head import FlowHead
 from lit_ar.models.flowar import FlowARTransformer
@@ -102,10 +103,11 @@ class FlowARSystem(GeneratorSystem):
             self.method = MAR(mask_ratio_min, head_batch_mul)
             self.core = MARTransformer(token_dim, grid_size**2, self.hparams.num_classes, decoder_depth=decoder_depth,
                                        buffer_size=buffer_size, **sizes)  # fmt: skip
-        else:
-            self.method = FlowGroups(head_batch_mul)
+        else:  # scale by scale (FlowGroups), or token by token in the loop discrete raster AR runs (RasterAR)
+            flowar = backbone == "flowar"
+            self.method = FlowGroups(head_batch_mul) if flowar else RasterAR(None, head_batch_mul, True)
             self.core = FlowARTransformer(token_dim, grid_size, self.hparams.num_classes, scales=scales,
-                                          order="scale" if backbone == "flowar" else "raster", **sizes)  # fmt: skip
+                                          order="scale" if flowar else "raster", **sizes)  # fmt: skip
         # the head's condition is the core's width (MAR's decoder width is its encoder's)
         self.head = (DiffusionHead(token_dim, dim, head_width, head_depth) if head == "diffusion" else
                      FlowHead(token_dim, dim, head_width, head_depth, time_sampling=time_sampling))  # fmt: skip
