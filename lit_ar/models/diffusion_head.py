@@ -61,6 +61,23 @@ class DiffusionHead(FlowHead):
         return sample_diffusion(self, c, u, noise, flow_steps, scale, settings.temperature, generator)
 
 
+CONTINUOUS_HEADS = ("flow", "diffusion")
+
+
+def continuous_head(kind: str, token_dim: int, cond_dim: int, width: int, depth: int,
+                    time_sampling: str = "uniform") -> FlowHead:  # fmt: skip
+    """The per-token head of continuous tokens by name: `flow` (rectified flow, lit_ar's) or `diffusion` (MAR's
+    DDPM, which draws its steps uniformly, so it takes no `time_sampling`)."""
+    if kind not in CONTINUOUS_HEADS:
+        raise ValueError(f"model.init_args.head={kind!r} is not known; use one of {CONTINUOUS_HEADS}")
+    if kind == "flow":
+        return FlowHead(token_dim, cond_dim, width, depth, time_sampling=time_sampling)
+    if time_sampling != "uniform":
+        raise ValueError(f"model.init_args.time_sampling={time_sampling!r} applies to head='flow' only; the "
+                         "diffusion head draws its DDPM steps uniformly (leave it 'uniform')")  # fmt: skip
+    return DiffusionHead(token_dim, cond_dim, width, depth)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The noise schedule
 

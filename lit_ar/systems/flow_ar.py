@@ -13,15 +13,13 @@ from lit_ar.methods.base import ContinuousSampling
 from lit_ar.methods.groups import FlowGroups
 from lit_ar.methods.masked import MAR
 from lit_ar.methods.raster import RasterAR
-from lit_ar.models.diffusion_head import DiffusionHead
-from lit_ar.models.flow_head import FlowHead
+from lit_ar.models.diffusion_head import continuous_head
 from lit_ar.models.flowar import FlowARTransformer
 from lit_ar.models.mar import MARTransformer
 from lit_ar.performance import compile_blocks_in_place
 from lit_ar.systems.generator import GeneratorSystem
 
 BACKBONES = ("mar", "flowar", "causal")
-HEADS = ("flow", "diffusion")
 
 
 class FlowARSystem(GeneratorSystem):
@@ -90,11 +88,6 @@ class FlowARSystem(GeneratorSystem):
             raise ValueError(f"model.init_args.backbone={backbone!r} is not known; use one of {BACKBONES}")
         if scales is not None and backbone != "flowar":
             raise ValueError(f"model.init_args.scales={scales} applies to backbone='flowar' only, not {backbone!r}")
-        if head not in HEADS:
-            raise ValueError(f"model.init_args.head={head!r} is not known; use one of {HEADS}")
-        if head == "diffusion" and time_sampling != "uniform":
-            raise ValueError(f"model.init_args.time_sampling={time_sampling!r} applies to head='flow' only; the "
-                             "diffusion head draws its DDPM steps uniformly (leave it 'uniform')")  # fmt: skip
         token_dim, grid_size = self.resolve_tokens(token_dim=token_dim, grid_size=grid_size)
         self.token_dim, self.grid_size = token_dim, grid_size
         sizes = dict(dim=dim, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, attn_dropout=attn_dropout,
@@ -109,8 +102,7 @@ class FlowARSystem(GeneratorSystem):
             self.core = FlowARTransformer(token_dim, grid_size, self.hparams.num_classes, scales=scales,
                                           order="scale" if flowar else "raster", **sizes)  # fmt: skip
         # the head's condition is the core's width (MAR's decoder width is its encoder's)
-        self.head = (DiffusionHead(token_dim, dim, head_width, head_depth) if head == "diffusion" else
-                     FlowHead(token_dim, dim, head_width, head_depth, time_sampling=time_sampling))  # fmt: skip
+        self.head = continuous_head(head, token_dim, dim, head_width, head_depth, time_sampling)
         if self.hparams.compile:
             # MAR's encoder length and head rows change at every step (the mask ratio is drawn per batch)
             dynamic = True if backbone == "mar" else None
@@ -119,15 +111,9 @@ class FlowARSystem(GeneratorSystem):
             # one graph a call beats a dozen eager ops around compiled blocks (`python -m benchmarks`)
             self.head.compile(dynamic=dynamic)  # in place, so checkpoint keys carry no `_orig_mod.`
 
-    def tokens_from_batch(self, batch: dict) -> torch.Tensor:
-        """Continuous tokens (B, L, D): from a token cache, or encoded now (a posterior sample or the mean)."""
-        if "tokens" in batch:
-            return batch["tokens"]
-        if self.tokenizer is None:
-            raise ValueError("this generator has no tokenizer: set model.init_args.tokenizer_ckpt")
-        self.tokenizer.eval()
-        with torch.no_grad():
-            return self.tokenizer.encode(batch["image"], sample=self.hparams.posterior_sample)
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> continuous tokens (B, L, D): a sample of the KL posterior (posterior_sample) or its mean."""
+        return super().encode(images, sample=self.hparams.posterior_sample)
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens_from_batch(batch).float()  # (B, L, D)

@@ -313,11 +313,12 @@ class GeneratorSystem(L.LightningModule):
     # -- data ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor):
+    def encode(self, images: torch.Tensor, **kwargs):
+        """Images -> the frozen tokenizer's tokens (`kwargs` go to its `encode`)."""
         if self.tokenizer is None:
             raise ValueError("this generator has no tokenizer: set model.init_args.tokenizer_ckpt")
         self.tokenizer.eval()
-        return self.tokenizer.encode(images)
+        return self.tokenizer.encode(images, **kwargs)
 
     @torch.no_grad()
     def decode(self, tokens) -> torch.Tensor:
