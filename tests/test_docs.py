@@ -120,3 +120,28 @@ def test_every_python_command_exists_and_answers_help(page, words, monkeypatch):
         runpy.run_module(words[2], run_name="__main__", alter_sys=True)
     assert exit_.value.code in (0, None), f"{page_id(page)}: `{shlex.join(words)} --help` failed:\n{out.getvalue()}"
     assert "usage" in out.getvalue().lower()
+
+
+def test_the_quickstart_benchmark_reads_the_readme_commands():
+    from benchmarks.quickstart import readme_quickstart, run_folders
+
+    commands = readme_quickstart()
+    assert [c[:2] for c in commands] == [["lit_ar", "fit"], ["lit_ar", "fit"], ["lit_ar", "predict"]]
+    assert run_folders(commands) == [REPO / "runs/quickstart/tokenizer/vq_digits",
+                                     REPO / "runs/quickstart/causal/llamagen_digits"]  # fmt: skip
+
+
+def test_the_quickstart_logs_real_images_reconstructions_and_sample_grids_within_its_run():
+    import yaml
+
+    def callbacks(*paths):
+        stack = [yaml.safe_load((REPO / p).read_text()) for p in paths]
+        trainer = {k: v for config in stack for k, v in config["trainer"].items()}  # the overlay's lists win
+        return trainer, {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in trainer["callbacks"]}
+
+    trainer, tokenizer = callbacks("configs/tokenizer/vq_digits.yaml", "configs/quickstart/tokenizer/vq_digits.yaml")
+    assert {"RealImageGrid", "ReconstructionGrid"} <= set(tokenizer) and trainer["max_steps"] >= 51  # one epoch
+    trainer, generator = callbacks("configs/causal/llamagen_digits.yaml",
+                                   "configs/quickstart/causal/llamagen_digits.yaml")  # fmt: skip
+    assert generator["SampleGrid"]["every_n_steps"] <= trainer["max_steps"]
+    assert trainer["val_check_interval"] <= trainer["max_steps"] and "SampleWriter" in generator
