@@ -81,6 +81,7 @@ def build(family: str, size: str, grid: int, compile: bool, device: str, folder:
         torch.manual_seed(0)
         system = MaskedARSystem(preset=preset, vocab_size=vocab, grid_size=grid, num_classes=num_classes,
                                 dropout=0.0, compile=compile)  # fmt: skip
+        system.configure_model()  # `compile` applies here, as the Trainer's hook does
         return system.to(device).eval()
     if family == "scale":
         # VAR's tokenizer at B (16x downsampling, 4096 codes of width 32); the CPU-sized shapes one (4x) below

@@ -56,6 +56,7 @@ def make_system(preset: str, vocab: int, grid: int, num_classes: int, compile: b
     torch.manual_seed(0)
     system = CausalARSystem(preset=preset, vocab_size=vocab, grid_size=grid, num_classes=num_classes, image_size=64,
                             compile=compile, token_dropout=0.0, resid_dropout=0.0)  # fmt: skip
+    system.configure_model()  # `compile` applies here, as the Trainer's hook does
     with torch.no_grad():  # trained-looking weights: a zero output layer would make every logit equal
         system.model.output.weight.normal_(0.0, 0.02)
     return system.to(device).eval()

@@ -41,6 +41,7 @@ def build(backbone: str, preset: str, device: str, grid_size: int = 16, compile:
     torch.manual_seed(0)
     system = FlowARSystem(backbone=backbone, token_dim=16, grid_size=grid_size, image_size=4 * grid_size,
                           compile=compile, **kwargs)  # fmt: skip
+    system.configure_model()  # `compile` applies here, as the Trainer's hook does
     return system.to(device).eval()
 
 

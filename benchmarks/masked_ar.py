@@ -38,6 +38,7 @@ def causal_system(size: dict, args, device: str):
     system = CausalARSystem(vocab_size=args.vocab, grid_size=args.grid, dim=size["dim"], depth=size["depth"],
                             n_heads=size["n_heads"], num_classes=args.num_classes, token_dropout=0.0, resid_dropout=0.0,
                             compile=args.compile)  # fmt: skip
+    system.configure_model()  # `compile` applies here, as the Trainer's hook does
     return system.to(device)
 
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     masked = MaskedARSystem(vocab_size=args.vocab, grid_size=args.grid, num_classes=args.num_classes, dropout=0.0,
                             compile=args.compile, **{"preset": args.preset, **size}).to(device)  # fmt: skip
+    masked.configure_model()  # `compile` applies here, as the Trainer's hook does
     causal = None if args.no_causal else causal_system(size, args, device)
     L, B = args.grid**2, args.batch
     labels = torch.arange(B, device=device) % args.num_classes

@@ -137,6 +137,7 @@ def llamagen_train_step(root: Path, device: str, side: str, compile: bool, batch
 
         model = CausalARSystem(preset=preset, vocab_size=16384, grid_size=16, num_classes=1000, image_size=256,
                                token_dropout=0.1, resid_dropout=0.1, compile=compile).to(device)  # fmt: skip
+        model.configure_model()  # `compile` applies here, as the Trainer's hook does
         model.train()
         opt = model.make_optimizer()  # what its configure_optimizers returns
 
@@ -379,6 +380,7 @@ def mar_train_step(root: Path, device: str, side: str, compile: bool, batch: int
 
         model = FlowARSystem(backbone="mar", token_dim=16, grid_size=16, image_size=256, class_dropout=0.1,
                              attn_dropout=0.1, proj_dropout=0.1, compile=compile, **PRESETS[preset])  # fmt: skip
+        model.configure_model()  # `compile` applies here, as the Trainer's hook does
         model = model.to(device)
         model.train()
         opt = model.make_optimizer()  # what its configure_optimizers returns

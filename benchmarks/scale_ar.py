@@ -59,6 +59,7 @@ def make_var(ckpt: Path, depth: int, num_classes: int, image_size: int, compile:
     torch.manual_seed(0)
     system = ScaleARSystem(tokenizer_ckpt=str(ckpt), depth=depth, num_classes=num_classes, image_size=image_size,
                            compile=compile)  # fmt: skip
+    system.configure_model()  # `compile` applies here, as the Trainer's hook does
     return system.to(device).eval()
 
 
@@ -78,6 +79,7 @@ def make_causal(vocab: int, grid: int, width: int, heads: int, params: int, num_
             break
         best = (gap, system)
     system = best[1]
+    system.configure_model()  # `compile` applies here, as the Trainer's hook does
     with torch.no_grad():  # trained-looking weights: a zero output layer would make every logit equal
         system.model.output.weight.normal_(0.0, 0.02)
     return system.to(device).eval()

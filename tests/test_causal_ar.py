@@ -347,9 +347,23 @@ def test_the_tokenizer_sets_vocab_and_grid(fake_tokenizer_checkpoint):
 
 
 # -- compile ---------------------------------------------------------------------------------------------------
+def test_compile_applies_in_configure_model_and_once():
+    """`compile` compiles nothing at construction: `configure_model` (the hook the Trainer calls at fit, validate,
+    test and predict) compiles each block in place, and a second call leaves them as they are."""
+    system = tiny_system(depth=2, compile=True)
+    assert all(block._compiled_call_impl is None for block in system.model.layers)
+    system.configure_model()
+    compiled = [block._compiled_call_impl for block in system.model.layers]
+    assert all(c is not None for c in compiled)
+    system.configure_model()
+    assert [block._compiled_call_impl for block in system.model.layers] == compiled
+    assert all(block._compiled_call_impl is None for block in tiny_system(depth=2).model.layers)  # without compile
+
+
 @pytest.mark.slow
 def test_compiled_blocks_and_decode_step_equal_eager():
     eager, compiled = tiny_system(depth=1), tiny_system(depth=1, compile=True)
+    compiled.configure_model()  # where `compile` applies (the Trainer calls it)
     compiled.load_state_dict(eager.state_dict())
     batch = token_batch(4)
     torch.testing.assert_close(train_logits(compiled, batch)[0], train_logits(eager, batch)[0],
@@ -366,6 +380,7 @@ def test_compiled_head_and_loss_equal_eager_with_their_gradients():
     same gradients for the hidden states and for the head's weights, as the eager pair."""
     torch._dynamo.reset()  # so the cache entry counted below is this test's
     eager, compiled = tiny_system(depth=1), tiny_system(depth=1, compile=True)
+    compiled.configure_model()  # where `compile` applies (the Trainer calls it)
     compiled.load_state_dict(eager.state_dict())
     hidden = torch.randn(4, eager.model.num_tokens, eager.model.dim)
     targets = torch.randint(0, V, (4, eager.model.num_tokens))

@@ -386,6 +386,7 @@ def test_tokenizer_of_the_wrong_kind_is_refused_both_ways():
 def test_compiled_equals_eager(backbone, head):
     eager = head_off_zero(tiny_system(backbone, head=head)).eval()  # an untrained head would return its noise
     compiled = tiny_system(backbone, compile=True, head=head).eval()
+    compiled.configure_model()  # where `compile` applies (the Trainer calls it)
     compiled.load_state_dict(eager.state_dict())
     assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
     batch = token_batch()
@@ -411,6 +412,7 @@ def test_a_compiled_mar_stays_compiled_through_training_validation_and_sampling(
     torch._dynamo.reset()  # so the graphs counted below are this test's
     with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default
         system = tiny_system("mar", compile=True)
+        system.configure_model()  # where `compile` applies (the Trainer calls it)
         assert torch._dynamo.config.recompile_limit > 8
         batch, odd = token_batch(8), token_batch(5, seed=1)
         with torch.autocast("cpu", torch.bfloat16):  # as bf16-mixed

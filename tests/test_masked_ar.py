@@ -420,6 +420,7 @@ def test_system_settings_are_checked(stub_tokenizer_ckpt):
 @pytest.mark.slow
 def test_compiled_blocks_match_eager():
     eager, compiled = make_system(), make_system(compile=True)
+    compiled.configure_model()  # where `compile` applies (the Trainer calls it)
     compiled.load_state_dict(eager.state_dict())
     assert set(compiled.state_dict()) == set(eager.state_dict()), "in-place compile keeps checkpoint keys"
     batch = {"tokens": torch.randint(0, V, (4, L)), "label": torch.tensor([0, 1, 2, 3])}

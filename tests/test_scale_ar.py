@@ -298,6 +298,7 @@ def test_compiled_system_trains_like_eager(msvq_ckpt):
     kw = dict(tokenizer_ckpt=str(msvq_ckpt), image_size=16, depth=1, dim=32, n_heads=2, class_dropout=0.0,
               label_smoothing=0.1, scale_loss_weights=[1, 2, 3, 4])  # fmt: skip
     eager, compiled = ScaleARSystem(**kw).train(), ScaleARSystem(compile=True, **kw).train()
+    compiled.configure_model()  # where `compile` applies (the Trainer calls it)
     compiled.load_state_dict(eager.state_dict())
     assert_same_training_step(eager, compiled, batch, part=lambda system: system.model)
 

@@ -9,7 +9,7 @@ import torch
 
 from lit_ar.methods.raster import RasterAR, RasterSampling, random_order_ratio
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
-from lit_ar.performance import compile_blocks_in_place, compiled_decode_step
+from lit_ar.performance import compiled_decode_step
 from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
 
 PresetName = Literal[
@@ -88,9 +88,10 @@ class CausalARSystem(GeneratorSystem):
             drop_path=drop_path, target_aware=rar,
         )  # fmt: skip
         self.method = RasterAR(self.rar_ratio if rar else None)
-        if self.hparams.compile:
-            compile_blocks_in_place(self.model.layers)
         self._compiled_decode = None
+
+    def core_blocks(self) -> list:
+        return list(self.model.layers)  # LlamaGen's name, which its released weights' keys carry
 
     def rar_ratio(self, step: int) -> float:
         """Probability that a sample is trained in a random order at `step` (0 when not RAR)."""
@@ -110,7 +111,7 @@ class CausalARSystem(GeneratorSystem):
     def sampling_modules(self) -> list:
         # not where the decode step is a CUDA graph: the graph holds the weights' addresses, which the cast's fresh
         # copies would move
-        return [] if self.hparams.compile and self.device.type == "cuda" else list(self.model.layers)
+        return [] if self.hparams.compile and self.device.type == "cuda" else self.core_blocks()
 
     def sampling_kwargs(self) -> dict:
         if self.hparams.compile and self._compiled_decode is None:

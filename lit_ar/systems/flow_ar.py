@@ -103,13 +103,14 @@ class FlowARSystem(GeneratorSystem):
                                           order="scale" if flowar else "raster", **sizes)  # fmt: skip
         # the head's condition is the core's width (MAR's decoder width is its encoder's)
         self.head = continuous_head(head, token_dim, dim, head_width, head_depth, time_sampling)
-        if self.hparams.compile:
-            # MAR's encoder length and head rows change at every step (the mask ratio is drawn per batch)
-            dynamic = True if backbone == "mar" else None
-            compile_blocks_in_place(self.core.blocks, dynamic)
-            # the whole head, not its blocks: sampling calls it flow_steps times per AR step on a few rows, where
-            # one graph a call beats a dozen eager ops around compiled blocks (`python -m benchmarks`)
-            self.head.compile(dynamic=dynamic)  # in place, so checkpoint keys carry no `_orig_mod.`
+
+    def compile_in_place(self) -> None:
+        # MAR's encoder length and head rows change at every step (the mask ratio is drawn per batch)
+        dynamic = True if self.hparams.backbone == "mar" else None
+        compile_blocks_in_place(self.core.blocks, dynamic)
+        # the whole head, not its blocks: sampling calls it flow_steps times per AR step on a few rows, where one
+        # graph a call beats a dozen eager ops around compiled blocks (`python -m benchmarks`)
+        self.head.compile(dynamic=dynamic)  # in place, so checkpoint keys carry no `_orig_mod.`
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> continuous tokens (B, L, D): a sample of the KL posterior (posterior_sample) or its mean."""

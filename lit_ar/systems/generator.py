@@ -24,7 +24,7 @@ from lit_ar.evaluation import GeneratorEvaluator
 from lit_ar.guidance import Guidance
 from lit_ar.methods.base import SamplingSettings
 from lit_ar.models.categorical_head import CategoricalHead
-from lit_ar.performance import enable_activation_checkpointing, linears_in_autocast_dtype
+from lit_ar.performance import compile_blocks_in_place, enable_activation_checkpointing, linears_in_autocast_dtype
 from lit_ar.systems.lr_schedule import warmup_cosine
 from lit_ar.tokenizers import load_tokenizer
 
@@ -103,7 +103,9 @@ class GeneratorSystem(L.LightningModule):
             betas: AdamW betas.
             warmup_steps: Linear warm-up steps before cosine decay.
             min_lr_ratio: Final learning rate as a fraction of `lr`.
-            compile: Compile each transformer block in place (and the sampling step) with torch.compile.
+            compile: Compile each transformer block in place (and the sampling step) with torch.compile, in
+                `configure_model`: the Trainer calls it at fit, validate, test and predict; without a Trainer, call
+                `system.configure_model()` after building the system.
             activation_checkpointing: Recompute each transformer block's activations in the backward pass
                 (less memory, about a third more compute). Under FSDP prefer the strategy's own
                 `activation_checkpointing_policy`.
@@ -129,6 +131,7 @@ class GeneratorSystem(L.LightningModule):
         # stored as the complete plain mapping (checkpoints load with weights_only, which takes no dataclass)
         self.hparams["predict_kwargs"], self._hparams_initial["predict_kwargs"] = settings, dict(settings)
         self._run_seed: int | None = None
+        self._compiled = False  # `compile` is applied once, in configure_model
         self.resume_from: str | None = None  # the checkpoint `lit_ar fit --ckpt_path` resumes from (set by the CLI)
         self.evaluator = evaluator
         if evaluator is not None and evaluator.sampling is None:  # sample as `lit_ar predict` does
@@ -352,7 +355,20 @@ class GeneratorSystem(L.LightningModule):
                 )  # fmt: skip
 
     # -- optimisation ----------------------------------------------------------------------------------------
+    def compile_in_place(self) -> None:
+        """`compile`: each of the core's blocks compiled in place (a family adds what else it compiles)."""
+        compile_blocks_in_place(self.core_blocks())
+
+    def core_blocks(self) -> list[nn.Module]:
+        """The core's transformer blocks: what is compiled, checkpointed and cast for sampling."""
+        return list(self.core.blocks)
+
     def configure_model(self) -> None:
+        # once, though Lightning calls the hook at every fit, validate, test and predict: compile first, then
+        # activation checkpointing, whose patched forward the compiled blocks then trace
+        if self.hparams.compile and not self._compiled:
+            self.compile_in_place()
+            self._compiled = True
         if self.hparams.activation_checkpointing:
             enable_activation_checkpointing(self)
 
@@ -403,7 +419,7 @@ class GeneratorSystem(L.LightningModule):
 
     def sampling_modules(self) -> list[nn.Module]:
         """The modules whose linear weights are cast once per sampling call (see linears_in_autocast_dtype)."""
-        return list(self.core.blocks)
+        return self.core_blocks()
 
     def sampling_kwargs(self) -> dict:
         """What the family's method takes at sampling beyond the core, head, labels, guidance and settings."""

@@ -9,7 +9,6 @@ import torch
 
 from lit_ar.methods.masked import MaskedSampling, MaskGIT
 from lit_ar.models.masked_ar import PRESETS, MaskedTransformer
-from lit_ar.performance import compile_blocks_in_place
 from lit_ar.sampling import MASK_SCHEDULES
 from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
 
@@ -77,8 +76,6 @@ class MaskedARSystem(GeneratorSystem):
             pos_embed=pos_embed, dropout=dropout, drop_path=drop_path,
         )  # fmt: skip
         self.method = MaskGIT(mask_schedule, mask_power, label_smoothing)
-        if self.hparams.compile:
-            compile_blocks_in_place(self.model.blocks)
         self._checked_token_range = False
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch
 
 from lit_ar.methods.groups import NextScale, ScaleSampling
 from lit_ar.models.scale_ar import ScaleTransformer
-from lit_ar.performance import compile_blocks_in_place
 from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
 
 
@@ -88,8 +87,6 @@ class ScaleARSystem(GeneratorSystem):
         per_token = weights[self.model.levels]  # (L,)
         self.register_buffer("token_weights", per_token / per_token.sum(), persistent=False)  # sums to 1
         self.method = NextScale(label_smoothing)
-        if self.hparams.compile:
-            compile_blocks_in_place(self.model.blocks)
 
     # -- training ----------------------------------------------------------------------------------------------
     def batch_tokens(self, batch: dict) -> list[torch.Tensor]:
