@@ -431,14 +431,15 @@ class GeneratorSystem(L.LightningModule):
         checked before any work; the core (and the head) in eval mode, its linears cast once for the call."""
         labels, settings, guidance = self.sampling_call(labels, settings, allow_null=self.samples_null_class
                                                         and self.hparams.class_dropout > 0)  # fmt: skip
-        self.head.check_sampling(settings)
+        core, head = self.core, self.head  # the categorical head is built once for the call
+        head.check_sampling(settings)
         with contextlib.ExitStack() as stack:
-            for module in (self.core, self.head):
-                if isinstance(module, nn.Module):
+            for module in (core, head):
+                if isinstance(module, nn.Module):  # the categorical head holds no modules of its own
                     stack.enter_context(eval_mode(module))
             stack.enter_context(self.linears_cast_for_sampling(self.sampling_modules()))
-            return self.method.sample(self.core, self.head, labels, guidance, settings, generator,
-                                      **self.sampling_kwargs(), **method_args)  # fmt: skip
+            return self.method.sample(core, head, labels, guidance, settings, generator, **self.sampling_kwargs(),
+                                      **method_args)  # fmt: skip
 
     def sample_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, **settings):
         """labels (B,) -> tokens by the family's method, with the settings of the family's `Sampling`."""
