@@ -1,7 +1,7 @@
-"""The leaderboard (`python -m benchmarks.leaderboard`): the `debug` tier end to end for three methods (two shipped,
-one registered here), one row each with finite metrics in the markdown and the JSON, a re-run that trains nothing,
-an interrupted fit that resumes from its checkpoint, and bad names refused with the accepted ones. The end-to-end run
-takes about 15 s on a 2-core CPU; the whole module about 30 s."""
+"""The leaderboard (`python -m benchmarks.leaderboard`): the `debug` tier end to end for four methods (three shipped,
+one of them a sampling variant of another's run, and one registered here), one row each with finite metrics in the
+markdown and the JSON, a re-run that trains nothing, an interrupted fit that resumes from its checkpoint, and bad
+names refused with the accepted ones. The whole module takes about two minutes on a 2-core CPU."""
 
 import json
 import logging
@@ -26,7 +26,7 @@ TUTORIAL = Method(
     tokenizer="vq",
     overrides={"*": ["--model.init_args.predict_kwargs", "{cfg: 2.0, temperature: 1.0, top_k: 8}"]},
 )
-NAMES = ["LlamaGen", "MAR", TUTORIAL.name]
+NAMES = ["LlamaGen", "MAR", "LlamaGen + SJD", TUTORIAL.name]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,11 @@ def test_one_row_per_method_with_finite_metrics(board):
     rows = {r["method"]: r for r in data["rows"]}
     # 4x4 tokens: one pass per token (the class prefix, then 15 cached steps); no separate head
     assert rows["LlamaGen"]["core_calls_per_image"] == 16 and rows["LlamaGen"]["head_calls_per_image"] is None
+    # SJD samples LlamaGen's run (trains nothing of its own) in fewer calls than its 16
+    sjd = rows["LlamaGen + SJD"]
+    assert sjd["checkpoint"] == rows["LlamaGen"]["checkpoint"] and not (out / "llamagen_sjd" / "checkpoints").exists()
+    assert sjd["sampling"]["decoding"] == "sjd" and rows["LlamaGen"]["sampling"]["decoding"] == "sequential"
+    assert sjd["core_calls_per_image"] < 16
     # MAR's debug sampling: 4 AR steps, each with 4 flow steps of the head
     assert rows["MAR"]["core_calls_per_image"] == 4 and rows["MAR"]["head_calls_per_image"] == 16
     cells = table_rows((out / "leaderboard.md").read_text())

@@ -14,9 +14,9 @@ from conftest import CONFIGS, run_dir_args
 from lit_ar.checkpoints import load_system
 from lit_ar.cli import cli_main
 from lit_ar.guidance import cfg_scale, guide
+from lit_ar.methods.any_order import AnyOrderSampling
 from lit_ar.methods.base import ContinuousSampling
 from lit_ar.methods.groups import ScaleSampling
-from lit_ar.methods.raster import RasterSampling
 from lit_ar.models.autoencoder import PRESETS, Autoencoder
 from lit_ar.models.diffusion_head import DiffusionHead, diffusion_loss, sample_diffusion
 from lit_ar.released_weights import (
@@ -74,7 +74,7 @@ def test_imported_gpt_gives_llamagen_s_logits(fixture, imported):
     assert system.hparams.prefix_rope == "zero" and system.model.vocab_size == 64
     assert system.hparams.preset == "GPT-nano"  # read from the weights: width 64, 2 layers
     # LlamaGen's FID sampling (GPT-B, GPT-L), stored as the complete typed settings
-    assert system.hparams.predict_kwargs == RasterSampling(cfg=2.0, temperature=1.0).as_dict()
+    assert system.hparams.predict_kwargs == AnyOrderSampling(cfg=2.0, temperature=1.0).as_dict()
     logits = system.model(fixture["tokens"][:, :-1], fixture["labels"])  # (2, 64, 64)
     torch.testing.assert_close(logits.float(), fixture["logits"], rtol=1e-4, atol=1e-5)
 

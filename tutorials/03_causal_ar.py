@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 03 — Causal AR: LlamaGen and RAR
+# # 03 — Causal AR: LlamaGen, RAR, any order, speculative decoding
 #
 # A causal AR model predicts an image's tokens one after the other in raster order, each from the class and
 # the tokens before it. lit_ar's `CausalARSystem` is LlamaGen's class-conditional GPT (a class-token prefix with a
@@ -18,7 +18,9 @@
 # 2. samples with and without CFG,
 # 3. shows what top-k and temperature do to the samples,
 # 4. times sampling on the static KV cache against recomputing the whole prefix at every token,
-# 5. trains RAR and checks that, once its random-order probability has been annealed to 0, it is raster training.
+# 5. trains RAR and checks that, once its random-order probability has been annealed to 0, it is raster training,
+# 6. trains in another generation order (RandAR's random, DAR's diagonal, PAR's region-interleaved) and samples in it,
+# 7. decodes with speculative Jacobi decoding (SJD): fewer model calls, the same tokens when greedy.
 #
 # Set `LIT_AR_SMALL=1` to run it in seconds on the debug configs (16x16 images, 4x4 tokens; the tests do). Without
 # it, it trains the shapes configs (64x64 images, 16x16 tokens) and measures how often a shapes classifier
@@ -156,6 +158,55 @@ raster = torch.arange(rar.model.num_tokens).expand(4, -1)
 with torch.no_grad():
     assert torch.equal(rar.model(tokens[:, :-1], torch.arange(4), raster), rar.model(tokens[:, :-1], torch.arange(4)))
 show(rar.decode(tokens), "RAR samples (raster order)", 4)
+
+# %% [markdown]
+# ## Any order: RandAR, DAR, PAR
+# `order: random` trains each image in a fresh random order (RandAR); `diagonal` and `zigzag` are DAR's anti-diagonal
+# orders, `par` PAR's region-interleaved one (the grid cut into 2x2 blocks: each block's first token in turn, then
+# the same position across the blocks), `spiral` one more. Any order but raster gives the slots target-position
+# queries (the target-aware embedding), since a causal model must be told which position it predicts next. Sampling
+# follows the training order unless `predict_kwargs.order` names another; a model trained raster only refuses any
+# other order.
+
+# %%
+from lit_ar.methods.any_order import grid_order
+
+any_config = "configs/debug/any_order.yaml" if SMALL else "configs/causal/randar_shapes.yaml"
+randar_ckpt = fit(any_config, "randar", "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt))
+randar = CausalARSystem.load_from_checkpoint(randar_ckpt, weights_only=True).eval()
+G = randar.model.grid_size
+for name in ("diagonal", "zigzag", "par", "spiral"):
+    step = torch.empty(G * G, dtype=torch.long)
+    step[grid_order(name, G)] = torch.arange(G * G)  # the step at which each cell is generated
+    print(f"{name}:\n{step.view(G, G)}")
+for name in ("random", "diagonal", "raster"):  # a random-order model samples in any order
+    show(randar.sample(torch.arange(4), order=name, generator=torch.Generator().manual_seed(0)),
+         f"RandAR sampled in {name} order", 4)  # fmt: skip
+try:
+    model.sample(torch.arange(4), order="diagonal")
+except ValueError as e:
+    print("LlamaGen (raster only):", e)
+
+# %% [markdown]
+# ## Speculative Jacobi decoding: fewer calls, the same distribution
+# `decoding: sjd` reads a window of `window` tokens per call: the last accepted token and drafts after it. A draft is
+# accepted with probability min(1, p/q) (p the model's distribution given the accepted tokens, q the one the draft
+# was drawn from); at the first rejection the token comes from the residual max(p - q, 0), so every token keeps the
+# model's distribution, at any temperature, without retraining. The drafts are the Jacobi iteration: redrawn from
+# the last call's p where it reached. Each image accepts its own number of tokens per call. Greedy (`top_k: 1`), SJD
+# gives exactly the raster tokens; `benchmarks/fewer_calls.py` measures calls and speed, docs/fewer_calls.md holds
+# the figures.
+
+# %%
+for kw in (dict(top_k=1), dict(cfg=2.0)):
+    stats, seeded = {}, torch.Generator().manual_seed(0)
+    sjd = model.run_sampler(labels, seeded, dict(kw, decoding="sjd", window=8), stats=stats)
+    calls = stats["model_calls"].float().mean().item()
+    print(f"{kw}: SJD {calls:.1f} model calls per image against {model.model.num_tokens} sequential "
+          f"({stats['tokens_per_call'].mean():.2f} tokens per call)")  # fmt: skip
+    if kw == dict(top_k=1):
+        assert torch.equal(sjd, model.generate(labels, top_k=1))
+show(model.decode(sjd), "SJD samples (cfg 2)", per_class)
 
 # %% [markdown]
 # ## Do the samples show their class?

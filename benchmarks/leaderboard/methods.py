@@ -50,6 +50,10 @@ class Method:
     callable gets the tier's `Budget` and returns the arguments."""
     notes: str = ""
     """One line on what the row runs, where that differs from the paper (shown in the JSON and the docs)."""
+    samples: str | None = None
+    """A sampling variant: the name of the row whose trained run this row evaluates, with its own `overrides` at
+    evaluation only (speculative decoding of LlamaGen's run, say). It trains nothing of its own; its config is the
+    other row's."""
 
     @property
     def slug(self) -> str:
@@ -86,6 +90,9 @@ def register(method: Method, replace: bool = False) -> Method:
                          f"accepted: {', '.join(TOKENIZER_KINDS)}")  # fmt: skip
     if method.config is None and method.debug_config is None:
         raise ValueError(f"method {method.name!r} has neither a config nor a debug_config: it has no tier to run in")
+    if method.samples is not None and method.samples not in METHODS:
+        raise ValueError(f"Method.samples={method.samples!r} (method {method.name!r}) names no registered row; "
+                         f"registered: {', '.join(METHODS)}")  # fmt: skip
     valid = {"*", *TIERS, *(f"{t}:gpu" for t in TIERS)}
     if unknown := sorted(set(method.overrides) - valid):
         raise ValueError(f"Method.overrides of {method.name!r} has keys {unknown}; accepted: '*', a tier "
@@ -201,5 +208,53 @@ register(
         overrides={"*": ["--model.init_args.backbone", "causal"]},
         notes="continuous tokens in raster order, causal attention, the flow head: MAR's causal baseline, run as "
         "FlowAR's config with backbone: causal",
+    )
+)
+register(
+    Method(
+        name="RandAR",
+        paper="https://arxiv.org/abs/2412.01827",
+        config="configs/causal/randar_{data}.yaml",
+        debug_config="configs/debug/any_order.yaml",
+        tokenizer="vq",
+        notes="a random order per sample, target-position queries through the target-aware embedding (RandAR "
+        "interleaves position-instruction tokens); sequential sampling in a random order",
+    )
+)
+register(
+    Method(
+        name="DAR (diagonal order)",
+        paper="https://arxiv.org/abs/2503.11129",
+        config="configs/causal/dar_{data}.yaml",
+        debug_config="configs/debug/any_order.yaml",
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.order", "diagonal"]},
+        notes="DAR's diagonal order with target-position queries; without its direction embeddings",
+    )
+)
+register(
+    Method(
+        name="PAR (order)",
+        paper="https://arxiv.org/abs/2412.15119",
+        config="configs/causal/par_{data}.yaml",
+        debug_config="configs/debug/any_order.yaml",
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.order", "par"]},
+        notes="PAR's region-interleaved order over 2x2 regions, decoded one token per step (not its parallel steps)",
+    )
+)
+register(
+    Method(
+        name="LlamaGen + SJD",
+        paper="https://arxiv.org/abs/2410.01699",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        samples="LlamaGen",
+        overrides={
+            "*": ["--model.init_args.predict_kwargs.decoding", "sjd", "--model.init_args.predict_kwargs.window", "16"]
+        },
+        notes="LlamaGen's run decoded by speculative Jacobi decoding (window 16, uniform initialisation, "
+        "per-sequence acceptance): no training of its own",
     )
 )

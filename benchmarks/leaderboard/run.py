@@ -266,10 +266,14 @@ def run_method(tier: Tier, budget: Budget, gpu: bool, method: Method, prepared: 
     from lit_ar.evaluation import EvaluationRecord
 
     run_dir = out / method.slug
-    configs, args = generator_run(tier, budget, gpu, method, prepared)
-    log(f"{method.name}: fit {' + '.join(configs)} {shlex.join(args)}")
-    train_seconds, trained = fit(configs, args, run_dir)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trained_as = METHODS[method.samples] if method.samples else method  # a sampling variant evaluates another's run
+    configs, args = generator_run(tier, budget, gpu, trained_as, prepared)
+    log(f"{trained_as.name}: fit {' + '.join(configs)} {shlex.join(args)}")
+    train_seconds, trained = fit(configs, args, out / trained_as.slug)
+    ckpt = out / trained_as.slug / "checkpoints" / "last.ckpt"
+    if trained_as is not method:
+        extra_configs, method_args = split_configs(method.overrides_for(tier.name, gpu, budget))
+        configs, args = configs + extra_configs, args + method_args
     log(f"{method.name}: {'trained' if trained else 'trained before'} ({train_seconds:.0f} s); evaluating")
     start = time.perf_counter()
     cli = cli_main(["test", *config_args([*configs, *tier.eval_configs]), *args, *QUIET,

@@ -14,6 +14,7 @@ and sampled; or a guided ODE from noise). The core provides the raster-decoding 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from lit_ar.draws import Draws
 from lit_ar.guidance import Guidance
 from lit_ar.methods.base import Method, SamplingSettings, check_head_batch_mul
+from lit_ar.methods.speculative_jacobi import JACOBI_INITS, speculative_jacobi_sample
 from lit_ar.models.categorical_head import CategoricalHead
 
 
@@ -30,6 +32,27 @@ class RasterSampling(SamplingSettings):
 
     use_cache: bool = True
     """Decode on the static KV cache; False recomputes the whole prefix at every token (timing, parity checks)."""
+    decoding: Literal["sequential", "sjd"] = "sequential"
+    """sequential: one model call per token; sjd: speculative Jacobi decoding (lit_ar/methods/speculative_jacobi.py),
+    fewer calls, the same distribution, on any causal model without retraining."""
+    window: int = 16
+    """SJD: tokens the model reads per call (the last accepted one and window - 1 drafts); 1 is sequential."""
+    jacobi_init: Literal["uniform", "last_token"] = "uniform"
+    """SJD: drafts at positions no call has reached: uniform random tokens (SJD's) or the latest accepted token."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding={self.decoding!r} is not known; known: {DECODINGS}")
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be >= 1 (the tokens read per model call; 1 is sequential)")
+        if self.jacobi_init not in JACOBI_INITS:
+            raise ValueError(f"jacobi_init={self.jacobi_init!r} is not known; known: {JACOBI_INITS}")
+        if self.decoding == "sjd" and not self.use_cache:
+            raise ValueError("decoding='sjd' verifies its drafts on the KV cache; set use_cache=True")
+
+
+DECODINGS = ("sequential", "sjd")
 
 
 def random_order_ratio(step: int, start: int, end: int) -> float:
@@ -95,11 +118,15 @@ class RasterAR(Method):
     def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings: SamplingSettings,
                generator: torch.Generator | None = None, num_tokens: int | None = None,
                decode_step: Callable | None = None,
-               cache_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+               cache_dtype: torch.dtype | None = None, stats: dict | None = None) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> tokens in raster order (default: the whole grid): ids (B, n) from the categorical head,
         vectors (B, n, D) from a flow or diffusion head. `decode_step` is the core's `decode_hidden`, or a compiled
         copy of it; `cache_dtype` the KV cache's (the autocast dtype, where sampling runs under autocast; default the
-        core's weights')."""
+        core's weights'). With `decoding='sjd'`, speculative Jacobi decoding instead (its `stats`: model calls and
+        tokens per call of each sequence)."""
+        if getattr(settings, "decoding", "sequential") == "sjd":
+            return speculative_jacobi_sample(core, head, labels, guidance, settings, generator, num_tokens,
+                                             self.progress_after_token, cache_dtype, stats)  # fmt: skip
         L = core.num_tokens
         n = L if num_tokens is None else num_tokens
         use_cache = getattr(settings, "use_cache", True)  # continuous settings have no such field: always cached

@@ -184,22 +184,29 @@ class CausalTransformer(nn.Module):
 
     # -- raster decoding on the KV cache (the protocol of lit_ar/methods/raster.py, which FlowARTransformer's raster
     # order shares): prefill_hidden, then decode_hidden per token, each giving the states the head reads
-    def prefill_hidden(self, labels: torch.Tensor) -> torch.Tensor:
-        """Write the prefix into the cache; labels (B,) -> the states (B, 1, C) that predict token 0."""
+    def prefill_hidden(self, labels: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the prefix into the cache; labels (B,) -> the states (B, 1, C) that predict token 0, the token at
+        grid position `target` (B,) under a target-aware embedding (default 0, raster's first)."""
         x = self.prefix(labels)  # (B, P, C)
         if self.target_pos is not None:
-            x = x + F.pad(self.target_pos.weight[:1], (0, 0, self.cls_token_num - 1, 0))  # last slot predicts pos 0
+            t = self.target_pos.weight[:1] if target is None else self.target_pos(target)[:, None]  # (1|B, 1, C)
+            x = x + F.pad(t, (0, 0, self.cls_token_num - 1, 0))  # the last prefix slot predicts the first target
         input_pos = torch.arange(self.cls_token_num, device=x.device)  # (P,)
         return self._cached_forward(x, input_pos)[:, -1:]
 
-    def decode_hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Feed one token per sequence (B, 1) at slot `input_pos` (1,) (token i sits at slot P + i) -> the states
-        (B, 1, C) that predict the next token. Fixed shapes at every position: compile it once, replay it L - 1
-        times."""
-        x = self.tok_embeddings(tokens)  # (B, 1, C)
+    def decode_hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor | None = None,
+                      targets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Feed tokens (B, T) at cache slots `input_pos` (T,), or (B, T) per sequence -> the states (B, T, C) that
+        predict the next token of each. In raster order token i sits at slot P + i and predicts grid position i + 1;
+        another order gives each fed token's grid position `positions` (B, T) (its RoPE) and the position it
+        predicts, `targets` (B, T) (the target-aware embedding's). Fixed shapes at every position: compile it once,
+        replay it L - 1 times."""
+        P = self.cls_token_num
+        positions = input_pos - P if positions is None else positions  # grid position of each fed token
+        x = self.tok_embeddings(tokens)  # (B, T, C)
         if self.target_pos is not None:
-            x = x + self.target_pos(input_pos - self.cls_token_num + 1)  # token i's slot predicts position i + 1
-        return self._cached_forward(x, input_pos)
+            x = x + self.target_pos(positions + 1 if targets is None else targets)  # what each slot predicts
+        return self._cached_forward(x, input_pos, self.rope[P + positions])
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """`prefill_hidden` to the logits of token 0 (B, V)."""
@@ -209,10 +216,12 @@ class CausalTransformer(nn.Module):
         """`decode_hidden` to the logits of the next token (B, V)."""
         return self.logits(self.decode_hidden(tokens, input_pos))[:, -1]
 
-    def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # a slot may attend to every cache position up to its own: (T, S), True = may attend
-        mask = torch.arange(self.cache_len, device=x.device)[None, :] <= input_pos[:, None]
-        rope = self.rope[input_pos]  # (T, hd/2, 2)
+    def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor,
+                        rope: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        # a slot may attend to every cache position up to its own: (T, S) or, per sequence, (B, 1, T, S)
+        mask = torch.arange(self.cache_len, device=x.device) <= input_pos[..., None]
+        mask = mask[:, None] if input_pos.ndim == 2 else mask
+        rope = self.rope[input_pos] if rope is None else rope  # (T, hd/2, 2) or (B, T, hd/2, 2)
         for layer in self.layers:
             x = layer(x, rope, mask=mask, input_pos=input_pos)
         return x  # (B, T, C), before the final norm (the head's logits apply it)

@@ -150,7 +150,14 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, T, hd) at positions `input_pos` (T,); return the whole cache (B, nkv, S, hd)."""
+        """Write k, v (B, nkv, T, hd) at positions `input_pos`: (T,) shared by the batch, or (B, T) per sequence (a
+        speculative decoder whose sequences have advanced by different counts); return the whole cache
+        (B, nkv, S, hd)."""
+        if input_pos.ndim == 2:
+            index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, nkv, T, hd)
+            self.k.scatter_(2, index, cast(k, self.k.dtype))
+            self.v.scatter_(2, index, cast(v, self.v.dtype))
+            return self.k, self.v
         self.k.index_copy_(2, input_pos, cast(k, self.k.dtype))
         self.v.index_copy_(2, input_pos, cast(v, self.v.dtype))
         return self.k, self.v

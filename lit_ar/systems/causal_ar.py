@@ -1,13 +1,15 @@
-"""CausalARSystem: LlamaGen / RAR over a frozen discrete tokenizer: a `CausalTransformer` core, the categorical head
-and the raster method (lit_ar/methods/raster.py), which holds the training draw (RAR's random orders), validation
-and the KV-cached sampling loop.
+"""CausalARSystem: LlamaGen / RAR / any-order causal AR (RandAR, DAR, PAR orders) over a frozen discrete tokenizer: a
+`CausalTransformer` core, the categorical head and the any-order method (lit_ar/methods/any_order.py; in raster
+order lit_ar/methods/raster.py), which holds the training draw (the order, RAR's annealed random orders),
+validation and the KV-cached sampling loops (speculative Jacobi decoding among them).
 """
 
 from typing import Literal
 
 import torch
 
-from lit_ar.methods.raster import RasterAR, RasterSampling, random_order_ratio
+from lit_ar.methods.any_order import ORDERS, AnyOrderAR, AnyOrderSampling, grid_order
+from lit_ar.methods.raster import random_order_ratio
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.performance import compiled_decode_step
 from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
@@ -17,8 +19,11 @@ PresetName = Literal[
 ]  # fmt: skip
 
 
+OrderName = Literal[ORDERS]
+
+
 class CausalARSystem(GeneratorSystem):
-    Sampling = RasterSampling
+    Sampling = AnyOrderSampling
 
     def __init__(
         self,
@@ -38,7 +43,9 @@ class CausalARSystem(GeneratorSystem):
         rar: bool = False,
         rar_anneal_start: int = 0,
         rar_anneal_end: int = 0,
-        predict_kwargs: RasterSampling | None = None,
+        order: OrderName = "raster",
+        order_regions: int = 2,
+        predict_kwargs: AnyOrderSampling | None = None,
         n_layer: int | None = None,
         n_head: int | None = None,
         n_kv_head: int | None = None,
@@ -66,6 +73,10 @@ class CausalARSystem(GeneratorSystem):
             rar: RAR: train in random orders with target-aware position embeddings (sampling stays raster).
             rar_anneal_start: RAR: training step until which every sample gets a random order (r = 1).
             rar_anneal_end: RAR: step from which every sample is raster (r = 0); r falls linearly in between.
+            order: Training order (and the default sampling order): raster (LlamaGen), random (RandAR: a fresh
+                permutation per sample), diagonal or zigzag (DAR), par (PAR's region-interleaved order) or spiral.
+                Any order but raster adds target-position queries (the target-aware embedding).
+            order_regions: PAR: the grid is cut into order_regions x order_regions blocks.
             predict_kwargs: Sampling settings (see GeneratorSystem).
             n_layer: Former name of `depth` (configs and checkpoints written before lit_ar's one size vocabulary).
             n_head: Former name of `n_heads`.
@@ -85,9 +96,14 @@ class CausalARSystem(GeneratorSystem):
         self.model = CausalTransformer(
             vocab_size, grid_size, self.hparams.num_classes, **sizes, cls_token_num=cls_token_num,
             prefix_rope=prefix_rope, qk_norm=qk_norm, token_dropout=token_dropout, resid_dropout=resid_dropout,
-            drop_path=drop_path, target_aware=rar,
+            drop_path=drop_path, target_aware=rar or order != "raster",
         )  # fmt: skip
-        self.method = RasterAR(self.rar_ratio if rar else None)
+        if rar and order != "raster":
+            raise ValueError(f"model.init_args.rar=true anneals random orders to raster; "
+                             f"model.init_args.order={order!r} trains in its own order: set one of them")  # fmt: skip
+        if order not in ("raster", "random"):
+            grid_order(order, grid_size, order_regions)  # refuses a bad order or order_regions now, by name
+        self.method = AnyOrderAR(order, order_regions, self.rar_ratio if rar else None)
         self._compiled_decode = None
 
     def core_blocks(self) -> list:
@@ -121,5 +137,6 @@ class CausalARSystem(GeneratorSystem):
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, num_tokens: int | None = None,
                  **settings) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> tokens (B, num_tokens) in raster order (num_tokens defaults to the whole grid), with the
-        settings of `RasterSampling` (cfg and its schedule, temperature, top_k, top_p, use_cache)."""
+        settings of `AnyOrderSampling` (cfg and its schedule, temperature, top_k, top_p, use_cache, decoding, window,
+        order)."""
         return self.run_sampler(labels, generator, settings, num_tokens=num_tokens)

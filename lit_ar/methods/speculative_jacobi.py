@@ -1,0 +1,131 @@
+"""Speculative Jacobi decoding (SJD; Teng et al. 2024): fewer model calls for any causal token model, without
+retraining, keeping its sampling distribution at any temperature.
+
+A window of `window` tokens is read per model call: the last accepted token and `window - 1` draft tokens after it.
+The call gives the model's distribution p at every window position (each conditioned on the drafts before it). The
+drafts are verified left to right with the speculative-sampling rule: draft d_j, drawn from q_j, is accepted with
+probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection the token is drawn from the residual
+norm(max(p_j - q_j, 0)) instead, and the rest of the window is dropped; when every draft is accepted, the token after
+them is drawn from p itself. The first draft's p is conditioned on accepted tokens only, so each accepted token has
+exactly the model's conditional distribution (Leviathan et al. 2023; Chen et al. 2023). Every call accepts at least
+one token; a window of 1 is plain decoding, draw for draw.
+
+The drafts are the Jacobi iteration: a draft whose position the call reached is redrawn from that call's p there (its
+q is then that p), one past the call's reach is initialised (`jacobi_init`: uniform random tokens, SJD's, or the
+latest accepted token, with q its point mass). Each sequence of the batch accepts its own number of tokens per call
+(the KV cache is written per sequence), not the batch's minimum that the official code takes, which loses the gain
+above batch 1. Model calls and accepted tokens are counted per sequence (`stats`).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from lit_ar.guidance import Guidance
+from lit_ar.sampling import filter_logits, gumbel_noise
+
+JACOBI_INITS = ("uniform", "last_token")
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The speculative-sampling test: p, q (B, K, V) the target's and the drafts' distributions, drafts (B, K), u
+    (B, K) uniforms in [0, 1) -> how many leading drafts each sequence accepts (B,), in 0..K. A draft is accepted
+    when u < p(d) / q(d) (q(d) > 0: d was drawn from q)."""
+    p_d, q_d = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]  # (B, K)
+    accepted = u * q_d < p_d  # strict: a draft the target gives probability 0 is never accepted
+    return accepted.long().cumprod(dim=1).sum(dim=1)  # (B,) length of the accepted run
+
+
+def draw(log_weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max over unnormalised log-weights (..., V) -> ids (...), noise from `generator`."""
+    return torch.argmax(log_weights + gumbel_noise(log_weights.shape, generator, log_weights.device), dim=-1)
+
+
+@torch.no_grad()
+def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidance, settings,
+                              generator: torch.Generator | None = None, num_tokens: int | None = None,
+                              progress_after_token: bool = False, cache_dtype: torch.dtype | None = None,
+                              stats: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """labels (B,) -> ids (B, n) in raster order, by SJD over a causal core's raster-decoding protocol and the
+    categorical head. `settings`: `RasterSampling` (window, jacobi_init, cfg and its schedule, temperature, top_k,
+    top_p). `stats`, when given, receives per-sequence `model_calls` (B,) and `tokens_per_call` (B,)."""
+    L, P, W = core.num_tokens, core.cls_token_num, settings.window
+    n = L if num_tokens is None else num_tokens
+    B, device = labels.shape[0], labels.device
+    rows = guidance.rows(labels)  # (B,) or (2B,) [labels; null]
+    # the guidance scale of each position: the CFG schedule's progress at token i is (i [+ 1]) / L, as raster's
+    scales = torch.tensor([guidance.scale_at(min(i + progress_after_token, L) / L) for i in range(n + W)],
+                          device=device)  # fmt: skip  # (n + W,)
+
+    def target_logits(states: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """States (B', K, C) at window positions first + 0..K-1 -> guided, filtered logits (B, K, V) in fp32."""
+        logits = head.logits(states)  # (B', K, V)
+        if guidance.active:
+            scale = scales[(first[:, None] + torch.arange(logits.shape[1], device=device)).clamp(max=n + W - 1)]
+            logits = guidance.combine(logits, scale=scale[..., None])  # (B, K, V)
+        else:
+            logits = guidance.combine(logits)
+        return filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
+
+    # a window past the last token reads cache slots past the grid; their predictions are discarded
+    core.setup_caches(rows.shape[0], cache_dtype or next(core.parameters()).dtype, max_seq_len=P + n + W - 1)
+    try:
+        core.check_decode_length(n)
+        tokens = torch.zeros(B, n + W, dtype=torch.long, device=device)  # accepted tokens, then drafts, then spare
+        spare = n + W - 1  # where finished sequences write, unread
+        # token 0 from the prefix, as raster decoding draws it
+        tokens[:, 0] = head.sample(core.prefill_hidden(rows), guidance, settings, generator,
+                                   progress_after_token / L)[:, 0]  # fmt: skip
+        done = torch.ones(B, dtype=torch.long, device=device)  # (B,) tokens accepted so far
+        calls = torch.ones(B, dtype=torch.long, device=device)  # the prefill is a call
+        offsets, batch = torch.arange(W, device=device), torch.arange(B, device=device)  # (W,), (B,)
+        q = initial_q(settings.jacobi_init, B, W - 1, core.vocab_size, tokens[:, :1], device)  # (B, W-1, V)
+        if W > 1:
+            tokens[:, 1:W] = draw(q.log(), generator)  # (B, W-1) the first drafts, at positions 1 .. W-1
+        while bool((done < n).any()):
+            active = done < n  # (B,)
+            window = done[:, None] - 1 + offsets  # (B, W) positions read: the last accepted token, then the drafts
+            # past the grid the RoPE and target are the last position's: those outputs are discarded
+            grid, target = window.clamp(max=L - 1), (window + 1).clamp(max=L - 1)  # (B, W)
+            states = core.decode_hidden(*map(guidance.twice, (tokens.gather(1, window), P + window, grid, target)))
+            logits = target_logits(states, done)  # (B, W, V): window index i predicts position done + i
+            p = logits.softmax(-1)  # (B, W, V)
+            if W > 1:
+                u = torch.rand(B, W - 1, generator=generator, device=device)  # (B, W-1)
+                a = accept_drafts(p[:, :-1], q, tokens.gather(1, window[:, 1:]), u)  # (B,) drafts accepted
+            else:
+                a = torch.zeros(B, dtype=torch.long, device=device)
+            # the token after the accepted drafts: from the residual at a rejection, from p when all were accepted
+            p_a, q_a = p[batch, a], F.pad(q, (0, 0, 0, 1))[batch, a]  # (B, V); q is 0 past the drafts
+            residual = (p_a - q_a).clamp_min(0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p = q: nothing was rejected
+            log_target = torch.where((a < W - 1)[:, None], residual.log(), logits[batch, a])  # (B, V)
+            token = draw(log_target, generator)  # (B,)
+            put = torch.where(active, done + a, spare)  # the accepted drafts already sit at done .. done + a - 1
+            tokens[batch, put] = torch.where(active, token, tokens[batch, put])
+            calls += active.long()
+            done = torch.where(active, done + a + 1, done).clamp(max=n)
+            if W > 1:  # the next drafts: redrawn from this call's p where it reached, initialised past it
+                src = a[:, None] + 1 + offsets[:-1]  # (B, W-1) window index of each next draft's position
+                q_next = p.gather(1, src.clamp(max=W - 1)[..., None].expand(-1, -1, p.shape[-1]))  # (B, W-1, V)
+                q_init = initial_q(settings.jacobi_init, B, W - 1, p.shape[-1], tokens.gather(1, done[:, None] - 1),
+                                   device)  # fmt: skip
+                q = torch.where((src < W)[..., None], q_next, q_init)
+                at = (done[:, None] + offsets[:-1]).clamp(max=spare)  # (B, W-1) the next drafts' positions
+                drafts = torch.where(active[:, None] & (at < n), draw(q.log(), generator), tokens.gather(1, at))
+                tokens.scatter_(1, at, drafts)
+    finally:
+        core.clear_caches()
+    if stats is not None:
+        stats["model_calls"] = calls
+        stats["tokens_per_call"] = n / calls.float()
+    return tokens[:, :n]
+
+
+def initial_q(kind: str, batch: int, k: int, vocab: int, last: torch.Tensor, device) -> torch.Tensor:
+    """The distribution (batch, k, vocab) of drafts at positions no call has reached: uniform (SJD's random
+    initialisation), or a point mass at the latest accepted token `last` (batch, 1)."""
+    if kind == "uniform":
+        return torch.full((batch, k, vocab), 1.0 / vocab, device=device)
+    if kind == "last_token":
+        return torch.zeros(batch, k, vocab, device=device).scatter_(-1, last[:, :, None].expand(-1, k, 1), 1.0)
+    raise ValueError(f"jacobi_init={kind!r} is not known; known: {JACOBI_INITS}")
