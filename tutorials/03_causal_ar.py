@@ -20,7 +20,8 @@
 # 4. times sampling on the static KV cache against recomputing the whole prefix at every token,
 # 5. trains RAR and checks that, once its random-order probability has been annealed to 0, it is raster training,
 # 6. trains in another generation order (RandAR's random, DAR's diagonal, PAR's region-interleaved) and samples in it,
-# 7. decodes with speculative Jacobi decoding (SJD): fewer model calls, the same tokens when greedy.
+# 7. decodes with speculative Jacobi decoding (SJD): fewer model calls, the same tokens when greedy,
+# 8. trains ARPG and decodes several tokens per model call (randomized parallel decoding).
 #
 # Set `LIT_AR_SMALL=1` to run it in seconds on the debug configs (16x16 images, 4x4 tokens; the tests do). Without
 # it, it trains the shapes configs (64x64 images, 16x16 tokens) and measures how often a shapes classifier
@@ -207,6 +208,27 @@ for kw in (dict(top_k=1), dict(cfg=2.0)):
     if kw == dict(top_k=1):
         assert torch.equal(sjd, model.generate(labels, top_k=1))
 show(model.decode(sjd), "SJD samples (cfg 2)", per_class)
+
+# %% [markdown]
+# ## ARPG: several tokens per model call
+# ARPG splits the network in two: causal self-attention over the tokens generated so far (in a random order), whose
+# output gives one set of keys and values, and cross-attention blocks whose queries are all one mask-token embedding,
+# told apart by the rotary encoding of the position each must predict. A query sees only the tokens before it, so
+# several positions can be asked for at once: `steps` model calls decode the whole grid (`schedule: arccos` says how
+# many tokens each step takes). One token per step is random-order sequential decoding.
+
+# %%
+from lit_ar.systems import ARPGSystem
+
+arpg_config = "configs/debug/arpg.yaml" if SMALL else "configs/causal/arpg_shapes.yaml"
+arpg = ARPGSystem.load_from_checkpoint(fit(arpg_config, "arpg", "--model.init_args.tokenizer_ckpt",
+                                           str(tokenizer_ckpt)), weights_only=True).eval()  # fmt: skip
+L = arpg.model.num_tokens
+for steps in (L, L // 4):
+    start = time.perf_counter()
+    images = arpg.sample(labels, steps=steps, generator=torch.Generator().manual_seed(0))
+    print(f"ARPG, {steps} model calls for {L} tokens: {time.perf_counter() - start:.2f} s for {len(labels)} images")
+show(images, f"ARPG samples in {L // 4} steps", per_class)
 
 # %% [markdown]
 # ## Do the samples show their class?

@@ -245,6 +245,17 @@ register(
 )
 register(
     Method(
+        name="ARPG",
+        paper="https://arxiv.org/abs/2503.10568",
+        config="configs/causal/arpg_{data}.yaml",
+        debug_config="configs/debug/arpg.yaml",
+        tokenizer="vq",
+        notes="randomized parallel decoding in a quarter of the tokens' steps (ARPG's 64 for 256 tokens), arccos "
+        "schedule, CFG ramped linearly",
+    )
+)
+register(
+    Method(
         name="LlamaGen + SJD",
         paper="https://arxiv.org/abs/2410.01699",
         config="configs/causal/llamagen_{data}.yaml",

@@ -1,5 +1,6 @@
 """LightningModules ("systems"): training logic over the plain cores in lit_ar.models."""
 
+from lit_ar.systems.arpg import ARPGSystem
 from lit_ar.systems.causal_ar import CausalARSystem
 from lit_ar.systems.classifier import ClassifierSystem
 from lit_ar.systems.evaluation import NpzEvaluator
@@ -9,6 +10,7 @@ from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
 
 __all__ = [
+    "ARPGSystem",
     "CausalARSystem",
     "ClassifierSystem",
     "FlowARSystem",
