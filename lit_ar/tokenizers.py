@@ -55,3 +55,13 @@ def load_tokenizer(path: str) -> Autoencoder:
     prefix = "autoencoder."
     autoencoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return autoencoder.eval().requires_grad_(False)
+
+
+def code_vectors(tokenizer: Autoencoder) -> torch.Tensor:
+    """Every token's code vector (V, d): the codebook of a VQ tokenizer, FSQ's level grid, LFQ's bits. What
+    `acceptance: lantern` measures closeness of tokens in; refused for a tokenizer without discrete codes."""
+    codes = getattr(tokenizer.quantizer, "code_vectors", None)
+    if codes is None:
+        raise ValueError(f"acceptance='lantern' needs the code vectors of a discrete tokenizer (vq, fsq or lfq); the "
+                         f"{tokenizer.quantizer_type!r} tokenizer has none")  # fmt: skip
+    return codes().detach()

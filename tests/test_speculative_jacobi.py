@@ -1,7 +1,8 @@
 """Speculative Jacobi decoding (lit_ar/methods/speculative_jacobi.py) on a tiny causal model: a window of 1 is
 sequential decoding draw for draw; greedy SJD gives the greedy raster tokens; at temperature 1 its samples follow the
 model's exact distribution (enumerated) and a wrong acceptance rule fails the same test; each sequence accepts its
-own tokens (not the batch's minimum); bad settings are refused by name; the CLI samples with it."""
+own tokens (not the batch's minimum); bad settings are refused by name; the CLI samples with it. LANTERN's relaxed
+acceptance: its pooled neighbours, delta 0 equal to SJD, more tokens per call with delta, the tokenizer's codes."""
 
 import itertools
 import math
@@ -123,7 +124,7 @@ def test_sjd_keeps_the_models_distribution_and_a_wrong_acceptance_rule_fails_the
         assert chi_square(out, p) < critical, (window, init)
         assert float(stats["model_calls"].float().mean()) < G_ENUM**2  # fewer calls than sequential's 4
     accept = sjd.accept_drafts
-    monkeypatch.setattr(sjd, "accept_drafts", lambda p_, q, d, u: accept(p_, torch.ones_like(q), d, u))
+    monkeypatch.setattr(sjd, "accept_drafts", lambda p_, q, d, u, mass: accept(p_, torch.ones_like(q), d, u, mass))
     wrong = sample(method, core, head, labels, decoding="sjd", window=4)
     assert chi_square(wrong, p) > 10 * critical
 
@@ -169,3 +170,79 @@ def test_lit_ar_predict_samples_with_sjd(trained_causal, debug_tokenizer, tmp_pa
                   f"{{top_k: 1, decoding: {decoding}, window: 4}}"])  # fmt: skip
         out[decoding] = np.load(run / "samples.npz")["images"]
     assert out["sjd"].shape == (20, 16, 16, 3) and np.array_equal(out["sjd"], out["sequential"])
+
+
+# -- LANTERN's relaxed acceptance ------------------------------------------------------------------------------------
+def test_pooled_neighbours_take_the_nearest_run_within_delta():
+    p = torch.tensor([[[0.5, 0.2, 0.2, 0.1]]])  # (1, 1, 4)
+    neighbours = torch.tensor([[1, 2, 3], [0, 2, 3], [1, 3, 0], [2, 1, 0]])  # (V, k) nearest first
+    near, pooled, mass = sjd.pooled_neighbours(p, torch.tensor([[0]]), neighbours, delta=0.3)
+    assert near.tolist() == [[[1, 2, 3]]] and pooled.tolist() == [[[True, False, False]]]
+    assert mass.flatten().tolist() == pytest.approx([0.2])
+    mass_of_3 = sjd.pooled_neighbours(p, torch.tensor([[3]]), neighbours, delta=0.45)[2]  # 0.2 + 0.2 of codes 2, 1
+    assert mass_of_3.flatten().tolist() == pytest.approx([0.4])
+    # the relaxed test accepts a draft the strict one rejects: p(0) / q(0) = 0.5 / 0.9, plus 0.2 pooled
+    q = torch.tensor([[[0.9, 0.05, 0.05, 0.0]]])
+    u = torch.tensor([[0.7]])
+    assert sjd.accept_drafts(p, q, torch.tensor([[0]]), u).tolist() == [0]
+    assert sjd.accept_drafts(p, q, torch.tensor([[0]]), u, mass).tolist() == [1]
+
+
+def test_latent_neighbours_are_the_nearest_codes_nearest_first():
+    codes = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    assert sjd.LatentNeighbours(codes)(2).tolist() == [[1, 2], [0, 2], [1, 0], [2, 1]]
+    assert sjd.LatentNeighbours(codes)(99).shape == (4, 3)  # capped at V - 1
+
+
+def neighbours_of(core) -> sjd.LatentNeighbours:
+    torch.manual_seed(3)
+    return sjd.LatentNeighbours(torch.randn(core.vocab_size, 4))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_lantern_with_delta_zero_is_sjd_and_with_delta_accepts_more(cfg):
+    core, head, method = tiny()
+    labels = torch.arange(3).repeat(20)  # (60,)
+    neighbours = neighbours_of(core)
+
+    def run(**kw):
+        s, stats = RasterSampling(cfg=cfg, decoding="sjd", window=6, **kw), {}
+        out = method.sample(core, head, labels, s.guidance(3), s, torch.Generator().manual_seed(0), stats=stats,
+                            neighbours=neighbours)  # fmt: skip
+        return out, stats
+
+    strict, strict_stats = run()
+    relaxed0, _ = run(acceptance="lantern", lantern_delta=0.0, lantern_k=8)
+    assert torch.equal(relaxed0, strict)
+    relaxed, stats = run(acceptance="lantern", lantern_delta=0.3, lantern_k=8)
+    assert stats["tvd_bound"] == 0.3
+    assert float(stats["tokens_per_call"].mean()) > float(strict_stats["tokens_per_call"].mean())
+
+
+def test_lantern_is_refused_where_it_has_no_codebook_or_no_sjd():
+    with pytest.raises(ValueError, match="acceptance='lantern' relaxes speculative decoding's acceptance: set "
+                                         "decoding='sjd'"):  # fmt: skip
+        RasterSampling(acceptance="lantern")
+    with pytest.raises(ValueError, match="lantern_delta=1.5 must be in"):
+        RasterSampling(decoding="sjd", acceptance="lantern", lantern_delta=1.5)
+    with pytest.raises(ValueError, match="lantern_k=0 must be >= 1"):
+        RasterSampling(decoding="sjd", acceptance="lantern", lantern_k=0)
+    core, head, method = tiny()
+    with pytest.raises(ValueError, match="this generator has none: set model.init_args.tokenizer_ckpt"):
+        sample(method, core, head, torch.tensor([0]), decoding="sjd", acceptance="lantern")
+
+
+def test_lantern_samples_with_the_tokenizers_codebook(trained_causal):
+    from lit_ar.systems.causal_ar import CausalARSystem
+    from lit_ar.tokenizers import code_vectors
+
+    system = CausalARSystem.load_from_checkpoint(trained_causal, weights_only=True)
+    codes = code_vectors(system.tokenizer)
+    assert codes.shape == (system.model.vocab_size, system.tokenizer.latent_channels)
+    labels = torch.arange(10)
+    stats = {}
+    settings = dict(decoding="sjd", window=4, acceptance="lantern", lantern_k=16, lantern_delta=0.0)
+    out = system.run_sampler(labels, torch.Generator().manual_seed(0), settings, stats=stats)
+    strict = system.run_sampler(labels, torch.Generator().manual_seed(0), dict(decoding="sjd", window=4))
+    assert torch.equal(out, strict) and stats["tvd_bound"] == 0.0
+    assert system.latent_neighbours()(16).shape == (system.model.vocab_size, 16)

@@ -39,6 +39,14 @@ class RasterSampling(SamplingSettings):
     """SJD: tokens the model reads per call (the last accepted one and window - 1 drafts); 1 is sequential."""
     jacobi_init: Literal["uniform", "last_token"] = "uniform"
     """SJD: drafts at positions no call has reached: uniform random tokens (SJD's) or the latest accepted token."""
+    acceptance: Literal["strict", "lantern"] = "strict"
+    """SJD: strict keeps the model's distribution; lantern is LANTERN's relaxed acceptance, which pools the
+    probability of a draft's nearest codes in the tokenizer's latent space (more tokens per call, each within
+    lantern_delta in total variation)."""
+    lantern_k: int = 1000
+    """LANTERN: nearest codes considered per draft (LANTERN's default; capped at the vocabulary - 1)."""
+    lantern_delta: float = 0.1
+    """LANTERN: the most probability pooled onto a draft, its total-variation bound (0 is strict SJD)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,11 +56,20 @@ class RasterSampling(SamplingSettings):
             raise ValueError(f"window={self.window} must be >= 1 (the tokens read per model call; 1 is sequential)")
         if self.jacobi_init not in JACOBI_INITS:
             raise ValueError(f"jacobi_init={self.jacobi_init!r} is not known; known: {JACOBI_INITS}")
+        if self.acceptance not in ACCEPTANCES:
+            raise ValueError(f"acceptance={self.acceptance!r} is not known; known: {ACCEPTANCES}")
+        if self.acceptance == "lantern" and self.decoding != "sjd":
+            raise ValueError("acceptance='lantern' relaxes speculative decoding's acceptance: set decoding='sjd'")
+        if self.lantern_k < 1:
+            raise ValueError(f"lantern_k={self.lantern_k} must be >= 1 (nearest codes pooled per draft)")
+        if not 0.0 <= self.lantern_delta <= 1.0:
+            raise ValueError(f"lantern_delta={self.lantern_delta} must be in [0, 1] (a total-variation bound)")
         if self.decoding == "sjd" and not self.use_cache:
             raise ValueError("decoding='sjd' verifies its drafts on the KV cache; set use_cache=True")
 
 
 DECODINGS = ("sequential", "sjd")
+ACCEPTANCES = ("strict", "lantern")
 
 
 def random_order_ratio(step: int, start: int, end: int) -> float:
@@ -118,15 +135,16 @@ class RasterAR(Method):
     def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings: SamplingSettings,
                generator: torch.Generator | None = None, num_tokens: int | None = None,
                decode_step: Callable | None = None,
-               cache_dtype: torch.dtype | None = None, stats: dict | None = None) -> torch.Tensor:  # fmt: skip
+               cache_dtype: torch.dtype | None = None, stats: dict | None = None,
+               neighbours=None) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> tokens in raster order (default: the whole grid): ids (B, n) from the categorical head,
         vectors (B, n, D) from a flow or diffusion head. `decode_step` is the core's `decode_hidden`, or a compiled
         copy of it; `cache_dtype` the KV cache's (the autocast dtype, where sampling runs under autocast; default the
         core's weights'). With `decoding='sjd'`, speculative Jacobi decoding instead (its `stats`: model calls and
-        tokens per call of each sequence)."""
+        tokens per call of each sequence; `neighbours`: the tokenizer's code neighbours, for LANTERN)."""
         if getattr(settings, "decoding", "sequential") == "sjd":
             return speculative_jacobi_sample(core, head, labels, guidance, settings, generator, num_tokens,
-                                             self.progress_after_token, cache_dtype, stats)  # fmt: skip
+                                             self.progress_after_token, cache_dtype, stats, neighbours)  # fmt: skip
         L = core.num_tokens
         n = L if num_tokens is None else num_tokens
         use_cache = getattr(settings, "use_cache", True)  # continuous settings have no such field: always cached

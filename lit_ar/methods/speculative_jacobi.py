@@ -15,6 +15,12 @@ q is then that p), one past the call's reach is initialised (`jacobi_init`: unif
 latest accepted token, with q its point mass). Each sequence of the batch accepts its own number of tokens per call
 (the KV cache is written per sequence), not the batch's minimum that the official code takes, which loses the gain
 above batch 1. Model calls and accepted tokens are counted per sequence (`stats`).
+
+LANTERN's relaxed acceptance (Jang et al. 2025; `acceptance: lantern`): image tokens whose codes lie close in the
+tokenizer's latent space are nearly interchangeable, so a draft d is tested against p(d) plus the mass p gives d's
+nearest codes (the `lantern_k` nearest by code-vector distance, the longest run of them, nearest first, whose total
+mass stays <= `lantern_delta`); at a rejection the residual leaves those pooled codes out of q. Each token's target
+then moves by at most `lantern_delta` in total variation (reported as `tvd_bound`); delta 0 is SJD, draw for draw.
 """
 
 import torch
@@ -26,13 +32,47 @@ from lit_ar.sampling import filter_logits, gumbel_noise
 JACOBI_INITS = ("uniform", "last_token")
 
 
-def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor,
+                  pooled_mass: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The speculative-sampling test: p, q (B, K, V) the target's and the drafts' distributions, drafts (B, K), u
     (B, K) uniforms in [0, 1) -> how many leading drafts each sequence accepts (B,), in 0..K. A draft is accepted
-    when u < p(d) / q(d) (q(d) > 0: d was drawn from q)."""
+    when u < p(d) / q(d) (q(d) > 0: d was drawn from q); LANTERN adds its neighbours' `pooled_mass` (B, K) to p(d)."""
     p_d, q_d = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]  # (B, K)
+    if pooled_mass is not None:
+        p_d = p_d + pooled_mass
     accepted = u * q_d < p_d  # strict: a draft the target gives probability 0 is never accepted
     return accepted.long().cumprod(dim=1).sum(dim=1)  # (B,) length of the accepted run
+
+
+def pooled_neighbours(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor, delta: float):
+    """LANTERN's latent proximity: p (B, K, V), drafts (B, K), neighbours (V, k) (each code's nearest others, nearest
+    first) -> each draft's neighbours (B, K, k), which of them are pooled (B, K, k) (the longest nearest-first run
+    whose mass under p is <= delta) and the pooled mass (B, K)."""
+    near = neighbours[drafts]  # (B, K, k)
+    total = p.gather(-1, near).cumsum(-1)  # (B, K, k) nondecreasing
+    pooled = total <= delta
+    return near, pooled, (total * pooled).amax(-1)
+
+
+class LatentNeighbours:
+    """Every code's nearest other codes by the euclidean distance of the tokenizer's code vectors (V, d): the
+    codebook of a VQ tokenizer, FSQ's level grid, LFQ's bits. `__call__(k)` -> (V, k) indices, nearest first,
+    computed once per k in chunks of rows (a 16k vocabulary needs no V x V matrix at once)."""
+
+    def __init__(self, codes: torch.Tensor):
+        self.codes, self._k, self._table = codes.float(), None, None
+
+    def __call__(self, k: int) -> torch.Tensor:
+        V = self.codes.shape[0]
+        k = min(k, V - 1)
+        if self._k != k:
+            rows = []
+            for start in range(0, V, 1024):
+                d = torch.cdist(self.codes[start : start + 1024], self.codes)  # (n, V)
+                d[torch.arange(d.shape[0]), torch.arange(start, start + d.shape[0])] = float("inf")  # not itself
+                rows.append(d.topk(k, dim=-1, largest=False).indices)
+            self._k, self._table = k, torch.cat(rows)
+        return self._table
 
 
 def draw(log_weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -44,12 +84,20 @@ def draw(log_weights: torch.Tensor, generator: torch.Generator | None) -> torch.
 def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidance, settings,
                               generator: torch.Generator | None = None, num_tokens: int | None = None,
                               progress_after_token: bool = False, cache_dtype: torch.dtype | None = None,
-                              stats: dict | None = None) -> torch.Tensor:  # fmt: skip
+                              stats: dict | None = None,
+                              neighbours: LatentNeighbours | None = None) -> torch.Tensor:  # fmt: skip
     """labels (B,) -> ids (B, n) in raster order, by SJD over a causal core's raster-decoding protocol and the
-    categorical head. `settings`: `RasterSampling` (window, jacobi_init, cfg and its schedule, temperature, top_k,
-    top_p). `stats`, when given, receives per-sequence `model_calls` (B,) and `tokens_per_call` (B,)."""
+    categorical head. `settings`: `RasterSampling` (window, jacobi_init, acceptance and LANTERN's k and delta, cfg
+    and its schedule, temperature, top_k, top_p). `neighbours`: the tokenizer's code neighbours (LANTERN). `stats`,
+    when given, receives per-sequence `model_calls` (B,) and `tokens_per_call` (B,), and LANTERN's `tvd_bound`."""
     L, P, W = core.num_tokens, core.cls_token_num, settings.window
     n = L if num_tokens is None else num_tokens
+    table = None
+    if settings.acceptance == "lantern":
+        if neighbours is None:
+            raise ValueError("acceptance='lantern' pools probability over neighbouring codes of the tokenizer's "
+                             "codebook, and this generator has none: set model.init_args.tokenizer_ckpt")  # fmt: skip
+        table = neighbours(settings.lantern_k).to(labels.device)  # (V, k)
     B, device = labels.shape[0], labels.device
     rows = guidance.rows(labels)  # (B,) or (2B,) [labels; null]
     # the guidance scale of each position: the CFG schedule's progress at token i is (i [+ 1]) / L, as raster's
@@ -91,11 +139,17 @@ def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidan
             p = logits.softmax(-1)  # (B, W, V)
             if W > 1:
                 u = torch.rand(B, W - 1, generator=generator, device=device)  # (B, W-1)
-                a = accept_drafts(p[:, :-1], q, tokens.gather(1, window[:, 1:]), u)  # (B,) drafts accepted
+                drafts, mass = tokens.gather(1, window[:, 1:]), None  # (B, W-1)
+                if table is not None:
+                    near, pooled, mass = pooled_neighbours(p[:, :-1], drafts, table, settings.lantern_delta)
+                a = accept_drafts(p[:, :-1], q, drafts, u, mass)  # (B,) drafts accepted
             else:
                 a = torch.zeros(B, dtype=torch.long, device=device)
             # the token after the accepted drafts: from the residual at a rejection, from p when all were accepted
             p_a, q_a = p[batch, a], F.pad(q, (0, 0, 0, 1))[batch, a]  # (B, V); q is 0 past the drafts
+            if table is not None and W > 1:  # LANTERN: the rejected draft's pooled codes leave q
+                r = a.clamp(max=W - 2)
+                q_a = q_a.scatter(-1, near[batch, r], q_a.gather(-1, near[batch, r]) * ~pooled[batch, r])
             residual = (p_a - q_a).clamp_min(0)
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p = q: nothing was rejected
             log_target = torch.where((a < W - 1)[:, None], residual.log(), logits[batch, a])  # (B, V)
@@ -118,6 +172,8 @@ def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidan
     if stats is not None:
         stats["model_calls"] = calls
         stats["tokens_per_call"] = n / calls.float()
+        if table is not None:
+            stats["tvd_bound"] = settings.lantern_delta
     return tokens[:, :n]
 
 

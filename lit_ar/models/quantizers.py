@@ -167,6 +167,10 @@ class VectorQuantizer(nn.Module):
         """(B, L) -> (B, C, side, side)."""
         return to_map(self.codebook.lookup(indices), math.isqrt(indices.shape[1]))
 
+    def code_vectors(self) -> torch.Tensor:
+        """Every code's vector (size, dim), as decoding reads it (unit-norm with l2_norm)."""
+        return self.codebook.codes()
+
 
 def code_entropies(x: torch.Tensor, codes: torch.Tensor, temperature: float, all_reduce: Hook = None):
     """MAGVIT-v2's entropy terms over the soft assignment softmax(-|x - c|^2 / temperature) of tokens x (N, d) to
@@ -251,6 +255,10 @@ class FSQ(nn.Module):
     def indices_to_latent(self, indices: torch.Tensor) -> torch.Tensor:
         return to_map(self.indices_to_codes(indices), math.isqrt(indices.shape[1]))
 
+    def code_vectors(self) -> torch.Tensor:
+        """Every code's point of the level grid (size, d), in [-1, 1]."""
+        return self.indices_to_codes(torch.arange(self.vocab_size, device=self.basis.device)).float()
+
 
 class LFQ(nn.Module):
     """Lookup-free quantization (MAGVIT-v2): each of log2(size) channels becomes its sign (+-1). The entropy loss
@@ -296,6 +304,10 @@ class LFQ(nn.Module):
 
     def indices_to_latent(self, indices: torch.Tensor) -> torch.Tensor:
         return to_map(self.all_codes[indices], math.isqrt(indices.shape[1]))
+
+    def code_vectors(self) -> torch.Tensor:
+        """Every code's +-1 bits (size, bits): euclidean distance between them is 2 sqrt(Hamming distance)."""
+        return self.all_codes
 
 
 class Phi(nn.Conv2d):

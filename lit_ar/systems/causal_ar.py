@@ -10,9 +10,11 @@ import torch
 
 from lit_ar.methods.any_order import ORDERS, AnyOrderAR, AnyOrderSampling, grid_order
 from lit_ar.methods.raster import random_order_ratio
+from lit_ar.methods.speculative_jacobi import LatentNeighbours
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.performance import compiled_decode_step
 from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
+from lit_ar.tokenizers import code_vectors
 
 PresetName = Literal[
     "GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-3B", "GPT-nano", "GPT-micro", "GPT-mini"
@@ -105,6 +107,7 @@ class CausalARSystem(GeneratorSystem):
             grid_order(order, grid_size, order_regions)  # refuses a bad order or order_regions now, by name
         self.method = AnyOrderAR(order, order_regions, self.rar_ratio if rar else None)
         self._compiled_decode = None
+        self._neighbours: LatentNeighbours | None = None
 
     def core_blocks(self) -> list:
         return list(self.model.layers)  # LlamaGen's name, which its released weights' keys carry
@@ -132,7 +135,14 @@ class CausalARSystem(GeneratorSystem):
     def sampling_kwargs(self) -> dict:
         if self.hparams.compile and self._compiled_decode is None:
             self._compiled_decode = compiled_decode_step(self.model.decode_hidden, self.device.type == "cuda")
-        return {"decode_step": self._compiled_decode or self.model.decode_hidden, "cache_dtype": self.cache_dtype()}
+        return {"decode_step": self._compiled_decode or self.model.decode_hidden, "cache_dtype": self.cache_dtype(),
+                "neighbours": self.latent_neighbours()}  # fmt: skip
+
+    def latent_neighbours(self) -> LatentNeighbours | None:
+        """The tokenizer's code neighbours (LANTERN's acceptance), built once; None without a tokenizer."""
+        if self._neighbours is None and self.tokenizer is not None:
+            self._neighbours = LatentNeighbours(code_vectors(self.tokenizer))
+        return self._neighbours
 
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, num_tokens: int | None = None,
                  **settings) -> torch.Tensor:  # fmt: skip
