@@ -1,14 +1,17 @@
-"""Fewer model calls per image: sequential raster decoding against speculative Jacobi decoding (SJD), side by side
-in one run, on a trained causal checkpoint (acceptance is only meaningful on a trained model), and the cost of one
-model call as the window grows at a given size (what an accepted token must pay for).
+"""Fewer model calls per image, side by side in one run: sequential raster decoding, speculative Jacobi decoding
+(SJD) and LANTERN's relaxed acceptance on a trained causal checkpoint (acceptance is only meaningful on a trained
+model); the cost of one model call as the window grows; and, at a given size, raster decoding against ARPG's
+parallel decoding at several step counts.
 
     python -m benchmarks.fewer_calls                                   # the digits leaderboard's LlamaGen run
     python -m benchmarks.fewer_calls --ckpt runs/causal/llamagen_shapes/checkpoints/last.ckpt --batches 1 8
-    python -m benchmarks.fewer_calls --call-cost-preset GPT-B --grid 16   # + the cost of a call at GPT-B, 256 tokens
+    python -m benchmarks.fewer_calls --size GPT-B --grid 16            # + GPT-B size, 256 tokens: calls and speed
 
 Table 1, for each decoding and batch: model calls per image (mean over the images: SJD accepts per sequence),
 tokens per call, images/s of token generation (no tokenizer decode) and the process's peak memory. Table 2: seconds
-of one KV-cached call reading `window` tokens per sequence, against one token, on random weights of the preset.
+of one KV-cached call reading `window` tokens per sequence, against one token, on random weights of the size.
+Table 3: raster (LlamaGen's GPT at the size) against ARPG (the same width, depth and heads) at 64, 32 and 16 steps,
+random weights, CFG 2: images/s, model calls per image and peak memory.
 """
 
 import argparse
@@ -23,12 +26,18 @@ from lit_ar.systems.causal_ar import CausalARSystem
 DEFAULT_CKPT = "runs/leaderboard/digits/llamagen/checkpoints/last.ckpt"
 
 
-def decode_rows(system, batches: list[int], windows: list[int], inits: list[str], images: int) -> list[dict]:
-    """Sample `images` images per setting (in batches), with the checkpoint's sampling settings and each decoding."""
+def decode_rows(system, batches: list[int], windows: list[int], inits: list[str], deltas: list[float],
+                images: int) -> list[dict]:  # fmt: skip
+    """Sample `images` images per setting (in batches), with the checkpoint's sampling settings and each decoding:
+    sequential, SJD per window and initialisation, LANTERN per delta (k 1000, capped at the vocabulary)."""
     base, L = dict(system.hparams.predict_kwargs), system.core.num_tokens
     settings = [("sequential", {**base, "decoding": "sequential"})]
-    settings += [(f"SJD window {w}, {init}", {**base, "decoding": "sjd", "window": w, "jacobi_init": init})
-                 for w in windows for init in inits]  # fmt: skip
+    for w in windows:
+        for init in inits:
+            sjd = {**base, "decoding": "sjd", "window": w, "jacobi_init": init}
+            settings.append((f"SJD window {w}, {init}", sjd))
+            settings += [(f"LANTERN window {w}, {init}, delta {d}", {**sjd, "acceptance": "lantern",
+                                                                     "lantern_delta": d}) for d in deltas]  # fmt: skip
     rows = []
     for batch in batches:
         for name, kw in settings:
@@ -80,29 +89,60 @@ def call_cost_rows(preset: str, grid: int, vocab: int, batches: list[int], windo
     return rows
 
 
+def parallel_rows(size: str, grid: int, vocab: int, batch: int, steps: list[int], repeat: int) -> list[dict]:
+    """Raster decoding of LlamaGen's GPT at `size` against ARPG's parallel decoding at each step count, on random
+    weights of the same width, depth and heads (ARPG's half self-, half cross-attention blocks), CFG 2."""
+    from benchmarks.common import time_call
+    from lit_ar.models.causal_ar import PRESETS as GPT_SIZES
+    from lit_ar.systems.arpg import ARPGSystem
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, grid_size=grid, num_classes=10, image_size=64, token_dropout=0.0,
+                  resid_dropout=0.0)  # fmt: skip
+    gpt = CausalARSystem(preset=size, **common).eval()
+    arpg = ARPGSystem(**GPT_SIZES[size], **common).eval()
+    labels = torch.arange(batch) % 10
+    L = grid * grid
+    runs = [("raster (LlamaGen's loop)", gpt, {}, L)] + [(f"ARPG {n} steps", arpg, {"steps": n}, n) for n in steps]
+    rows = []
+    for name, system, kw, calls in runs:
+        reset_peak_memory()
+        seconds = time_call(lambda: system.sample_tokens(labels, torch.Generator().manual_seed(0), cfg=2.0, **kw),
+                            warmup=1, repeat=repeat)  # fmt: skip
+        rows.append({"decoding": name, "size": size, "tokens": L, "batch": batch, "calls_per_image": calls,
+                     "images_per_s": round(batch / seconds, 3), "peak_mb": round(peak_memory_mb())})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="a trained CausalARSystem checkpoint")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--inits", nargs="+", default=["uniform", "last_token"])
+    p.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3], help="LANTERN's deltas")
     p.add_argument("--images", type=int, default=40, help="images per setting")
-    p.add_argument("--call-cost-preset", default=None, help="also time one call of this preset (e.g. GPT-B)")
-    p.add_argument("--grid", type=int, default=16, help="grid side of the call-cost model")
-    p.add_argument("--vocab", type=int, default=16384, help="vocabulary of the call-cost model")
+    p.add_argument("--size", default=None, help="also tables 2 and 3 at this GPT size (e.g. GPT-B)")
+    p.add_argument("--grid", type=int, default=16, help="grid side at --size")
+    p.add_argument("--vocab", type=int, default=16384, help="vocabulary at --size")
+    p.add_argument("--speed-batch", type=int, default=8, help="batch of table 3")
+    p.add_argument("--steps", type=int, nargs="+", default=[64, 32, 16], help="ARPG's step counts in table 3")
+    p.add_argument("--repeat", type=int, default=1, help="timed repeats in table 3 (the median)")
     p.add_argument("--json", default=None, help="also write the tables here")
     args = p.parse_args(argv)
     print(machine())
     system = load_system(args.ckpt, CausalARSystem).eval()
     print(f"checkpoint {args.ckpt}: {system.model.num_tokens} tokens, sampling {dict(system.hparams.predict_kwargs)}")
-    decode = decode_rows(system, args.batches, args.windows, args.inits, args.images)
+    decode = decode_rows(system, args.batches, args.windows, args.inits, args.deltas, args.images)
     print_table(decode, "decoding a trained checkpoint")
-    cost = []
-    if args.call_cost_preset:
-        cost = call_cost_rows(args.call_cost_preset, args.grid, args.vocab, args.batches, args.windows)
+    cost, parallel = [], []
+    if args.size:
+        cost = call_cost_rows(args.size, args.grid, args.vocab, args.batches, args.windows)
         print_table(cost, "one cached model call, random weights")
+        parallel = parallel_rows(args.size, args.grid, args.vocab, args.speed_batch, args.steps, args.repeat)
+        print_table(parallel, "raster against ARPG's parallel decoding, random weights, CFG 2")
     if args.json:
-        write_json(decode + cost, args.json, ckpt=args.ckpt)
+        write_json(decode + cost + parallel, args.json, ckpt=args.ckpt)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,30 @@ def test_ema_benchmark_times_each_update_rule_per_preset(tmp_path):
     assert all(r["preset"] == "GPT-nano" and r["ms/update"] > 0 and r["tensors"] > 0 for r in rows)
 
 
+def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoints_root, debug_tokenizer, tmp_path):
+    """benchmarks/fewer_calls.py on the debug LlamaGen run: a row per decoding and batch, SJD's calls per image at
+    most sequential's, then the call-cost and ARPG tables at GPT-nano size."""
+    from benchmarks import fewer_calls
+    from tests.conftest import CONFIGS, checkpoint_for_config
+
+    ckpt = checkpoint_for_config(CONFIGS / "debug" / "causal.yaml", checkpoints_root, train=True,
+                                 extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
+    out = tmp_path / "fewer_calls.json"
+    fewer_calls.main(["--ckpt", str(ckpt), "--batches", "2", "--windows", "4", "--inits", "uniform", "--deltas",
+                      "0.2", "--images", "4", "--size", "GPT-nano", "--grid", "4", "--vocab", "32", "--steps", "4",
+                      "--speed-batch", "2", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    decode = {r["decoding"]: r for r in rows if "calls_per_image" in r and "size" not in r}
+    assert list(decode) == ["sequential", "SJD window 4, uniform", "LANTERN window 4, uniform, delta 0.2"]
+    assert decode["sequential"]["calls_per_image"] == 16
+    assert all(1 <= r["calls_per_image"] <= 16 and r["images_per_s"] > 0 for r in decode.values())
+    cost = [r for r in rows if "ms_per_call" in r]
+    assert [r["window"] for r in cost] == [1, 4] and cost[0]["x_one_token"] == 1.0
+    parallel = [r for r in rows if r.get("size") == "GPT-nano" and "decoding" in r]
+    assert [(r["decoding"], r["calls_per_image"]) for r in parallel] == [("raster (LlamaGen's loop)", 16),
+                                                                         ("ARPG 4 steps", 4)]  # fmt: skip
+
+
 def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
     from benchmarks import flow_ar
 

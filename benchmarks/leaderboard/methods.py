@@ -269,3 +269,25 @@ register(
         "per-sequence acceptance): no training of its own",
     )
 )
+register(
+    Method(
+        name="LlamaGen + LANTERN",
+        paper="https://arxiv.org/abs/2410.03355",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        samples="LlamaGen",
+        overrides={
+            "*": [
+                "--model.init_args.predict_kwargs.decoding",
+                "sjd",
+                "--model.init_args.predict_kwargs.window",
+                "16",
+                "--model.init_args.predict_kwargs.acceptance",
+                "lantern",
+            ]
+        },
+        notes="LlamaGen's run decoded by SJD with LANTERN's relaxed acceptance (k 1000 capped at the vocabulary, "
+        "delta 0.1) on SJD's own drafts, no trained drafter",
+    )
+)
