@@ -1,7 +1,8 @@
 """Any-order causal AR (lit_ar/methods/any_order.py): the orders are the permutations they say; the identity order is
 raster, in training and in sampling, draw for draw; cached decoding in any order equals the full forward at every
 position; random orders are seeded; bad orders and a raster-only model asked for another order are refused by name;
-the CLI trains and samples RandAR, DAR and PAR configs."""
+the CLI trains and samples RandAR, DAR and PAR configs. PAR's parallel decoding (lit_ar/methods/par.py): one region
+is raster, cached parallel decoding equals the full forward, a group never sees itself, k + L / k - 1 calls."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from lit_ar.cli import cli_main
 from lit_ar.draws import Draws
 from lit_ar.methods.any_order import ORDERS, AnyOrderAR, AnyOrderSampling, grid_order
+from lit_ar.methods.par import PAR
 from lit_ar.methods.raster import RasterAR
 from lit_ar.models.categorical_head import CategoricalHead
 from lit_ar.models.causal_ar import CausalTransformer
@@ -20,8 +22,9 @@ from tests.test_methods import randomised
 V, G, NC = 16, 4, 3
 
 
-def tiny(target_aware: bool = True):
-    core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2, target_aware=target_aware))
+def tiny(target_aware: bool = True, transition_tokens: int = 0):
+    core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2, target_aware=target_aware,
+                                        transition_tokens=transition_tokens))  # fmt: skip
     return core, CategoricalHead(core)
 
 
@@ -124,15 +127,79 @@ def test_the_system_refuses_conflicting_order_settings():
     assert CausalARSystem(**kw).model.target_pos is None
 
 
-@pytest.mark.parametrize("order", ["random", "diagonal", "par"])
+@pytest.mark.parametrize("order", ["random", "diagonal", "par", "par parallel"])
 def test_lit_ar_fits_and_predicts_in_an_order(order, debug_tokenizer, tmp_path):
-    """configs/debug/any_order.yaml in RandAR's, DAR's and PAR's order: it trains in that order and predict writes
-    images."""
+    """configs/debug/any_order.yaml in RandAR's, DAR's and PAR's order, and PAR with its parallel groups: it trains in
+    that order and predict writes images."""
     config = CONFIGS / "debug" / "any_order.yaml"
+    name, *parallel = order.split()
     common = ["--config", str(config), *run_dir_args(tmp_path), "--model.init_args.tokenizer_ckpt",
-              str(debug_tokenizer), "--model.init_args.order", order]  # fmt: skip
+              str(debug_tokenizer), "--model.init_args.order", name,
+              *(["--model.init_args.parallel", "true"] if parallel else [])]  # fmt: skip
     cli = cli_main(["fit", *common, "--trainer.max_steps", "12", "--trainer.limit_val_batches", "1"])
-    assert cli.model.method.order == order
+    assert cli.model.method.order == name and isinstance(cli.model.method, PAR) == bool(parallel)
     cli_main(["predict", *common, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
     samples = np.load(tmp_path / "samples.npz")
     assert samples["images"].shape == (20, 16, 16, 3)
+
+
+# -- PAR's parallel groups -------------------------------------------------------------------------------------------
+def test_par_over_one_region_is_raster_in_training_and_in_sampling():
+    core, head = tiny()
+    g = torch.Generator().manual_seed(1)
+    tokens, labels = torch.randint(0, V, (4, G * G), generator=g), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(
+        PAR(1).loss(core, head, tokens, labels, Draws(0))["loss"],
+        RasterAR().loss(core, head, tokens, labels, Draws(0))["loss"],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    s = AnyOrderSampling(cfg=2.0, top_k=8)
+    assert torch.equal(
+        PAR(1).sample(core, head, labels, s.guidance(NC), s, torch.Generator().manual_seed(3)),
+        RasterAR().sample(core, head, labels, s.guidance(NC), s, torch.Generator().manual_seed(3)),
+    )
+
+
+def test_par_cached_parallel_decoding_equals_the_full_forward_in_k_plus_l_over_k_minus_1_calls():
+    core, head = tiny(transition_tokens=3)
+    method, labels = PAR(2), torch.tensor([0, 1, 2, 1])
+    s = AnyOrderSampling(top_k=1, cfg=2.0)
+    calls = []
+    handle = core.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    out = method.sample(core, head, labels, s.guidance(NC), s)
+    handle.remove()
+    assert len(calls) == 4 + 16 // 4 - 1  # the four regions' first tokens, then three groups of four
+    s1 = AnyOrderSampling(top_k=1)
+    out = method.sample(core, head, labels, s1.guidance(NC), s1)
+    fed, rope, mask, order, targets = method.sequence(core, out, labels)
+    with torch.no_grad():
+        full = head.logits(core.run_layers(fed, rope, mask))  # (B, L, V): output i predicts t_i
+    assert torch.equal(full.argmax(-1), targets)
+
+
+def test_a_par_group_is_predicted_without_seeing_itself():
+    """Changing a token of group g (one token per region) changes no prediction of groups <= g: the group's tokens
+    are drawn independently at sampling, and training saw them so."""
+    core, head = tiny(transition_tokens=3)
+    method, labels = PAR(2), torch.tensor([0, 1])
+    tokens = torch.randint(0, V, (2, G * G), generator=torch.Generator().manual_seed(0))
+    order = grid_order("par", G)
+    changed = tokens.clone()
+    changed[:, order[9]] = (changed[:, order[9]] + 1) % V  # t_9: group 2 (t_8 .. t_11)
+    with torch.no_grad():
+        a, b = (core.run_layers(*method.sequence(core, t, labels)[:3]) for t in (tokens, changed))
+    assert torch.equal(a[:, :12], b[:, :12]) and not torch.equal(a[:, 12:], b[:, 12:])
+
+
+def test_par_settings_are_refused_where_they_do_not_fit():
+    kw = dict(vocab_size=V, grid_size=G, num_classes=NC)
+    with pytest.raises(ValueError, match="parallel=true is PAR's parallel decoding of its own order; set "
+                                         "model.init_args.order=par"):  # fmt: skip
+        CausalARSystem(parallel=True, order="random", **kw)
+    system = CausalARSystem(parallel=True, order="par", **kw)
+    assert system.model.transition.shape == (3, system.model.dim)
+    with pytest.raises(ValueError, match="a PAR model .parallel: true. samples in PAR's order and groups only"):
+        system.sample_tokens(torch.tensor([0]), order="random")
+    with pytest.raises(ValueError, match="needs a core with 3 transition tokens"):
+        PAR(2).loss(*tiny(), torch.zeros(1, G * G, dtype=torch.long), torch.tensor([0]), Draws(0))

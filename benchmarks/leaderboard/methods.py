@@ -245,6 +245,18 @@ register(
 )
 register(
     Method(
+        name="PAR",
+        paper="https://arxiv.org/abs/2412.15119",
+        config="configs/causal/par_{data}.yaml",
+        debug_config="configs/debug/any_order.yaml",
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.order", "par", "--model.init_args.parallel", "true"]},
+        notes="PAR's parallel groups over 2x2 regions: the four regions' first tokens in turn, then one token per "
+        "region per call (k + L / k - 1 calls), transition tokens and group-wise full attention",
+    )
+)
+register(
+    Method(
         name="ARPG",
         paper="https://arxiv.org/abs/2503.10568",
         config="configs/causal/arpg_{data}.yaml",

@@ -61,6 +61,7 @@ class CausalTransformer(nn.Module):
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
         target_aware: bool = False,
+        transition_tokens: int = 0,
         initializer_range: float = 0.02,
     ):
         super().__init__()
@@ -81,6 +82,8 @@ class CausalTransformer(nn.Module):
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         # RAR: target_pos[q] tells a slot that it predicts the token at grid position q
         self.target_pos = nn.Embedding(self.num_tokens, dim) if target_aware else None
+        # PAR: learnable inputs that turn sequential prediction into parallel prediction of the first group
+        self.transition = nn.Parameter(torch.zeros(transition_tokens, dim)) if transition_tokens else None
         self.tok_dropout = nn.Dropout(token_dropout)
         hidden = llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
@@ -100,6 +103,8 @@ class CausalTransformer(nn.Module):
 
         self.initializer_range = initializer_range
         self.apply(self._init_weights)
+        if self.transition is not None:
+            nn.init.normal_(self.transition, std=initializer_range)
         nn.init.zeros_(self.output.weight)  # every logit starts at 0: a uniform first prediction
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -143,10 +148,15 @@ class CausalTransformer(nn.Module):
             target = self.target_pos(order[:, : T + 1]) if self.target_pos is not None else None  # (B, T + 1, C)
         if target is not None:
             x = x + F.pad(target, (0, 0, P - 1, 0))  # slots P-1 .. P+T-1 carry the position they predict
+        return self.run_layers(x, rope)[:, P - 1 :]  # (B, T + 1, C)
+
+    def run_layers(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings (B, S, C) with their RoPE (S | B, S, hd/2, 2) -> the last layer's states (B, S, C): causal,
+        or under `mask` (S, S) (True = may attend), e.g. PAR's group-wise full attention."""
         x = self.tok_dropout(x)
         for layer in self.layers:
-            x = layer(x, rope, is_causal=True)
-        return x[:, P - 1 :]  # (B, T + 1, C)
+            x = layer(x, rope, mask=mask, is_causal=mask is None)
+        return x
 
     # -- sampling on the static KV cache ----------------------------------------------------------------------
     def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
@@ -216,10 +226,16 @@ class CausalTransformer(nn.Module):
         """`decode_hidden` to the logits of the next token (B, V)."""
         return self.logits(self.decode_hidden(tokens, input_pos))[:, -1]
 
-    def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor,
-                        rope: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        # a slot may attend to every cache position up to its own: (T, S) or, per sequence, (B, 1, T, S)
-        mask = torch.arange(self.cache_len, device=x.device) <= input_pos[..., None]
+    def decode_block(self, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, C) written at cache slots `input_pos` (T,) (consecutive), each seeing the whole
+        block and everything before it (PAR's group-wise full attention) -> the states (B, T, C)."""
+        return self._cached_forward(x, input_pos, rope, upto=input_pos[-1:].expand(input_pos.shape[0]))
+
+    def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor | None = None,
+                        upto: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        # a slot may attend to every cache position up to its own (or `upto`): (T, S) or, per sequence, (B, 1, T, S)
+        upto = input_pos if upto is None else upto
+        mask = torch.arange(self.cache_len, device=x.device) <= upto[..., None]
         mask = mask[:, None] if input_pos.ndim == 2 else mask
         rope = self.rope[input_pos] if rope is None else rope  # (T, hd/2, 2) or (B, T, hd/2, 2)
         for layer in self.layers:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from lit_ar.methods.any_order import ORDERS, AnyOrderAR, AnyOrderSampling, grid_order
+from lit_ar.methods.par import PAR
 from lit_ar.methods.raster import random_order_ratio
 from lit_ar.methods.speculative_jacobi import LatentNeighbours
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
@@ -47,6 +48,7 @@ class CausalARSystem(GeneratorSystem):
         rar_anneal_end: int = 0,
         order: OrderName = "raster",
         order_regions: int = 2,
+        parallel: bool = False,
         predict_kwargs: AnyOrderSampling | None = None,
         n_layer: int | None = None,
         n_head: int | None = None,
@@ -79,6 +81,8 @@ class CausalARSystem(GeneratorSystem):
                 permutation per sample), diagonal or zigzag (DAR), par (PAR's region-interleaved order) or spiral.
                 Any order but raster adds target-position queries (the target-aware embedding).
             order_regions: PAR: the grid is cut into order_regions x order_regions blocks.
+            parallel: PAR (with order par): after the first token of every block, generate one token in every block
+                per model call, with PAR's transition tokens and group-wise full attention (training and sampling).
             predict_kwargs: Sampling settings (see GeneratorSystem).
             n_layer: Former name of `depth` (configs and checkpoints written before lit_ar's one size vocabulary).
             n_head: Former name of `n_heads`.
@@ -99,13 +103,18 @@ class CausalARSystem(GeneratorSystem):
             vocab_size, grid_size, self.hparams.num_classes, **sizes, cls_token_num=cls_token_num,
             prefix_rope=prefix_rope, qk_norm=qk_norm, token_dropout=token_dropout, resid_dropout=resid_dropout,
             drop_path=drop_path, target_aware=rar or order != "raster",
+            transition_tokens=order_regions**2 - 1 if parallel else 0,
         )  # fmt: skip
         if rar and order != "raster":
             raise ValueError(f"model.init_args.rar=true anneals random orders to raster; "
                              f"model.init_args.order={order!r} trains in its own order: set one of them")  # fmt: skip
         if order not in ("raster", "random"):
             grid_order(order, grid_size, order_regions)  # refuses a bad order or order_regions now, by name
-        self.method = AnyOrderAR(order, order_regions, self.rar_ratio if rar else None)
+        if parallel and order != "par":
+            raise ValueError(f"model.init_args.parallel=true is PAR's parallel decoding of its own order; set "
+                             f"model.init_args.order=par (not {order!r})")  # fmt: skip
+        rar_ratio = self.rar_ratio if rar else None
+        self.method = PAR(order_regions) if parallel else AnyOrderAR(order, order_regions, rar_ratio)
         self._compiled_decode = None
         self._neighbours: LatentNeighbours | None = None
 
