@@ -189,6 +189,20 @@ except ValueError as e:
     print("LlamaGen (raster only):", e)
 
 # %% [markdown]
+# With `parallel: true`, PAR's order is decoded PAR's way: the regions' first tokens one call at a time, then one
+# token in every region per call, through learnable transition tokens and group-wise full attention.
+
+# %%
+par_ckpt = fit(any_config, "par", "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
+               "--model.init_args.order", "par", "--model.init_args.parallel", "true")  # fmt: skip
+par = CausalARSystem.load_from_checkpoint(par_ckpt, weights_only=True).eval()
+calls = []
+hook = par.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+show(par.sample(torch.arange(4), generator=torch.Generator().manual_seed(0)), "PAR, parallel groups", 4)
+hook.remove()
+print(f"PAR: {len(calls)} model calls for {par.model.num_tokens} tokens")
+
+# %% [markdown]
 # ## Speculative Jacobi decoding: fewer calls, the same distribution
 # `decoding: sjd` reads a window of `window` tokens per call: the last accepted token and drafts after it. A draft is
 # accepted with probability min(1, p/q) (p the model's distribution given the accepted tokens, q the one the draft
