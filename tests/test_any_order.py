@@ -22,9 +22,9 @@ from tests.test_methods import randomised
 V, G, NC = 16, 4, 3
 
 
-def tiny(target_aware: bool = True, transition_tokens: int = 0):
+def tiny(target_aware: bool = True, transition_tokens: int = 0, **options):
     core = randomised(CausalTransformer(V, G, NC, dim=32, depth=2, n_heads=2, target_aware=target_aware,
-                                        transition_tokens=transition_tokens))  # fmt: skip
+                                        transition_tokens=transition_tokens, **options))  # fmt: skip
     return core, CategoricalHead(core)
 
 
@@ -65,11 +65,17 @@ def test_the_identity_order_is_raster_in_training_and_in_sampling():
                                                       torch.Generator().manual_seed(3)))  # fmt: skip
 
 
+DAR_OPTIONS = {"plain": {}, "next_rope": {"next_rope": True}, "directions": {"direction_embeddings": True},
+               "both": {"next_rope": True, "direction_embeddings": True}}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", list(DAR_OPTIONS))
 @pytest.mark.parametrize("name", [o for o in ORDERS if o != "raster"])
-def test_cached_decoding_in_any_order_equals_the_full_forward(name):
+def test_cached_decoding_in_any_order_equals_the_full_forward(name, options):
     """Greedy sampling in the order on the KV cache, then the teacher-forced forward over the same tokens in the same
-    order: every sampled token is the argmax of the full forward's prediction at its position."""
-    core, head = tiny()
+    order: every sampled token is the argmax of the full forward's prediction at its position (with DAR's 4D RoPE
+    and direction embeddings too)."""
+    core, head = tiny(**DAR_OPTIONS[options])
     labels = torch.tensor([0, 1, 2, 1])
     s = AnyOrderSampling(top_k=1, order=name)
     method = AnyOrderAR(name)
@@ -82,6 +88,28 @@ def test_cached_decoding_in_any_order_equals_the_full_forward(name):
     assert torch.equal(full.argmax(-1), in_order)
     if name != "random":  # a fixed order is the same for every sample; the loss trains in it
         assert torch.equal(order[0], grid_order(name, G)) and torch.equal(order[0], order[1])
+
+
+def test_dar_options_tell_each_slot_its_step_and_its_target():
+    core, _ = tiny(target_aware=False, direction_embeddings=True)
+    with torch.no_grad():
+        core.direction.weight.copy_(torch.eye(10, core.dim))  # read the direction id back
+    positions, targets = torch.tensor([[0, 3, 5, 6]]), torch.tensor([[1, 4, 1, 11]])  # right, down-left, up, down-right
+    assert core.slot_inputs(positions, targets).argmax(-1).tolist() == [[5, 6, 1, 8]]
+    assert core.slot_inputs(None, torch.tensor([[0]])).argmax(-1).tolist() == [[9]]  # the first step, from the prefix
+    # 4D RoPE: the same fed position rotates differently for another target, and raster training uses it too
+    rope4d, _ = tiny(next_rope=True)
+    a, b = (
+        rope4d.slot_rope(torch.tensor([5]), torch.tensor([6])),
+        rope4d.slot_rope(torch.tensor([5]), torch.tensor([9])),
+    )
+    assert a.shape == (1, 8, 2) and not torch.equal(a, b) and torch.equal(a[:, :4], b[:, :4])
+    tokens, labels = torch.randint(0, V, (2, G * G - 1)), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(rope4d.hidden(tokens, labels), rope4d.hidden(tokens, labels,
+                                   torch.arange(G * G).expand(2, -1)))  # fmt: skip
+    with pytest.raises(ValueError, match="next_rope rotates a quarter of each head per axis"):
+        CausalTransformer(V, G, NC, dim=24, depth=1, n_heads=2, next_rope=True)
 
 
 def test_random_orders_are_seeded_and_differ_per_sample():

@@ -229,7 +229,8 @@ register(
         debug_config="configs/debug/any_order.yaml",
         tokenizer="vq",
         overrides={"*": ["--model.init_args.order", "diagonal"]},
-        notes="DAR's diagonal order with target-position queries; without its direction embeddings",
+        notes="DAR's diagonal order with target-position queries, direction embeddings and a RoPE over the current and "
+        "next position (DAR's 4D RoPE as lit_ar reads the paper)",
     )
 )
 register(

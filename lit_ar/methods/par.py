@@ -33,6 +33,9 @@ class PAR(AnyOrderAR):
         if self.k > 1 and (core.transition is None or core.transition.shape[0] != self.k - 1):
             raise ValueError(f"PAR over {self.regions}x{self.regions} regions needs a core with {self.k - 1} "
                              "transition tokens (CausalTransformer transition_tokens)")  # fmt: skip
+        if core.next_rope or core.direction is not None:
+            raise ValueError("PAR builds its slots' RoPE and target embeddings itself: a core with next_rope or "
+                             "direction embeddings is not supported")  # fmt: skip
         if self.k == 1:
             return core.tok_embeddings.weight.new_zeros(batch, 0, core.dim)
         return core.transition.expand(batch, -1, -1)

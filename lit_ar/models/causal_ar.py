@@ -62,6 +62,8 @@ class CausalTransformer(nn.Module):
         drop_path: float = 0.0,
         target_aware: bool = False,
         transition_tokens: int = 0,
+        next_rope: bool = False,
+        direction_embeddings: bool = False,
         initializer_range: float = 0.02,
     ):
         super().__init__()
@@ -70,6 +72,9 @@ class CausalTransformer(nn.Module):
             raise ValueError(f"dim={dim}, n_heads={n_heads}: 2D RoPE needs a head width dim/n_heads divisible by 4")
         if cls_token_num < 1:
             raise ValueError(f"cls_token_num={cls_token_num} must be >= 1 (the class prefix predicts token 0)")
+        if next_rope and head_dim % 8:
+            raise ValueError(f"dim={dim}, n_heads={n_heads}: next_rope rotates a quarter of each head per axis; it "
+                             "needs a head width dim/n_heads divisible by 8")  # fmt: skip
         if prefix_rope not in ("identity", "zero"):
             raise ValueError(f"prefix_rope={prefix_rope!r} is not supported; use 'identity' or 'zero'")
         self.vocab_size, self.grid_size, self.num_classes = vocab_size, grid_size, num_classes
@@ -82,6 +87,9 @@ class CausalTransformer(nn.Module):
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         # RAR: target_pos[q] tells a slot that it predicts the token at grid position q
         self.target_pos = nn.Embedding(self.num_tokens, dim) if target_aware else None
+        # DAR: the direction of each step, from the fed token's position to the one it predicts (9 compass steps,
+        # and the first step from the prefix)
+        self.direction = nn.Embedding(10, dim) if direction_embeddings else None
         # PAR: learnable inputs that turn sequential prediction into parallel prediction of the first group
         self.transition = nn.Parameter(torch.zeros(transition_tokens, dim)) if transition_tokens else None
         self.tok_dropout = nn.Dropout(token_dropout)
@@ -100,6 +108,11 @@ class CausalTransformer(nn.Module):
         if prefix_rope == "zero":
             rope[:cls_token_num] = 0.0  # LlamaGen's table: the prefix's q and k are zeroed (only its value is read)
         self.register_buffer("rope", rope, persistent=False)
+        # next_rope (DAR's 4D RoPE): half of each head rotates with the fed token's (row, column), half with the
+        # position it predicts; each half is a 2D table of half the width
+        self.next_rope = next_rope
+        half = rope_2d(grid_size, head_dim // 2, rope_base, num_prefix=cls_token_num) if next_rope else None
+        self.register_buffer("rope_half", half, persistent=False)
 
         self.initializer_range = initializer_range
         self.apply(self._init_weights)
@@ -140,15 +153,50 @@ class CausalTransformer(nn.Module):
         if self.cache_len:
             raise RuntimeError("KV caches are set up for sampling: call clear_caches() before a full forward")
         x = torch.cat([self.prefix(labels), self.tok_embeddings(tokens)], dim=1)  # (B, P + T, C)
-        if order is None:
+        if order is None and not (self.next_rope or self.direction is not None):
             rope = self.rope[: P + T]  # (P + T, hd/2, 2)
             target = self.target_pos.weight[: T + 1] if self.target_pos is not None else None  # (T + 1, C)
         else:
-            rope = torch.cat([self.rope[:P].expand(B, -1, -1, -1), self.rope[P + order[:, :T]]], 1)  # (B, P+T, hd/2, 2)
-            target = self.target_pos(order[:, : T + 1]) if self.target_pos is not None else None  # (B, T + 1, C)
+            order = torch.arange(L, device=tokens.device).expand(B, L) if order is None else order
+            rope = torch.cat([self.prefix_rope(B), self.slot_rope(order[:, :T], order[:, 1 : T + 1])], 1)
+            target = self.slot_inputs(None, order[:, :1])  # (B, 1, C) or None: the last prefix slot's
+            if target is not None:
+                target = torch.cat([target, self.slot_inputs(order[:, :T], order[:, 1 : T + 1])], 1)  # (B, T + 1, C)
         if target is not None:
             x = x + F.pad(target, (0, 0, P - 1, 0))  # slots P-1 .. P+T-1 carry the position they predict
         return self.run_layers(x, rope)[:, P - 1 :]  # (B, T + 1, C)
+
+    # -- what a slot is told of its position and its target ------------------------------------------------------
+    def prefix_rope(self, batch: int) -> torch.Tensor:
+        """The prefix slots' RoPE (batch, P, hd/2, 2)."""
+        rows = self.rope[: self.cls_token_num]
+        if self.next_rope:
+            rows = self.rope_half[: self.cls_token_num].repeat(1, 2, 1)
+        return rows.expand(batch, -1, -1, -1)
+
+    def slot_rope(self, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """RoPE (..., T, hd/2, 2) of fed tokens at grid `positions` (..., T) predicting `targets` (..., T): their
+        own position's, or with next_rope half their own, half their target's."""
+        P = self.cls_token_num
+        if not self.next_rope:
+            return self.rope[P + positions]
+        return torch.cat([self.rope_half[P + positions], self.rope_half[P + targets]], dim=-2)
+
+    def slot_inputs(self, positions: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+        """What is added to the input of a slot predicting `targets` (..., T) from a token at `positions` (None:
+        the last prefix slot): the target-aware embedding and the direction embedding, where the core has them."""
+        out = self.target_pos(targets) if self.target_pos is not None else None
+        if self.direction is not None:
+            if positions is None:
+                step = torch.full_like(targets, 9)  # the first step, from the prefix
+            else:
+                G = self.grid_size
+                dr = (targets // G - positions // G).sign() + 1
+                dc = (targets % G - positions % G).sign() + 1
+                step = dr * 3 + dc  # 0..8
+            d = self.direction(step)
+            out = d if out is None else out + d
+        return out
 
     def run_layers(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, S, C) with their RoPE (S | B, S, hd/2, 2) -> the last layer's states (B, S, C): causal,
@@ -198,11 +246,12 @@ class CausalTransformer(nn.Module):
         """Write the prefix into the cache; labels (B,) -> the states (B, 1, C) that predict token 0, the token at
         grid position `target` (B,) under a target-aware embedding (default 0, raster's first)."""
         x = self.prefix(labels)  # (B, P, C)
-        if self.target_pos is not None:
-            t = self.target_pos.weight[:1] if target is None else self.target_pos(target)[:, None]  # (1|B, 1, C)
+        target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if target is None else target
+        t = self.slot_inputs(None, target[:, None])  # (B, 1, C) or None
+        if t is not None:
             x = x + F.pad(t, (0, 0, self.cls_token_num - 1, 0))  # the last prefix slot predicts the first target
         input_pos = torch.arange(self.cls_token_num, device=x.device)  # (P,)
-        return self._cached_forward(x, input_pos)[:, -1:]
+        return self._cached_forward(x, input_pos, self.prefix_rope(x.shape[0]))[:, -1:]
 
     def decode_hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor | None = None,
                       targets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -213,10 +262,10 @@ class CausalTransformer(nn.Module):
         replay it L - 1 times."""
         P = self.cls_token_num
         positions = input_pos - P if positions is None else positions  # grid position of each fed token
+        targets = positions + 1 if targets is None else targets  # what each slot predicts
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        if self.target_pos is not None:
-            x = x + self.target_pos(positions + 1 if targets is None else targets)  # what each slot predicts
-        return self._cached_forward(x, input_pos, self.rope[P + positions])
+        add = self.slot_inputs(positions, targets)
+        return self._cached_forward(x if add is None else x + add, input_pos, self.slot_rope(positions, targets))
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """`prefill_hidden` to the logits of token 0 (B, V)."""

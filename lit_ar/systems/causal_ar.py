@@ -49,6 +49,8 @@ class CausalARSystem(GeneratorSystem):
         order: OrderName = "raster",
         order_regions: int = 2,
         parallel: bool = False,
+        next_rope: bool = False,
+        direction_embeddings: bool = False,
         predict_kwargs: AnyOrderSampling | None = None,
         n_layer: int | None = None,
         n_head: int | None = None,
@@ -83,6 +85,10 @@ class CausalARSystem(GeneratorSystem):
             order_regions: PAR: the grid is cut into order_regions x order_regions blocks.
             parallel: PAR (with order par): after the first token of every block, generate one token in every block
                 per model call, with PAR's transition tokens and group-wise full attention (training and sampling).
+            next_rope: DAR's 4D RoPE: half of each attention head rotates with the fed token's (row, column), half
+                with the position it predicts (head width dim/n_heads divisible by 8).
+            direction_embeddings: DAR's direction embeddings: each slot is told the direction of its step, from the
+                fed token's position to the one it predicts.
             predict_kwargs: Sampling settings (see GeneratorSystem).
             n_layer: Former name of `depth` (configs and checkpoints written before lit_ar's one size vocabulary).
             n_head: Former name of `n_heads`.
@@ -103,13 +109,16 @@ class CausalARSystem(GeneratorSystem):
             vocab_size, grid_size, self.hparams.num_classes, **sizes, cls_token_num=cls_token_num,
             prefix_rope=prefix_rope, qk_norm=qk_norm, token_dropout=token_dropout, resid_dropout=resid_dropout,
             drop_path=drop_path, target_aware=rar or order != "raster",
-            transition_tokens=order_regions**2 - 1 if parallel else 0,
+            transition_tokens=order_regions**2 - 1 if parallel else 0, next_rope=next_rope,
+            direction_embeddings=direction_embeddings,
         )  # fmt: skip
         if rar and order != "raster":
             raise ValueError(f"model.init_args.rar=true anneals random orders to raster; "
                              f"model.init_args.order={order!r} trains in its own order: set one of them")  # fmt: skip
         if order not in ("raster", "random"):
             grid_order(order, grid_size, order_regions)  # refuses a bad order or order_regions now, by name
+        if parallel and (next_rope or direction_embeddings):
+            raise ValueError("model.init_args.parallel=true (PAR) takes neither next_rope nor direction_embeddings")
         if parallel and order != "par":
             raise ValueError(f"model.init_args.parallel=true is PAR's parallel decoding of its own order; set "
                              f"model.init_args.order=par (not {order!r})")  # fmt: skip
