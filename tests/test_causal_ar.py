@@ -502,10 +502,12 @@ def test_help_lists_the_family_and_the_base_settings(capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_agree_with_one(tmp_path, debug_tokenizer):
-    """RAR debug config (class dropout 0.1, random orders annealed to raster): 2 gloo processes at batch 8 draw the
-    same dropped labels and orders as 1 process at batch 16 (see CausalARSystem._global_rand): same loss curve."""
-    common = ["fit", "--config", str(DEBUG_RAR), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
+@pytest.mark.parametrize("config", [DEBUG_RAR, CONFIGS / "debug" / "arpg.yaml"], ids=["rar", "arpg"])
+def test_ddp_two_processes_agree_with_one(config, tmp_path, debug_tokenizer):
+    """RAR's debug config (class dropout 0.1, random orders annealed to raster) and ARPG's (a random order per sample
+    and step): 2 gloo processes at batch 8 draw the same dropped labels and orders as 1 process at batch 16 (the
+    step's Draws, drawn for the global batch): same loss curve."""
+    common = ["fit", "--config", str(config), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
               "--trainer.max_steps", "8", "--data.shuffle", "false", "--trainer.log_every_n_steps", "1",
               "--trainer.limit_val_batches", "0"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
