@@ -137,3 +137,16 @@ def test_compiled_blocks_train_and_sample_as_eager():
     a = eager.sample_tokens(labels, torch.Generator().manual_seed(0), steps=4, top_k=1)
     b = compiled.sample_tokens(labels, torch.Generator().manual_seed(0), steps=4, top_k=1)
     assert torch.equal(a, b)
+
+
+def test_rope_alone_cannot_tell_the_first_query_its_target_and_the_position_embedding_can():
+    """ARPG's first query faces one key (the class), so its output is the same for every target position; lit_ar's
+    query_position_embedding option tells it."""
+    tokens, labels = torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 1])
+    orders = [torch.arange(G * G).roll(-s).expand(2, -1) for s in (0, 5)]  # first targets 0 and 5
+    for with_embedding in (False, True):
+        core = randomised(ARPGTransformer(V, G, NC, dim=32, depth=4, n_heads=2,
+                                          query_position_embedding=with_embedding))  # fmt: skip
+        with torch.no_grad():
+            a, b = (core.hidden(tokens, labels, order) for order in orders)  # (2, 1, C): query 0 only
+        assert torch.equal(a, b) != with_embedding

@@ -269,6 +269,18 @@ register(
 )
 register(
     Method(
+        name="ARPG (query position embedding)",
+        paper="https://arxiv.org/abs/2503.10568",
+        config="configs/causal/arpg_{data}.yaml",
+        debug_config="configs/debug/arpg.yaml",
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.query_position_embedding", "true"]},
+        notes="not ARPG's: a learned target-position embedding added to each query (ARPG's queries know their "
+        "target through RoPE only)",
+    )
+)
+register(
+    Method(
         name="LlamaGen + SJD",
         paper="https://arxiv.org/abs/2410.01699",
         config="configs/causal/llamagen_{data}.yaml",

@@ -82,6 +82,7 @@ class ARPGTransformer(nn.Module):
         rope_base: float = 10000.0,
         token_dropout: float = 0.0,
         resid_dropout: float = 0.0,
+        query_position_embedding: bool = False,
         initializer_range: float = 0.02,
     ):
         super().__init__()
@@ -97,6 +98,9 @@ class ARPGTransformer(nn.Module):
         self.cls_embedding = nn.Embedding(num_classes + 1, dim)  # row num_classes: the null class (CFG)
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.mask_query = nn.Parameter(torch.zeros(dim))  # every query starts as this one embedding
+        # lit_ar's option: a learned embedding of the target position added to the query. RoPE alone only reweights
+        # the keys a query attends to, so a query facing one key (the first, the class) cannot know its target.
+        self.query_pos = nn.Embedding(self.num_tokens, dim) if query_position_embedding else None
         self.tok_dropout = nn.Dropout(token_dropout)
         hidden = llama_hidden_dim(dim, multiple_of)
         self.self_layers = nn.ModuleList(
@@ -148,7 +152,8 @@ class ARPGTransformer(nn.Module):
 
     def queries(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target grid positions (B, Q) -> the mask-token queries (B, Q, C) and their RoPE (B, Q, hd/2, 2)."""
-        return self.mask_query.expand(*targets.shape, -1), self.rope[1 + targets]
+        q = self.mask_query.expand(*targets.shape, -1)
+        return (q if self.query_pos is None else q + self.query_pos(targets)), self.rope[1 + targets]
 
     def hidden(self, tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: tokens (B, T) in `order` (B, L) (tokens[:, i] at grid position order[:, i]; None: raster),

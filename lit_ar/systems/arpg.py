@@ -26,6 +26,7 @@ class ARPGSystem(GeneratorSystem):
         n_heads: int | None = None,
         token_dropout: float = 0.1,
         resid_dropout: float = 0.1,
+        query_position_embedding: bool = False,
         predict_kwargs: ARPGSampling | None = None,
         **kwargs,
     ):
@@ -41,6 +42,9 @@ class ARPGSystem(GeneratorSystem):
             n_heads: Overrides the preset's number of attention heads.
             token_dropout: Dropout on the input embeddings (ARPG: 0.1).
             resid_dropout: Dropout on each attention and MLP output (ARPG: 0.1).
+            query_position_embedding: Not ARPG's: add a learned embedding of the target position to each query.
+                ARPG's queries know their target only through RoPE, which reweights the keys they attend to, so the
+                first queries (one key: the class) cannot tell where they are.
             predict_kwargs: Sampling settings (`ARPGSampling`: steps, schedule, cfg and its schedule, temperature,
                 top_k, top_p).
         """
@@ -49,7 +53,8 @@ class ARPGSystem(GeneratorSystem):
         sizes = {**PRESETS[preset], **{k: v for k, v in dict(dim=dim, depth=depth, n_heads=n_heads).items()
                                        if v is not None}}  # fmt: skip
         self.model = ARPGTransformer(vocab_size, grid_size, self.hparams.num_classes, **sizes,
-                                     token_dropout=token_dropout, resid_dropout=resid_dropout)  # fmt: skip
+                                     token_dropout=token_dropout, resid_dropout=resid_dropout,
+                                     query_position_embedding=query_position_embedding)  # fmt: skip
         self.method = ARPG()
         # a number of steps the grid cannot take, refused now
         self.check_steps(ARPGSampling.parse(self.hparams.predict_kwargs), "model.init_args.predict_kwargs")
