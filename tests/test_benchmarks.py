@@ -136,6 +136,20 @@ def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoi
                                                                          ("ARPG 4 steps", 4)]  # fmt: skip
 
 
+def test_order_nll_benchmark_bins_the_places_of_the_order(checkpoints_root, debug_tokenizer, tmp_path):
+    from benchmarks import order_nll
+    from tests.conftest import CONFIGS, checkpoint_for_config
+
+    assert order_nll.places(64) == [(0, 1), (1, 4), (4, 12), (12, 30), (30, 64)]
+    ckpt = checkpoint_for_config(CONFIGS / "debug" / "rar.yaml", checkpoints_root, train=True,
+                                 extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
+    out = tmp_path / "order_nll.json"
+    order_nll.main(["--ckpt", str(ckpt), "--images", "8", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["class", "null class"]
+    assert all(r["all"] > 0 and r["place 0"] > 0 for r in rows)
+
+
 def test_flow_benchmark_times_mar_b_rows_per_precision_and_steps(tmp_path):
     from benchmarks import flow_ar
 
