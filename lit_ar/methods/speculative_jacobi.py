@@ -59,8 +59,15 @@ class LatentNeighbours:
     codebook of a VQ tokenizer, FSQ's level grid, LFQ's bits. `__call__(k)` -> (V, k) indices, nearest first,
     computed once per k in chunks of rows (a 16k vocabulary needs no V x V matrix at once)."""
 
-    def __init__(self, codes: torch.Tensor):
-        self.codes, self._k, self._table = codes.float(), None, None
+    def __init__(self, codes):
+        """`codes`: the code vectors (V, d), or a function giving them (read at the first call only)."""
+        self._codes, self._k, self._table = codes, None, None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if callable(self._codes):
+            self._codes = self._codes()
+        return self._codes.float()
 
     def __call__(self, k: int) -> torch.Tensor:
         V = self.codes.shape[0]

@@ -159,7 +159,8 @@ class CausalARSystem(GeneratorSystem):
     def latent_neighbours(self) -> LatentNeighbours | None:
         """The tokenizer's code neighbours (LANTERN's acceptance), built once; None without a tokenizer."""
         if self._neighbours is None and self.tokenizer is not None:
-            self._neighbours = LatentNeighbours(code_vectors(self.tokenizer))
+            tokenizer = self.tokenizer
+            self._neighbours = LatentNeighbours(lambda: code_vectors(tokenizer))  # read only where LANTERN is asked
         return self._neighbours
 
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, num_tokens: int | None = None,
