@@ -63,11 +63,7 @@ class ARPGSystem(GeneratorSystem):
         return self.model.blocks
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
-        tokens = self.tokens_from_batch(batch)  # (B, L)
-        if tokens.ndim != 2 or tokens.shape[1] != self.model.num_tokens:
-            raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not fit the generator's {self.model.grid_size}"
-                             f"x{self.model.grid_size} grid ({self.model.num_tokens} tokens per image)")  # fmt: skip
-        return tokens
+        return self.grid_tokens(batch)
 
     def sampling_kwargs(self) -> dict:
         return {"cache_dtype": self.cache_dtype()}

@@ -136,13 +136,7 @@ class CausalARSystem(GeneratorSystem):
         return random_order_ratio(step, h.rar_anneal_start, h.rar_anneal_end) if h.rar else 0.0
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
-        tokens = self.tokens_from_batch(batch)  # (B, L)
-        if tokens.ndim != 2 or tokens.shape[1] != self.model.num_tokens:
-            raise ValueError(
-                f"tokens of shape {tuple(tokens.shape)} do not fit the generator's {self.model.grid_size}x"
-                f"{self.model.grid_size} grid ({self.model.num_tokens} tokens per image)"
-            )
-        return tokens
+        return self.grid_tokens(batch)
 
     # -- sampling: the method's loop, on the core's one-token step (compiled, with `compile`) -------------------
     def sampling_modules(self) -> list:

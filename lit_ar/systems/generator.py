@@ -283,6 +283,17 @@ class GeneratorSystem(L.LightningModule):
         """The batch's tokens in the form the family's method takes, checked (families refine it)."""
         return self.tokens_from_batch(batch)
 
+    def grid_tokens(self, batch: dict) -> torch.Tensor:
+        """The batch's discrete tokens (B, L), checked against the core's grid (the causal families' batch_tokens)."""
+        tokens = self.tokens_from_batch(batch)  # (B, L)
+        core = self.core
+        if tokens.ndim != 2 or tokens.shape[1] != core.num_tokens:
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)} do not fit the generator's {core.grid_size}x"
+                f"{core.grid_size} grid ({core.num_tokens} tokens per image)"
+            )
+        return tokens
+
     def method_kwargs(self) -> dict:
         """What the family's method needs beyond the core and the head (VAR: the tokenizer's quantizer)."""
         return {}
