@@ -1,7 +1,7 @@
 """Fewer model calls per image, side by side in one run: sequential raster decoding, speculative Jacobi decoding
 (SJD) and LANTERN's relaxed acceptance on a trained causal checkpoint (acceptance is only meaningful on a trained
-model); the cost of one model call as the window grows; and, at a given size, raster decoding against ARPG's
-parallel decoding at several step counts.
+model); the cost of one model call as the window grows; and, at a given size, raster decoding against ARPG's and
+LPD's parallel decoding at several step counts.
 
     python -m benchmarks.fewer_calls                                   # the digits leaderboard's LlamaGen run
     python -m benchmarks.fewer_calls --ckpt runs/causal/llamagen_shapes/checkpoints/last.ckpt --batches 1 8
@@ -10,8 +10,9 @@ parallel decoding at several step counts.
 Table 1, for each decoding and batch: model calls per image (mean over the images: SJD accepts per sequence),
 tokens per call, images/s of token generation (no tokenizer decode) and the process's peak memory. Table 2: seconds
 of one KV-cached call reading `window` tokens per sequence, against one token, on random weights of the size.
-Table 3: raster (LlamaGen's GPT at the size) against ARPG (the same width, depth and heads) at 64, 32 and 16 steps,
-random weights, CFG 2: images/s, model calls per image and peak memory.
+Table 3: raster (LlamaGen's GPT at the size) against ARPG (the same width, depth and heads) and LPD (the same GPT
+with position queries) at 64, 32 and 16 steps, random weights, CFG 2: images/s, model calls per image and peak
+memory.
 """
 
 import argparse
@@ -90,20 +91,25 @@ def call_cost_rows(preset: str, grid: int, vocab: int, batches: list[int], windo
 
 
 def parallel_rows(size: str, grid: int, vocab: int, batch: int, steps: list[int], repeat: int) -> list[dict]:
-    """Raster decoding of LlamaGen's GPT at `size` against ARPG's parallel decoding at each step count, on random
-    weights of the same width, depth and heads (ARPG's half self-, half cross-attention blocks), CFG 2."""
+    """Raster decoding of LlamaGen's GPT at `size` against ARPG's and LPD's parallel decoding at each step count, on
+    random weights of the same width, depth and heads (ARPG's half self-, half cross-attention blocks; LPD's GPT with
+    position queries), CFG 2."""
     from benchmarks.common import time_call
     from lit_ar.models.causal_ar import PRESETS as GPT_SIZES
     from lit_ar.systems.arpg import ARPGSystem
+    from lit_ar.systems.lpd import LPDSystem
 
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, grid_size=grid, num_classes=10, image_size=64, token_dropout=0.0,
                   resid_dropout=0.0)  # fmt: skip
     gpt = CausalARSystem(preset=size, **common).eval()
     arpg = ARPGSystem(**GPT_SIZES[size], **common).eval()
+    lpd = LPDSystem(preset=size, **common).eval()
     labels = torch.arange(batch) % 10
     L = grid * grid
-    runs = [("raster (LlamaGen's loop)", gpt, {}, L)] + [(f"ARPG {n} steps", arpg, {"steps": n}, n) for n in steps]
+    runs = [("raster (LlamaGen's loop)", gpt, {}, L)]
+    runs += [(f"{name} {n} steps", system, {"steps": n}, n) for name, system in (("ARPG", arpg), ("LPD", lpd))
+             for n in steps]  # fmt: skip
     rows = []
     for name, system, kw, calls in runs:
         reset_peak_memory()
@@ -126,7 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--grid", type=int, default=16, help="grid side at --size")
     p.add_argument("--vocab", type=int, default=16384, help="vocabulary at --size")
     p.add_argument("--speed-batch", type=int, default=8, help="batch of table 3")
-    p.add_argument("--steps", type=int, nargs="+", default=[64, 32, 16], help="ARPG's step counts in table 3")
+    p.add_argument("--steps", type=int, nargs="+", default=[64, 32, 16], help="ARPG's and LPD's step counts in table 3")
     p.add_argument("--repeat", type=int, default=1, help="timed repeats in table 3 (the median)")
     p.add_argument("--json", default=None, help="also write the tables here")
     args = p.parse_args(argv)
@@ -140,7 +146,7 @@ def main(argv=None) -> None:
         cost = call_cost_rows(args.size, args.grid, args.vocab, args.batches, args.windows)
         print_table(cost, "one cached model call, random weights")
         parallel = parallel_rows(args.size, args.grid, args.vocab, args.speed_batch, args.steps, args.repeat)
-        print_table(parallel, "raster against ARPG's parallel decoding, random weights, CFG 2")
+        print_table(parallel, "raster against ARPG's and LPD's parallel decoding, random weights, CFG 2")
     if args.json:
         write_json(decode + cost + parallel, args.json, ckpt=args.ckpt)
 

@@ -114,7 +114,7 @@ def test_ema_benchmark_times_each_update_rule_per_preset(tmp_path):
 
 def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoints_root, debug_tokenizer, tmp_path):
     """benchmarks/fewer_calls.py on the debug LlamaGen run: a row per decoding and batch, SJD's calls per image at
-    most sequential's, then the call-cost and ARPG tables at GPT-nano size."""
+    most sequential's, then the call-cost and ARPG / LPD tables at GPT-nano size."""
     from benchmarks import fewer_calls
     from tests.conftest import CONFIGS, checkpoint_for_config
 
@@ -132,8 +132,8 @@ def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoi
     cost = [r for r in rows if "ms_per_call" in r]
     assert [r["window"] for r in cost] == [1, 4] and cost[0]["x_one_token"] == 1.0
     parallel = [r for r in rows if r.get("size") == "GPT-nano" and "decoding" in r]
-    assert [(r["decoding"], r["calls_per_image"]) for r in parallel] == [("raster (LlamaGen's loop)", 16),
-                                                                         ("ARPG 4 steps", 4)]  # fmt: skip
+    expected = [("raster (LlamaGen's loop)", 16), ("ARPG 4 steps", 4), ("LPD 4 steps", 4)]
+    assert [(r["decoding"], r["calls_per_image"]) for r in parallel] == expected
 
 
 def test_order_nll_benchmark_bins_the_places_of_the_order(checkpoints_root, debug_tokenizer, tmp_path):

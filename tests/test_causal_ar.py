@@ -502,11 +502,13 @@ def test_help_lists_the_family_and_the_base_settings(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [DEBUG_RAR, CONFIGS / "debug" / "arpg.yaml"], ids=["rar", "arpg"])
+@pytest.mark.parametrize("config", [DEBUG_RAR, CONFIGS / "debug" / "arpg.yaml", CONFIGS / "debug" / "lpd.yaml"],
+                         ids=["rar", "arpg", "lpd"])  # fmt: skip
 def test_ddp_two_processes_agree_with_one(config, tmp_path, debug_tokenizer):
-    """RAR's debug config (class dropout 0.1, random orders annealed to raster) and ARPG's (a random order per sample
-    and step): 2 gloo processes at batch 8 draw the same dropped labels and orders as 1 process at batch 16 (the
-    step's Draws, drawn for the global batch): same loss curve."""
+    """RAR's debug config (class dropout 0.1, random orders annealed to raster), ARPG's (a random order per sample
+    and step) and LPD's (a random order per sample, a group schedule per step): 2 gloo processes at batch 8 draw the
+    same dropped labels, orders and schedules as 1 process at batch 16 (the step's Draws, drawn for the global
+    batch): same loss curve."""
     common = ["fit", "--config", str(config), "--model.init_args.tokenizer_ckpt", str(debug_tokenizer),
               "--trainer.max_steps", "8", "--data.shuffle", "false", "--trainer.log_every_n_steps", "1",
               "--trainer.limit_val_batches", "0"]  # fmt: skip

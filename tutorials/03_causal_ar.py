@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 03 — Causal AR: LlamaGen, RAR, any order, speculative decoding
+# # 03 — Causal AR: LlamaGen, RAR, any order, speculative and parallel decoding
 #
 # A causal AR model predicts an image's tokens one after the other in raster order, each from the class and
 # the tokens before it. lit_ar's `CausalARSystem` is LlamaGen's class-conditional GPT (a class-token prefix with a
@@ -21,7 +21,8 @@
 # 5. trains RAR and checks that, once its random-order probability has been annealed to 0, it is raster training,
 # 6. trains in another generation order (RandAR's random, DAR's diagonal, PAR's region-interleaved) and samples in it,
 # 7. decodes with speculative Jacobi decoding (SJD): fewer model calls, the same tokens when greedy,
-# 8. trains ARPG and decodes several tokens per model call (randomized parallel decoding).
+# 8. trains ARPG and decodes several tokens per model call (randomized parallel decoding),
+# 9. trains LPD: position queries decoding locality-aware groups of tokens in parallel.
 #
 # Set `LIT_AR_SMALL=1` to run it in seconds on the debug configs (16x16 images, 4x4 tokens; the tests do). Without
 # it, it trains the shapes configs (64x64 images, 16x16 tokens) and measures how often a shapes classifier
@@ -243,6 +244,33 @@ for steps in (L, L // 4):
     images = arpg.sample(labels, steps=steps, generator=torch.Generator().manual_seed(0))
     print(f"ARPG, {steps} model calls for {L} tokens: {time.perf_counter() - start:.2f} s for {len(labels)} images")
 show(images, f"ARPG samples in {L // 4} steps", per_class)
+
+# %% [markdown]
+# ## LPD: position queries, locality-aware groups
+# LPD keeps LlamaGen's one causal network and adds *position queries*: one learned mask-query embedding plus the
+# target's position embedding, rotated by the target's RoPE. A step feeds the group generated last and the queries of
+# the next group; the queries see the generated tokens and each other (tokens decoded together stay consistent), and
+# no generated token ever sees a query. Training draws a group-size schedule per step (`train_steps`), so one model
+# samples at any of those step counts. Its order is locality-aware: each group's positions touch what is generated
+# and keep apart from each other (`order: lpd`; `random` and `raster` for comparison).
+
+# %%
+from lit_ar.methods.lpd import lpd_order
+from lit_ar.sampling import tokens_to_reveal
+from lit_ar.systems import LPDSystem
+
+lpd_config = "configs/debug/lpd.yaml" if SMALL else "configs/causal/lpd_shapes.yaml"
+lpd = LPDSystem.load_from_checkpoint(fit(lpd_config, "lpd", "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt)),
+                                     weights_only=True).eval()  # fmt: skip
+L, side = lpd.model.num_tokens, lpd.model.grid_size
+counts = tokens_to_reveal("cosine", L, L // 4)
+step_of = torch.empty(L, dtype=torch.long)
+step_of[lpd_order(side, counts, 1, torch.Generator().manual_seed(0))[0]] = torch.repeat_interleave(
+    torch.arange(len(counts)), torch.tensor(counts))  # fmt: skip
+print(f"group sizes {counts}; the step that decodes each cell:\n{step_of.view(side, side)}")
+for order in ("lpd", "random"):
+    images = lpd.sample(labels, steps=L // 4, order=order, generator=torch.Generator().manual_seed(0))
+    show(images, f"LPD samples in {L // 4} steps, {order} order", per_class)
 
 # %% [markdown]
 # ## Do the samples show their class?

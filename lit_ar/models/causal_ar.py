@@ -64,6 +64,7 @@ class CausalTransformer(nn.Module):
         transition_tokens: int = 0,
         next_rope: bool = False,
         direction_embeddings: bool = False,
+        position_queries: bool = False,
         initializer_range: float = 0.02,
     ):
         super().__init__()
@@ -92,6 +93,11 @@ class CausalTransformer(nn.Module):
         self.direction = nn.Embedding(10, dim) if direction_embeddings else None
         # PAR: learnable inputs that turn sequential prediction into parallel prediction of the first group
         self.transition = nn.Parameter(torch.zeros(transition_tokens, dim)) if transition_tokens else None
+        # LPD: the input of every position query, told apart by its target's embedding and RoPE (`queries`)
+        self.mask_query = nn.Parameter(torch.zeros(dim)) if position_queries else None
+        if position_queries and not target_aware:
+            raise ValueError("position_queries (LPD) add the target position's embedding to each query: they need "
+                             "target_aware=True")  # fmt: skip
         self.tok_dropout = nn.Dropout(token_dropout)
         hidden = llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
@@ -116,8 +122,9 @@ class CausalTransformer(nn.Module):
 
         self.initializer_range = initializer_range
         self.apply(self._init_weights)
-        if self.transition is not None:
-            nn.init.normal_(self.transition, std=initializer_range)
+        for p in (self.transition, self.mask_query):
+            if p is not None:
+                nn.init.normal_(p, std=initializer_range)
         nn.init.zeros_(self.output.weight)  # every logit starts at 0: a uniform first prediction
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -198,6 +205,11 @@ class CausalTransformer(nn.Module):
             out = d if out is None else out + d
         return out
 
+    def queries(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LPD's position queries: target grid positions (..., Q) -> the inputs (..., Q, C) (the one mask-query
+        embedding plus the target's embedding) and their RoPE (..., Q, hd/2, 2) (the target's position)."""
+        return self.mask_query + self.target_pos(targets), self.rope[self.cls_token_num + targets]
+
     def run_layers(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, S, C) with their RoPE (S | B, S, hd/2, 2) -> the last layer's states (B, S, C): causal,
         or under `mask` (S, S) (True = may attend), e.g. PAR's group-wise full attention."""
@@ -275,10 +287,13 @@ class CausalTransformer(nn.Module):
         """`decode_hidden` to the logits of the next token (B, V)."""
         return self.logits(self.decode_hidden(tokens, input_pos))[:, -1]
 
-    def decode_block(self, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def decode_block(self, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor,
+                     upto: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Input embeddings (B, T, C) written at cache slots `input_pos` (T,) (consecutive), each seeing the whole
-        block and everything before it (PAR's group-wise full attention) -> the states (B, T, C)."""
-        return self._cached_forward(x, input_pos, rope, upto=input_pos[-1:].expand(input_pos.shape[0]))
+        block and everything before it (PAR's group-wise full attention), or every slot up to its `upto` (T,) (LPD's
+        blocks of fed tokens and of queries) -> the states (B, T, C)."""
+        upto = input_pos[-1:].expand(input_pos.shape[0]) if upto is None else upto
+        return self._cached_forward(x, input_pos, rope, upto=upto)
 
     def _cached_forward(self, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor | None = None,
                         upto: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
