@@ -142,7 +142,7 @@ def test_the_acceptance_rule_on_known_distributions():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(decoding="jacobi"), "decoding='jacobi' is not known; known: ('sequential', 'sjd')"),
+        (dict(decoding="jacobi"), "decoding='jacobi' is not known; known: ('sequential', 'sjd', 'speculative')"),
         (dict(decoding="sjd", window=0), "window=0 must be >= 1"),
         (dict(decoding="sjd", jacobi_init="zeros"), "jacobi_init='zeros' is not known"),
         (dict(decoding="sjd", use_cache=False), "decoding='sjd' verifies its drafts on the KV cache"),

@@ -20,7 +20,8 @@
 # 4. times sampling on the static KV cache against recomputing the whole prefix at every token,
 # 5. trains RAR and checks that, once its random-order probability has been annealed to 0, it is raster training,
 # 6. trains in another generation order (RandAR's random, DAR's diagonal, PAR's region-interleaved) and samples in it,
-# 7. decodes with speculative Jacobi decoding (SJD): fewer model calls, the same tokens when greedy,
+# 7. decodes with speculative Jacobi decoding (SJD) and with LANTERN's trained drafter: fewer model calls, the same
+#    distribution,
 # 8. trains ARPG and decodes several tokens per model call (randomized parallel decoding),
 # 9. trains LPD: position queries decoding locality-aware groups of tokens in parallel.
 #
@@ -223,6 +224,24 @@ for kw in (dict(top_k=1), dict(cfg=2.0)):
     if kw == dict(top_k=1):
         assert torch.equal(sjd, model.generate(labels, top_k=1))
 show(model.decode(sjd), "SJD samples (cfg 2)", per_class)
+
+# %% [markdown]
+# SJD's drafts are the model's own guesses from the last call. LANTERN trains a small drafter instead (EAGLE's
+# design: one block that reads the model's last state and the token just drawn, and predicts the next state, read by
+# the model's own head). `drafter_only: true` trains it alone on the frozen model, here from the checkpoint above;
+# `decoding: speculative` then verifies its drafts with the same rule, so the distribution is the model's.
+
+# %%
+drafter_ckpt = fit(generator_config, "drafter", "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
+                   "--model.init_args.drafter", "true", "--model.init_args.drafter_only", "true",
+                   "--model.init_args.init_weights", str(ckpt),
+                   *(["--trainer.max_steps", "60"] if SMALL else []))  # fmt: skip
+drafted = CausalARSystem.load_from_checkpoint(drafter_ckpt, weights_only=True).eval()
+for decoding in ("sjd", "speculative"):
+    stats = {}
+    drafted.run_sampler(labels, torch.Generator().manual_seed(0), dict(cfg=2.0, decoding=decoding, window=6),
+                        stats=stats)  # fmt: skip
+    print(f"{decoding}, window 6: {stats['model_calls'].float().mean():.1f} model calls per image")
 
 # %% [markdown]
 # ## ARPG: several tokens per model call

@@ -279,6 +279,28 @@ register(
         "target through RoPE only)",
     )
 )
+
+
+def sjd_settings(**settings: str) -> list[str]:
+    """The arguments of a row that decodes by SJD (window 16) with `settings` (decoding, window, acceptance,
+    lantern_k, ...)."""
+    out = []
+    for key, value in {"decoding": "sjd", "window": "16", **settings}.items():
+        out += [f"--model.init_args.predict_kwargs.{key}", value]
+    return out
+
+
+register(
+    Method(
+        name="LPD",
+        paper="https://arxiv.org/abs/2507.01957",
+        config="configs/causal/lpd_{data}.yaml",
+        debug_config="configs/debug/lpd.yaml",
+        tokenizer="vq",
+        notes="locality-aware parallel decoding in a quarter of the tokens' steps on digits (LPD's 20 for 256 on "
+        "shapes), cosine group sizes; trained on 64 ... 4-step schedules drawn per step",
+    )
+)
 register(
     Method(
         name="LlamaGen + SJD",
@@ -287,9 +309,7 @@ register(
         debug_config="configs/debug/causal.yaml",
         tokenizer="vq",
         samples="LlamaGen",
-        overrides={
-            "*": ["--model.init_args.predict_kwargs.decoding", "sjd", "--model.init_args.predict_kwargs.window", "16"]
-        },
+        overrides={"*": sjd_settings()},
         notes="LlamaGen's run decoded by speculative Jacobi decoding (window 16, uniform initialisation, "
         "per-sequence acceptance): no training of its own",
     )
@@ -302,17 +322,45 @@ register(
         debug_config="configs/debug/causal.yaml",
         tokenizer="vq",
         samples="LlamaGen",
-        overrides={
-            "*": [
-                "--model.init_args.predict_kwargs.decoding",
-                "sjd",
-                "--model.init_args.predict_kwargs.window",
-                "16",
-                "--model.init_args.predict_kwargs.acceptance",
-                "lantern",
-            ]
-        },
+        overrides={"*": sjd_settings(acceptance="lantern")},
         notes="LlamaGen's run decoded by SJD with LANTERN's relaxed acceptance (k 1000 capped at the vocabulary, "
         "delta 0.1) on SJD's own drafts, no trained drafter",
+    )
+)
+register(
+    Method(
+        name="LlamaGen + LANTERN (k 16)",
+        paper="https://arxiv.org/abs/2410.03355",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        samples="LlamaGen",
+        overrides={"*": sjd_settings(acceptance="lantern", lantern_k="16")},
+        notes="LANTERN's k scaled to the vocabulary: 16 of 256 codes, the share LANTERN's 1000 are of LlamaGen's "
+        "16384; delta 0.1",
+    )
+)
+register(
+    Method(
+        name="LlamaGen + drafter",
+        paper="https://arxiv.org/abs/2410.03355",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        overrides={"*": ["--model.init_args.drafter", "true", *sjd_settings(decoding="speculative", window="6")]},
+        notes="LlamaGen trained with LANTERN's drafter beside it (EAGLE's one-block feature drafter, on the frozen "
+        "states); speculative decoding with 5 chained drafts per call (no draft tree), strict acceptance",
+    )
+)
+register(
+    Method(
+        name="LlamaGen + drafter + LANTERN",
+        paper="https://arxiv.org/abs/2410.03355",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        samples="LlamaGen + drafter",
+        overrides={"*": sjd_settings(decoding="speculative", window="6", acceptance="lantern", lantern_k="16")},
+        notes="the drafter's drafts under LANTERN's relaxed acceptance (k 16 of 256 codes, delta 0.1)",
     )
 )

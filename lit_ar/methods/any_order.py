@@ -79,8 +79,9 @@ class AnyOrderSampling(RasterSampling):
         super().__post_init__()
         if self.order is not None:
             check_order(self.order)
-        if self.decoding == "sjd" and self.order not in (None, "raster"):
-            raise ValueError(f"decoding='sjd' verifies drafts in raster order; order={self.order!r} is not raster")
+        if self.decoding != "sequential" and self.order not in (None, "raster"):
+            raise ValueError(f"decoding={self.decoding!r} verifies drafts in raster order; order={self.order!r} is "
+                             "not raster")  # fmt: skip
 
 
 class AnyOrderAR(RasterAR):
@@ -122,15 +123,15 @@ class AnyOrderAR(RasterAR):
     @torch.no_grad()
     def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings: AnyOrderSampling,
                generator: torch.Generator | None = None, num_tokens: int | None = None, decode_step=None,
-               cache_dtype: torch.dtype | None = None, stats: dict | None = None,
-               neighbours=None) -> torch.Tensor:  # fmt: skip
+               cache_dtype: torch.dtype | None = None, stats: dict | None = None, neighbours=None,
+               drafter=None) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> ids (B, L) at raster positions, generated in `settings.order` (default: the training
         order). Raster is RasterAR's loop (partial decoding and SJD there); another order needs the core's target
         queries."""
         name = getattr(settings, "order", None) or self.order
         if name == "raster":
             return super().sample(core, head, labels, guidance, settings, generator, num_tokens, decode_step,
-                                  cache_dtype, stats, neighbours)  # fmt: skip
+                                  cache_dtype, stats, neighbours, drafter)  # fmt: skip
         if core.target_pos is None:
             raise ValueError(f"order={name!r}: sampling in an order other than raster needs a core trained with "
                              "target-position queries (an any-order or RAR model); this one was trained raster only "

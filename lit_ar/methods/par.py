@@ -69,11 +69,15 @@ class PAR(AnyOrderAR):
 
     @torch.no_grad()
     def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings, generator=None, num_tokens=None,
-               decode_step=None, cache_dtype=None, stats=None, neighbours=None) -> torch.Tensor:  # fmt: skip
+               decode_step=None, cache_dtype=None, stats=None, neighbours=None,
+               drafter=None) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> ids (B, L) at raster positions, in k + L / k - 1 model calls."""
-        if getattr(settings, "order", None) not in (None, "par") or getattr(settings, "decoding", None) == "sjd":
+        decoding = getattr(settings, "decoding", "sequential")
+        if getattr(settings, "order", None) not in (None, "par") or decoding != "sequential":
             raise ValueError("a PAR model (parallel: true) samples in PAR's order and groups only; leave "
                              "predict_kwargs.order null and decoding sequential")  # fmt: skip
+        if num_tokens is not None:
+            raise ValueError(f"num_tokens={num_tokens}: partial decoding is raster's; PAR's groups fill the grid")
         B, L, P, k, device = labels.shape[0], core.num_tokens, core.cls_token_num, self.k, labels.device
         order = grid_order("par", core.grid_size, self.regions).to(device)  # (L,)
         rows = guidance.rows(labels)  # (B',)

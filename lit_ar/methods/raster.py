@@ -32,11 +32,13 @@ class RasterSampling(SamplingSettings):
 
     use_cache: bool = True
     """Decode on the static KV cache; False recomputes the whole prefix at every token (timing, parity checks)."""
-    decoding: Literal["sequential", "sjd"] = "sequential"
+    decoding: Literal["sequential", "sjd", "speculative"] = "sequential"
     """sequential: one model call per token; sjd: speculative Jacobi decoding (lit_ar/methods/speculative_jacobi.py),
-    fewer calls, the same distribution, on any causal model without retraining."""
+    fewer calls, the same distribution, on any causal model without retraining; speculative: the same verification
+    of drafts from a trained drafter (LANTERN's; a model trained with `drafter: true`)."""
     window: int = 16
-    """SJD: tokens the model reads per call (the last accepted one and window - 1 drafts); 1 is sequential."""
+    """SJD and speculative: tokens the model reads per call (the last accepted one and window - 1 drafts); 1 is
+    sequential."""
     jacobi_init: Literal["uniform", "last_token"] = "uniform"
     """SJD: drafts at positions no call has reached: uniform random tokens (SJD's) or the latest accepted token."""
     acceptance: Literal["strict", "lantern"] = "strict"
@@ -58,17 +60,19 @@ class RasterSampling(SamplingSettings):
             raise ValueError(f"jacobi_init={self.jacobi_init!r} is not known; known: {JACOBI_INITS}")
         if self.acceptance not in ACCEPTANCES:
             raise ValueError(f"acceptance={self.acceptance!r} is not known; known: {ACCEPTANCES}")
-        if self.acceptance == "lantern" and self.decoding != "sjd":
-            raise ValueError("acceptance='lantern' relaxes speculative decoding's acceptance: set decoding='sjd'")
+        if self.acceptance == "lantern" and self.decoding not in SPECULATIVE:
+            raise ValueError("acceptance='lantern' relaxes speculative decoding's acceptance: set decoding='sjd' or "
+                             "'speculative'")  # fmt: skip
         if self.lantern_k < 1:
             raise ValueError(f"lantern_k={self.lantern_k} must be >= 1 (nearest codes pooled per draft)")
         if not 0.0 <= self.lantern_delta <= 1.0:
             raise ValueError(f"lantern_delta={self.lantern_delta} must be in [0, 1] (a total-variation bound)")
-        if self.decoding == "sjd" and not self.use_cache:
-            raise ValueError("decoding='sjd' verifies its drafts on the KV cache; set use_cache=True")
+        if self.decoding in SPECULATIVE and not self.use_cache:
+            raise ValueError(f"decoding={self.decoding!r} verifies its drafts on the KV cache; set use_cache=True")
 
 
-DECODINGS = ("sequential", "sjd")
+DECODINGS = ("sequential", "sjd", "speculative")
+SPECULATIVE = ("sjd", "speculative")  # the decodings that verify drafts
 ACCEPTANCES = ("strict", "lantern")
 
 
@@ -135,16 +139,18 @@ class RasterAR(Method):
     def sample(self, core, head, labels: torch.Tensor, guidance: Guidance, settings: SamplingSettings,
                generator: torch.Generator | None = None, num_tokens: int | None = None,
                decode_step: Callable | None = None,
-               cache_dtype: torch.dtype | None = None, stats: dict | None = None,
-               neighbours=None) -> torch.Tensor:  # fmt: skip
+               cache_dtype: torch.dtype | None = None, stats: dict | None = None, neighbours=None,
+               drafter=None) -> torch.Tensor:  # fmt: skip
         """labels (B,) -> tokens in raster order (default: the whole grid): ids (B, n) from the categorical head,
         vectors (B, n, D) from a flow or diffusion head. `decode_step` is the core's `decode_hidden`, or a compiled
         copy of it; `cache_dtype` the KV cache's (the autocast dtype, where sampling runs under autocast; default the
         core's weights'). With `decoding='sjd'`, speculative Jacobi decoding instead (its `stats`: model calls and
-        tokens per call of each sequence; `neighbours`: the tokenizer's code neighbours, for LANTERN)."""
-        if getattr(settings, "decoding", "sequential") == "sjd":
+        tokens per call of each sequence; `neighbours`: the tokenizer's code neighbours, for LANTERN); with
+        `decoding='speculative'`, the same with the trained `drafter`'s drafts."""
+        if getattr(settings, "decoding", "sequential") in SPECULATIVE:
             return speculative_jacobi_sample(core, head, labels, guidance, settings, generator, num_tokens,
-                                             self.progress_after_token, cache_dtype, stats, neighbours)  # fmt: skip
+                                             self.progress_after_token, cache_dtype, stats, neighbours,
+                                             drafter)  # fmt: skip
         L = core.num_tokens
         n = L if num_tokens is None else num_tokens
         use_cache = getattr(settings, "use_cache", True)  # continuous settings have no such field: always cached

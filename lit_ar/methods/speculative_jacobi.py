@@ -21,6 +21,12 @@ tokenizer's latent space are nearly interchangeable, so a draft d is tested agai
 nearest codes (the `lantern_k` nearest by code-vector distance, the longest run of them, nearest first, whose total
 mass stays <= `lantern_delta`); at a rejection the residual leaves those pooled codes out of q. Each token's target
 then moves by at most `lantern_delta` in total variation (reported as `tvd_bound`); delta 0 is SJD, draw for draw.
+
+Speculative decoding with a trained drafter (`decoding: speculative`; LANTERN's drafter, EAGLE's design,
+lit_ar/models/drafter.py): the same verification, but the window - 1 drafts come from the drafter, one after the
+other, each from the target's last verified state or the drafter's own prediction of it, with q the drafter's
+(guided, filtered) distribution. After each call the drafter reads the pairs (target state, token) the call
+verified, so its next drafts start from exact target states. Acceptance is strict or LANTERN's, as for SJD.
 """
 
 import torch
@@ -91,13 +97,19 @@ def draw(log_weights: torch.Tensor, generator: torch.Generator | None) -> torch.
 def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidance, settings,
                               generator: torch.Generator | None = None, num_tokens: int | None = None,
                               progress_after_token: bool = False, cache_dtype: torch.dtype | None = None,
-                              stats: dict | None = None,
-                              neighbours: LatentNeighbours | None = None) -> torch.Tensor:  # fmt: skip
-    """labels (B,) -> ids (B, n) in raster order, by SJD over a causal core's raster-decoding protocol and the
-    categorical head. `settings`: `RasterSampling` (window, jacobi_init, acceptance and LANTERN's k and delta, cfg
-    and its schedule, temperature, top_k, top_p). `neighbours`: the tokenizer's code neighbours (LANTERN). `stats`,
-    when given, receives per-sequence `model_calls` (B,) and `tokens_per_call` (B,), and LANTERN's `tvd_bound`."""
+                              stats: dict | None = None, neighbours: LatentNeighbours | None = None,
+                              drafter=None) -> torch.Tensor:  # fmt: skip
+    """labels (B,) -> ids (B, n) in raster order, by SJD (or, with `decoding: speculative`, the trained `drafter`'s
+    drafts) over a causal core's raster-decoding protocol and the categorical head. `settings`: `RasterSampling`
+    (window, jacobi_init, acceptance and LANTERN's k and delta, cfg and its schedule, temperature, top_k, top_p).
+    `neighbours`: the tokenizer's code neighbours (LANTERN). `stats`, when given, receives per-sequence
+    `model_calls` (B,) and `tokens_per_call` (B,), and LANTERN's `tvd_bound`."""
     L, P, W = core.num_tokens, core.cls_token_num, settings.window
+    if settings.decoding == "speculative" and drafter is None:
+        raise ValueError("decoding='speculative' drafts with a trained drafter, and this model has none: train "
+                         "one with model.init_args.drafter=true (or decode with decoding='sjd', which needs "
+                         "none)")  # fmt: skip
+    drafter = drafter if settings.decoding == "speculative" else None
     n = L if num_tokens is None else num_tokens
     table = None
     if settings.acceptance == "lantern":
@@ -121,21 +133,47 @@ def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidan
             logits = guidance.combine(logits)
         return filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
 
+    def propose(states: torch.Tensor, first: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafter's window - 1 drafts: it reads the verified pairs j = first + i (the target's states (B', K, C)
+        predicting token j, and token j), then drafts from its output at pair a (B,) on -> q (B, W-1, V), drafts
+        (B, W-1) at positions first + a + 1 ...."""
+        pos = (first[:, None] + torch.arange(states.shape[1], device=device)).clamp(max=spare)  # (B, K)
+        twice = guidance.twice
+        out = drafter(states, core.tok_embeddings(twice(tokens.gather(1, pos))), twice(core.rope[P + pos.clamp(
+            max=L - 1)]), input_pos=twice(pos))  # fmt: skip  # (B', K, C)
+        g = out[torch.arange(out.shape[0], device=device), twice(a)]  # (B', C): predicts token first + a + 1
+        qs, drafts = [], []
+        for m in range(W - 1):
+            at = (first + a + 1 + m).clamp(max=spare)  # (B,) the draft's position
+            logits = target_logits(g[:, None], at)[:, 0]  # (B, V)
+            qs.append(logits.softmax(-1))
+            drafts.append(draw(logits, generator))
+            if m < W - 2:  # the drafter's own pair (its predicted state, the draft) predicts the next one
+                rope = twice(core.rope[P + at.clamp(max=L - 1)])[:, None]
+                g = drafter(g[:, None], core.tok_embeddings(twice(drafts[-1]))[:, None], rope,
+                            input_pos=twice(at)[:, None])[:, 0]  # fmt: skip
+        return torch.stack(qs, 1), torch.stack(drafts, 1)
+
     # a window past the last token reads cache slots past the grid; their predictions are discarded
     core.setup_caches(rows.shape[0], cache_dtype or next(core.parameters()).dtype, max_seq_len=P + n + W - 1)
+    if drafter is not None:
+        drafter.setup_caches(rows.shape[0], n + W, cache_dtype or next(drafter.parameters()).dtype, device)
     try:
         core.check_decode_length(n)
         tokens = torch.zeros(B, n + W, dtype=torch.long, device=device)  # accepted tokens, then drafts, then spare
         spare = n + W - 1  # where finished sequences write, unread
         # token 0 from the prefix, as raster decoding draws it
-        tokens[:, 0] = head.sample(core.prefill_hidden(rows), guidance, settings, generator,
-                                   progress_after_token / L)[:, 0]  # fmt: skip
+        prefill = core.prefill_hidden(rows)  # (B', 1, C)
+        tokens[:, 0] = head.sample(prefill, guidance, settings, generator, progress_after_token / L)[:, 0]
         done = torch.ones(B, dtype=torch.long, device=device)  # (B,) tokens accepted so far
         calls = torch.ones(B, dtype=torch.long, device=device)  # the prefill is a call
         offsets, batch = torch.arange(W, device=device), torch.arange(B, device=device)  # (W,), (B,)
-        q = initial_q(settings.jacobi_init, B, W - 1, core.vocab_size, tokens[:, :1], device)  # (B, W-1, V)
-        if W > 1:
-            tokens[:, 1:W] = draw(q.log(), generator)  # (B, W-1) the first drafts, at positions 1 .. W-1
+        if W > 1 and drafter is not None:  # the first drafts, at positions 1 .. W-1
+            q, tokens[:, 1:W] = propose(prefill, torch.zeros_like(done), torch.zeros_like(done))
+        else:
+            q = initial_q(settings.jacobi_init, B, W - 1, core.vocab_size, tokens[:, :1], device)  # (B, W-1, V)
+            if W > 1:
+                tokens[:, 1:W] = draw(q.log(), generator)  # (B, W-1)
         while bool((done < n).any()):
             active = done < n  # (B,)
             window = done[:, None] - 1 + offsets  # (B, W) positions read: the last accepted token, then the drafts
@@ -164,8 +202,13 @@ def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidan
             put = torch.where(active, done + a, spare)  # the accepted drafts already sit at done .. done + a - 1
             tokens[batch, put] = torch.where(active, token, tokens[batch, put])
             calls += active.long()
+            verified_from = done
             done = torch.where(active, done + a + 1, done).clamp(max=n)
-            if W > 1:  # the next drafts: redrawn from this call's p where it reached, initialised past it
+            if W > 1 and drafter is not None:  # the drafter's next drafts, from the states this call verified
+                q, drafts = propose(states, verified_from, a)
+                at = (done[:, None] + offsets[:-1]).clamp(max=spare)  # (B, W-1)
+                tokens.scatter_(1, at, torch.where(active[:, None] & (at < n), drafts, tokens.gather(1, at)))
+            elif W > 1:  # the next drafts: redrawn from this call's p where it reached, initialised past it
                 src = a[:, None] + 1 + offsets[:-1]  # (B, W-1) window index of each next draft's position
                 q_next = p.gather(1, src.clamp(max=W - 1)[..., None].expand(-1, -1, p.shape[-1]))  # (B, W-1, V)
                 q_init = initial_q(settings.jacobi_init, B, W - 1, p.shape[-1], tokens.gather(1, done[:, None] - 1),
@@ -176,6 +219,8 @@ def speculative_jacobi_sample(core, head, labels: torch.Tensor, guidance: Guidan
                 tokens.scatter_(1, at, drafts)
     finally:
         core.clear_caches()
+        if drafter is not None:
+            drafter.clear_caches()
     if stats is not None:
         stats["model_calls"] = calls
         stats["tokens_per_call"] = n / calls.float()

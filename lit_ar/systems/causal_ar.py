@@ -8,13 +8,16 @@ from typing import Literal
 
 import torch
 
+from lit_ar.draws import Draws
 from lit_ar.methods.any_order import ORDERS, AnyOrderAR, AnyOrderSampling, grid_order
+from lit_ar.methods.drafter import drafter_loss
 from lit_ar.methods.par import PAR
 from lit_ar.methods.raster import random_order_ratio
 from lit_ar.methods.speculative_jacobi import LatentNeighbours
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
+from lit_ar.models.drafter import Drafter
 from lit_ar.performance import compiled_decode_step
-from lit_ar.systems.generator import GeneratorSystem, sizes_under_former_names
+from lit_ar.systems.generator import GeneratorSystem, eval_mode, sizes_under_former_names
 from lit_ar.tokenizers import code_vectors
 
 PresetName = Literal[
@@ -51,6 +54,9 @@ class CausalARSystem(GeneratorSystem):
         parallel: bool = False,
         next_rope: bool = False,
         direction_embeddings: bool = False,
+        drafter: bool = False,
+        drafter_depth: int = 1,
+        drafter_only: bool = False,
         predict_kwargs: AnyOrderSampling | None = None,
         n_layer: int | None = None,
         n_head: int | None = None,
@@ -89,6 +95,12 @@ class CausalARSystem(GeneratorSystem):
                 with the position it predicts (head width dim/n_heads divisible by 8).
             direction_embeddings: DAR's direction embeddings: each slot is told the direction of its step, from the
                 fed token's position to the one it predicts.
+            drafter: LANTERN's drafter (EAGLE's design, lit_ar/models/drafter.py): a small network trained beside the
+                model on its frozen states, which drafts for `predict_kwargs.decoding: speculative`. Its loss never
+                reaches the model's weights.
+            drafter_depth: The drafter's transformer blocks (LANTERN's and EAGLE's: 1).
+            drafter_only: Train the drafter only, the model frozen (LANTERN's recipe: with `init_weights` a trained
+                run or released weights).
             predict_kwargs: Sampling settings (see GeneratorSystem).
             n_layer: Former name of `depth` (configs and checkpoints written before lit_ar's one size vocabulary).
             n_head: Former name of `n_heads`.
@@ -124,11 +136,51 @@ class CausalARSystem(GeneratorSystem):
                              f"model.init_args.order=par (not {order!r})")  # fmt: skip
         rar_ratio = self.rar_ratio if rar else None
         self.method = PAR(order_regions) if parallel else AnyOrderAR(order, order_regions, rar_ratio)
+        if drafter_only and not drafter:
+            raise ValueError("model.init_args.drafter_only=true trains the drafter alone: set "
+                             "model.init_args.drafter=true")  # fmt: skip
+        if drafter and order != "raster":
+            raise ValueError(f"model.init_args.drafter=true drafts in raster order (speculative decoding); "
+                             f"model.init_args.order={order!r} is not raster")  # fmt: skip
+        if drafter_depth < 1:
+            raise ValueError(f"model.init_args.drafter_depth={drafter_depth} must be >= 1")
+        self.drafter = Drafter(self.model.dim, sizes["n_heads"], drafter_depth) if drafter else None
+        if drafter_only:
+            self.model.requires_grad_(False)
         self._compiled_decode = None
         self._neighbours: LatentNeighbours | None = None
 
     def core_blocks(self) -> list:
         return list(self.model.layers)  # LlamaGen's name, which its released weights' keys carry
+
+    # -- the drafter's loss beside the model's (or alone, drafter_only) ------------------------------------------
+    def loss_terms(self, batch: dict, draws: Draws, class_dropout: bool = True) -> dict[str, torch.Tensor]:
+        if self.drafter is None:
+            return super().loss_terms(batch, draws, class_dropout)
+        terms = {} if self.hparams.drafter_only else super().loss_terms(batch, draws, class_dropout)
+        tokens = self.batch_tokens(batch)
+        # the drafter's own class dropout, drawn after everything the model's loss draws (its draws stay the same)
+        labels = self.training_labels(batch["label"], draws) if class_dropout else batch["label"]
+        with eval_mode(self.model):  # the states sampling will give the drafter: no dropout
+            drafted = drafter_loss(self.model, self.drafter, tokens, labels)
+        loss = drafted["drafter_loss"] if self.hparams.drafter_only else terms["loss"] + drafted["drafter_loss"]
+        return {**terms, **drafted, "loss": loss}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        terms = super().validation_step(batch, batch_idx)
+        if self.drafter is not None:
+            with eval_mode(self.model):
+                drafted = drafter_loss(self.model, self.drafter, self.batch_tokens(batch), batch["label"])
+            for name, value in drafted.items():
+                self.log(f"val/{name}", value, sync_dist=True)
+            terms = {**terms, **drafted}
+        return terms
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self.hparams, "drafter_only", False):
+            self.model.eval()  # frozen, as the tokenizer: the drafter learns the states sampling gives
+        return self
 
     def rar_ratio(self, step: int) -> float:
         """Probability that a sample is trained in a random order at `step` (0 when not RAR)."""
@@ -148,7 +200,7 @@ class CausalARSystem(GeneratorSystem):
         if self.hparams.compile and self._compiled_decode is None:
             self._compiled_decode = compiled_decode_step(self.model.decode_hidden, self.device.type == "cuda")
         return {"decode_step": self._compiled_decode or self.model.decode_hidden, "cache_dtype": self.cache_dtype(),
-                "neighbours": self.latent_neighbours()}  # fmt: skip
+                "neighbours": self.latent_neighbours(), "drafter": self.drafter}  # fmt: skip
 
     def latent_neighbours(self) -> LatentNeighbours | None:
         """The tokenizer's code neighbours (LANTERN's acceptance), built once; None without a tokenizer."""
