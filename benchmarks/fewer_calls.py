@@ -1,9 +1,10 @@
 """Fewer model calls per image, side by side in one run: sequential raster decoding, speculative Jacobi decoding
-(SJD) and LANTERN's relaxed acceptance on a trained causal checkpoint (acceptance is only meaningful on a trained
-model); the cost of one model call as the window grows; and, at a given size, raster decoding against ARPG's and
-LPD's parallel decoding at several step counts.
+(SJD), LANTERN's relaxed acceptance and, where the checkpoint has one, LANTERN's trained drafter on a trained causal
+checkpoint (acceptance is only meaningful on a trained model); the cost of one model call as the window grows; and,
+at a given size, raster decoding against ARPG's and LPD's parallel decoding at several step counts.
 
     python -m benchmarks.fewer_calls                                   # the digits leaderboard's LlamaGen run
+    python -m benchmarks.fewer_calls --ckpt runs/leaderboard/digits/llamagen_drafter/checkpoints/last.ckpt
     python -m benchmarks.fewer_calls --ckpt runs/causal/llamagen_shapes/checkpoints/last.ckpt --batches 1 8
     python -m benchmarks.fewer_calls --size GPT-B --grid 16            # + GPT-B size, 256 tokens: calls and speed
 
@@ -28,17 +29,24 @@ DEFAULT_CKPT = "runs/leaderboard/digits/llamagen/checkpoints/last.ckpt"
 
 
 def decode_rows(system, batches: list[int], windows: list[int], inits: list[str], deltas: list[float],
-                images: int) -> list[dict]:  # fmt: skip
+                images: int, lantern_k: int = 1000) -> list[dict]:  # fmt: skip
     """Sample `images` images per setting (in batches), with the checkpoint's sampling settings and each decoding:
-    sequential, SJD per window and initialisation, LANTERN per delta (k 1000, capped at the vocabulary)."""
-    base, L = dict(system.hparams.predict_kwargs), system.core.num_tokens
+    sequential, SJD per window and initialisation, LANTERN per delta (k `lantern_k`, capped at the vocabulary) and,
+    where the checkpoint has a trained drafter, its speculative decoding per window, strict and with LANTERN."""
+    base, L = {**system.hparams.predict_kwargs, "lantern_k": lantern_k}, system.core.num_tokens
     settings = [("sequential", {**base, "decoding": "sequential"})]
+    lantern = [("delta", {"acceptance": "lantern", "lantern_delta": d}) for d in deltas]
     for w in windows:
         for init in inits:
             sjd = {**base, "decoding": "sjd", "window": w, "jacobi_init": init}
             settings.append((f"SJD window {w}, {init}", sjd))
-            settings += [(f"LANTERN window {w}, {init}, delta {d}", {**sjd, "acceptance": "lantern",
-                                                                     "lantern_delta": d}) for d in deltas]  # fmt: skip
+            settings += [(f"LANTERN window {w}, {init}, delta {kw['lantern_delta']}", {**sjd, **kw})
+                         for _, kw in lantern]  # fmt: skip
+        if getattr(system, "drafter", None) is not None:
+            drafted = {**base, "decoding": "speculative", "window": w}
+            settings.append((f"drafter window {w}", drafted))
+            settings += [(f"drafter + LANTERN window {w}, delta {kw['lantern_delta']}", {**drafted, **kw})
+                         for _, kw in lantern]  # fmt: skip
     rows = []
     for batch in batches:
         for name, kw in settings:
@@ -127,6 +135,7 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--inits", nargs="+", default=["uniform", "last_token"])
     p.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3], help="LANTERN's deltas")
+    p.add_argument("--lantern-k", type=int, default=1000, help="LANTERN's k (capped at the vocabulary)")
     p.add_argument("--images", type=int, default=40, help="images per setting")
     p.add_argument("--size", default=None, help="also tables 2 and 3 at this GPT size (e.g. GPT-B)")
     p.add_argument("--grid", type=int, default=16, help="grid side at --size")
@@ -139,7 +148,7 @@ def main(argv=None) -> None:
     print(machine())
     system = load_system(args.ckpt, CausalARSystem).eval()
     print(f"checkpoint {args.ckpt}: {system.model.num_tokens} tokens, sampling {dict(system.hparams.predict_kwargs)}")
-    decode = decode_rows(system, args.batches, args.windows, args.inits, args.deltas, args.images)
+    decode = decode_rows(system, args.batches, args.windows, args.inits, args.deltas, args.images, args.lantern_k)
     print_table(decode, "decoding a trained checkpoint")
     cost, parallel = [], []
     if args.size:

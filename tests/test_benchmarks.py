@@ -114,9 +114,10 @@ def test_ema_benchmark_times_each_update_rule_per_preset(tmp_path):
 
 def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoints_root, debug_tokenizer, tmp_path):
     """benchmarks/fewer_calls.py on the debug LlamaGen run: a row per decoding and batch, SJD's calls per image at
-    most sequential's, then the call-cost and ARPG / LPD tables at GPT-nano size."""
+    most sequential's, then the call-cost and ARPG / LPD tables at GPT-nano size; on a run with LANTERN's drafter,
+    its rows too."""
     from benchmarks import fewer_calls
-    from tests.conftest import CONFIGS, checkpoint_for_config
+    from tests.conftest import CONFIGS, checkpoint_for_config, run_dir_args
 
     ckpt = checkpoint_for_config(CONFIGS / "debug" / "causal.yaml", checkpoints_root, train=True,
                                  extra=["--model.init_args.tokenizer_ckpt", str(debug_tokenizer)])  # fmt: skip
@@ -134,6 +135,16 @@ def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoi
     parallel = [r for r in rows if r.get("size") == "GPT-nano" and "decoding" in r]
     expected = [("raster (LlamaGen's loop)", 16), ("ARPG 4 steps", 4), ("LPD 4 steps", 4)]
     assert [(r["decoding"], r["calls_per_image"]) for r in parallel] == expected
+    from lit_ar.cli import cli_main
+
+    cli_main(["fit", "--config", str(CONFIGS / "debug" / "causal.yaml"), *run_dir_args(tmp_path / "drafted"),
+              "--model.init_args.tokenizer_ckpt", str(debug_tokenizer), "--model.init_args.drafter", "true",
+              "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    fewer_calls.main(["--ckpt", str(tmp_path / "drafted" / "checkpoints" / "last.ckpt"), "--batches", "2", "--windows",
+                      "4", "--inits", "uniform", "--deltas", "0.2", "--images", "4", "--json", str(out)])  # fmt: skip
+    drafted = {r["decoding"]: r["calls_per_image"] for r in json.loads(out.read_text())["rows"]}
+    assert list(drafted)[-2:] == ["drafter window 4", "drafter + LANTERN window 4, delta 0.2"]
+    assert all(4 <= calls <= 16 for calls in drafted.values())
 
 
 def test_order_nll_benchmark_bins_the_places_of_the_order(checkpoints_root, debug_tokenizer, tmp_path):
