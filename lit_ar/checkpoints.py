@@ -51,6 +51,7 @@ def load_checkpoint(
     setting: str = "ckpt_path",
     map_location: Any = "cpu",
     verify_crc: bool = True,
+    fresh: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load a Lightning checkpoint with `weights_only=True` and check it before anything uses it.
 
@@ -63,6 +64,8 @@ def load_checkpoint(
         map_location: Passed to `torch.load`.
         verify_crc: Check every stored record against its CRC32 (torch does not, so a flipped bit would load
             silently); costs one extra read of the file.
+        fresh: Prefixes of `module`'s weights the checkpoint may lack: they start fresh (a drafter added to a
+            trained model for fine-tuning).
     """
     path = Path(path)
     if not path.is_file():
@@ -78,7 +81,7 @@ def load_checkpoint(
     if expected_system is not None:
         check_system(checkpoint, expected_system, path, setting)
     if module is not None:
-        check_fits(checkpoint, module, path, setting)
+        check_fits(checkpoint, module, path, setting, fresh)
     return checkpoint
 
 
@@ -169,12 +172,14 @@ def _subclass_names(cls: type) -> set[str]:
     return names
 
 
-def check_fits(checkpoint: Mapping, module: torch.nn.Module, path: Path | str, setting: str) -> None:
+def check_fits(checkpoint: Mapping, module: torch.nn.Module, path: Path | str, setting: str,
+               fresh: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Refuse a checkpoint whose weights do not match `module` (built from the current config) in names or shapes,
-    naming the hyper-parameters whose values differ between the checkpoint and the current config."""
+    naming the hyper-parameters whose values differ between the checkpoint and the current config. Weights under a
+    `fresh` prefix may be missing."""
     saved = checkpoint["state_dict"]
     current = module.state_dict()
-    missing = [k for k in current if k not in saved]
+    missing = [k for k in current if k not in saved and not k.startswith(fresh)]
     unexpected = [k for k in saved if k not in current]
     shapes = [
         (k, tuple(saved[k].shape), tuple(v.shape))

@@ -166,6 +166,9 @@ class CausalARSystem(GeneratorSystem):
         loss = drafted["drafter_loss"] if self.hparams.drafter_only else terms["loss"] + drafted["drafter_loss"]
         return {**terms, **drafted, "loss": loss}
 
+    def fresh_weights(self) -> tuple[str, ...]:
+        return ("drafter.",)  # a drafter added to a run trained without one (LANTERN's recipe) starts fresh
+
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = super().validation_step(batch, batch_idx)
         if self.drafter is not None:

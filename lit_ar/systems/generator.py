@@ -468,7 +468,8 @@ class GeneratorSystem(L.LightningModule):
         """Every weight but the tokenizer's from a checkpoint of this family (see `init_weights`), before any
         training state exists: the optimizer and schedule are then built over them as over fresh ones."""
         setting = "model.init_args.init_weights"
-        saved = load_checkpoint(path, expected_system=type(self), module=self, setting=setting)["state_dict"]
+        saved = load_checkpoint(path, expected_system=type(self), module=self, setting=setting,
+                                fresh=self.fresh_weights())["state_dict"]  # fmt: skip
         tokenizer = {k[len("tokenizer.") :]: v for k, v in saved.items() if k.startswith("tokenizer.")}
         if self.tokenizer is not None and any(not torch.equal(v, tokenizer[k].to(v.device))
                                               for k, v in self.tokenizer.state_dict().items()):  # fmt: skip
@@ -478,6 +479,10 @@ class GeneratorSystem(L.LightningModule):
                 "was trained on"
             )
         self.load_state_dict({k: v for k, v in saved.items() if not k.startswith("tokenizer.")}, strict=False)
+
+    def fresh_weights(self) -> tuple[str, ...]:
+        """Prefixes of this system's weights that `init_weights` may lack (they start fresh): none by default."""
+        return ()
 
     # -- evaluation: `lit_ar test` (and `lit_ar validate`) run the evaluator's protocol --------------------------
     def _require_evaluator(self, stage: str) -> GeneratorEvaluator:
