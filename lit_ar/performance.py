@@ -57,9 +57,8 @@ def linears_in_autocast_dtype(modules: Iterable[nn.Module], device_type: str) ->
 
     Why: autocast casts a linear's weight to its dtype anyway, so the arithmetic is the same to the bit. Eager
     autocast caches those casts for the length of its context, but a compiled block casts its weights inside its
-    graph at every call (VAR-d16 calls its 16 blocks at 10 scales): on a 2-core CPU in bf16 autocast, this made
-    VAR-d16's compiled sampling 12-22% faster, from below eager to above it, with the same samples
-    (`python -m benchmarks.autocast_linears`; benchmarks/RESULTS.md).
+    graph at every call (VAR-d16 calls its 16 blocks at 10 scales), which these copies spare it, with the same samples
+    (`python -m benchmarks.autocast_linears` measures it; benchmarks/RESULTS.md).
 
     The copies are made at each call, not kept: Lightning's EMA swaps weights in through `.data`, which no version
     counter sees, so a kept copy could go stale unnoticed. It does nothing where it would not be exact or safe:

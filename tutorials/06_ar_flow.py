@@ -146,8 +146,8 @@ assert euler[32] < euler[4] < euler[1] and heun[8] < euler[8]
 # last block and the head run at the hidden positions alone (the same loss, checked against MAR's weighted form in
 # the tests; a sampling step likewise computes only the tokens it reveals). And under `bf16-mixed` the head's MLP
 # trains in bf16, as MAR trains its diffusion head under autocast, while its time embedding and the loss stay fp32.
-# Together these made a MAR-B-size training step about 3x faster on a CPU with bf16 matrix units
-# (benchmarks/RESULTS.md).
+# Together they make a MAR-B-size training step several times faster on a CPU with bf16 matrix units
+# (`python -m benchmarks.flow_ar`; benchmarks/RESULTS.md).
 
 
 # %%
@@ -196,9 +196,9 @@ plt.show()
 # batch the backbone's attention and MLPs dominate. MAR users found the fraction flips between the two. Here on
 # a MAR-style model with 16x16 tokens (`python -m benchmarks.flow_ar` prints the full table, and the MAR-B size).
 # Precision moves the split too: under bf16 autocast (`bf16-mixed`) the head's MLP samples in bf16, as it trains,
-# while its time embedding and every sampler update stay in fp32; on a CPU with bf16 matrix units this made FlowAR's
-# sampling, which the head dominates, 2x faster than with the head in fp32 (about 3x compiled), with the same
-# class accuracy and FID on digits (benchmarks/RESULTS.md).
+# while its time embedding and every sampler update stay in fp32; on a CPU with bf16 matrix units this speeds up
+# FlowAR's sampling, which the head dominates, with the same class accuracy and FID on digits
+# (benchmarks/RESULTS.md).
 
 # %%
 mar = FlowARSystem(backbone="mar", token_dim=8, grid_size=8 if SMALL else 16, dim=128, depth=2, n_heads=4,

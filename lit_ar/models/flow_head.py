@@ -264,8 +264,8 @@ def guided_velocity(velocity_fn, x: torch.Tensor, t: float, cfg: float, guidance
     when guided."""
     lo, hi = guidance_interval
     guided = cfg != 1.0 and lo <= t <= hi
-    # (1,): one time for all rows, so the head embeds it once rather than once per row (that embedding is 10% of
-    # the head's FLOPs at width 256, 4% at MAR-B's 1024)
+    # (1,): one time for all rows, so the head embeds it once rather than once per row (a sizeable share of a narrow
+    # head's FLOPs)
     tt = torch.full((1,), t, device=x.device, dtype=torch.float32)
     v = velocity_fn(x, tt, guided).float()
     if not guided:

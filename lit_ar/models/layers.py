@@ -265,7 +265,7 @@ class Attention(nn.Module):
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                              scale: float | None) -> torch.Tensor:  # fmt: skip
     """One decoding query against the whole cache: q (B, nh, 1, hd), k/v (B, nh, S, hd) -> (B, nh, 1, hd).
-    Two small matmuls with the softmax in fp32; the fused CPU kernel is about 7x slower for one bf16 query."""
+    Two small matmuls with the softmax in fp32: the fused CPU kernel is slower for a single bf16 query."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     att = cast(q @ k.transpose(-2, -1), torch.float32) * scale  # (B, nh, 1, S)
     if mask is not None:

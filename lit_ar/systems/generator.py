@@ -387,12 +387,12 @@ class GeneratorSystem(L.LightningModule):
         """The training optimizer: AdamW over the trainable parameters, weight decay on matrices only; the frozen
         tokenizer is left out. Benchmarks time this optimizer too.
 
-        The fused kernel where the parameters' device has one (CPU, CUDA) and no grad scaler is in use: on a 2-core
-        CPU it steps GPT-B in 0.068 s against 0.31 s for the for-each and per-tensor forms (about 5% of an fp32
-        step, 10% of a bf16 one). Lightning refuses to clip a fused optimizer's gradients under its
-        mixed-precision plugin, because such an optimizer may unscale fp16 gradients inside its step
-        (`_step_supports_amp_scaling`); without a grad scaler (fp32, bf16-mixed) there is nothing to unscale, so the
-        flag is cleared and clipping stays exact. Under fp16-mixed (a grad scaler) the optimizer is not fused."""
+        The fused kernel where the parameters' device has one (CPU, CUDA) and no grad scaler is in use: it steps
+        faster than the for-each and per-tensor forms (measured in benchmarks/RESULTS.md). Lightning refuses to clip
+        a fused optimizer's gradients under its mixed-precision plugin, because such an optimizer may unscale fp16
+        gradients inside its step (`_step_supports_amp_scaling`); without a grad scaler (fp32, bf16-mixed) there is
+        nothing to unscale, so the flag is cleared and clipping stays exact. Under fp16-mixed (a grad scaler) the
+        optimizer is not fused."""
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
