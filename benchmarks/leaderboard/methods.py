@@ -200,6 +200,29 @@ register(
 )
 register(
     Method(
+        name="xAR",
+        paper="https://arxiv.org/abs/2502.20388",
+        config="configs/flow/xar_{data}.yaml",
+        debug_config="configs/debug/xar.yaml",
+        tokenizer="kl",
+        notes="next-cell prediction (2x2 cells of 4x4 tokens on digits, 4x4 cells on shapes), noisy context "
+        "learning, the backbone denoising with flow matching (no head); sized to FlowAR's parameters",
+    )
+)
+register(
+    Method(
+        name="xAR (clean context)",
+        paper="https://arxiv.org/abs/2502.20388",
+        config="configs/flow/xar_{data}.yaml",
+        debug_config="configs/debug/xar.yaml",
+        tokenizer="kl",
+        overrides={"*": ["--model.init_args.context", "clean"]},
+        notes="lit_ar's ablation of noisy context learning: clean teacher forcing (the earlier cells clean in "
+        "training, as at sampling)",
+    )
+)
+register(
+    Method(
         name="causal+flow",
         paper="https://arxiv.org/abs/2406.11838",
         config="configs/flow/flowar_{data}.yaml",
@@ -362,5 +385,17 @@ register(
         samples="LlamaGen + drafter",
         overrides={"*": sjd_settings(decoding="speculative", window="6", acceptance="lantern", lantern_k="16")},
         notes="the drafter's drafts under LANTERN's relaxed acceptance (k 16 of 256 codes, delta 0.1)",
+    )
+)
+register(
+    Method(
+        name="LlamaGen + drafter (sequential)",
+        paper="https://arxiv.org/abs/2406.06525",
+        config="configs/causal/llamagen_{data}.yaml",
+        debug_config="configs/debug/causal.yaml",
+        tokenizer="vq",
+        samples="LlamaGen + drafter",
+        overrides={"*": ["--model.init_args.predict_kwargs.decoding", "sequential"]},
+        notes="the drafter run's model decoded one token per call: the distribution its strict row keeps",
     )
 )

@@ -9,6 +9,7 @@ from lit_ar.systems.lpd import LPDSystem
 from lit_ar.systems.masked_ar import MaskedARSystem
 from lit_ar.systems.scale_ar import ScaleARSystem
 from lit_ar.systems.tokenizer import TokenizerSystem
+from lit_ar.systems.xar import XARSystem
 
 __all__ = [
     "ARPGSystem",
@@ -20,4 +21,5 @@ __all__ = [
     "NpzEvaluator",
     "ScaleARSystem",
     "TokenizerSystem",
+    "XARSystem",
 ]
