@@ -17,7 +17,8 @@
 # 2. measures how many ODE steps the head needs (Euler vs Heun, and the SDE),
 # 3. trains MAR-style and FlowAR-style generators through `cli_main` on the debug KL tokenizer and samples them,
 # 4. measures what the head costs next to the backbone, at batch 1 and at a large batch,
-# 5. runs MAR's own head, a per-token DDPM, beside it.
+# 5. runs MAR's own head, a per-token DDPM, beside it,
+# 6. trains xAR, whose backbone denoises whole entities (cells) itself, and samples it entity by entity.
 #
 # Set `LIT_AR_SMALL=1` to run it in well under a minute (the tests do).
 
@@ -266,3 +267,27 @@ mar_ddpm = cli.model.eval()
 images = mar_ddpm.sample(labels, cfg=1.5, steps=4, flow_steps=20, generator=torch.Generator().manual_seed(0))
 assert images.shape == (8, 3, 16, 16) and torch.isfinite(images).all()
 print("MAR with its DDPM head: final train/loss", float(cli.trainer.callback_metrics["train/loss"]))
+
+# %% [markdown]
+# ## 6. xAR: next-X prediction, the backbone denoising
+# xAR drops the head: the transformer itself takes a noisy *entity* (a token, a k x k cell, a non-local subsample
+# or the whole image) with its flow time (AdaLN, with the class) and predicts its velocity, attending
+# block-causally to the entities before it. In training every entity is noised at its own time (noisy context
+# learning); `context: clean` is lit_ar's ablation, clean teacher forcing. Sampling integrates one entity after
+# the other from noise, the earlier ones fed clean from the KV cache: `flow_steps` backbone calls per entity.
+
+# %%
+from lit_ar.methods.xar import entities
+
+print("2x2 cells of a 4x4 grid:", entities("cell", 4, 2).tolist())
+print("stride-2 subsamples:    ", entities("subsample", 4, 2).tolist())
+cli = fit("configs/debug/xar.yaml", "xar", ["--model.init_args.tokenizer_ckpt", tok_ckpt,
+          "--trainer.limit_val_batches", "0", *(["--trainer.max_steps", "16"] if SMALL else [])])  # fmt: skip
+xar = cli.model.eval()
+images = xar.sample(labels, cfg=1.5, flow_steps=8, generator=torch.Generator().manual_seed(0))
+assert images.shape == (8, 3, 16, 16) and torch.isfinite(images).all()
+plt.figure(figsize=(4, 4))
+plt.imshow(make_grid(images, nrow=2).permute(1, 2, 0))
+plt.title("xAR, 2x2 cells (debug, barely trained)")
+plt.axis("off")
+plt.show()
