@@ -24,9 +24,10 @@ from typing import Literal
 import torch
 
 from lit_ar.draws import Draws
-from lit_ar.guidance import CfgSchedule, Guidance
-from lit_ar.methods.base import Method, SamplingSettings
-from lit_ar.sampling import MASK_SCHEDULES, tokens_to_reveal
+from lit_ar.guidance import Guidance
+from lit_ar.methods.arpg import ARPGSampling
+from lit_ar.methods.base import Method
+from lit_ar.sampling import tokens_to_reveal
 
 LPD_ORDERS = ("lpd", "random", "raster")
 
@@ -100,13 +101,9 @@ def group_layout(counts: list[int], P: int, device) -> tuple[torch.Tensor, torch
 
 
 @dataclass
-class LPDSampling(SamplingSettings):
-    """Sampling settings of LPD."""
+class LPDSampling(ARPGSampling):
+    """Sampling settings of LPD: ARPG's steps and group schedule (LPD's default: cosine), and the order."""
 
-    cfg_schedule: CfgSchedule = "linear"
-    """Guidance over the tokens decoded: linear (1 -> cfg, LPD's), constant, interval or power_cosine."""
-    steps: int | None = None
-    """Model calls per image (groups; default: a quarter of the tokens); L is sequential decoding."""
     schedule: Literal["arccos", "cosine", "linear", "power", "sigmoid"] = "cosine"
     """Group sizes over the steps (small first): cosine (LPD's: its 20 group sizes for 256 tokens within two
     tokens), arccos, linear, power or sigmoid mask schedules."""
@@ -116,17 +113,11 @@ class LPDSampling(SamplingSettings):
     """lpd order: the proximity a cell needs to be taken before farthest-point sampling (LPD's 1)."""
     repulsion: int = 1
     """lpd order: cells of one group stay more than this Chebyshev distance apart while proximity picks them."""
-    use_cache: bool = True
-    """Decode on the static KV cache; False runs the full training forward at every step (parity checks)."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.schedule not in MASK_SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not known; known schedules: {MASK_SCHEDULES}")
         if self.order not in LPD_ORDERS:
             raise ValueError(f"order={self.order!r} is not an LPD order; known: {', '.join(LPD_ORDERS)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1 (and at most the number of tokens)")
 
 
 class LPD(Method):

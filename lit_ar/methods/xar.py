@@ -141,17 +141,18 @@ class XAR(Method):
         try:
             for e in range(E):
                 here = order[e * n : (e + 1) * n]
-                first = [settings.use_cache and e > 0]  # the first call writes the clean entity before
+                clean_pending = settings.use_cache and e > 0  # the entity's first call writes the one before, clean
 
                 def velocity(x: torch.Tensor, tt: torch.Tensor, guided: bool) -> torch.Tensor:
+                    nonlocal clean_pending
                     xb = guidance.twice(x.view(B, n, D))  # (B', n, D)
                     t = tt.expand(rows.shape[0], n)
                     if not settings.use_cache:  # the clean entities before and this one, from scratch
                         seq = torch.cat([guidance.twice(out[:, : e * n]), xb], 1)
                         times = torch.cat([torch.ones(rows.shape[0], e * n, device=device), t], 1)
                         v = core(seq, order[: (e + 1) * n], rows, times, block_causal(e + 1, n, device))[:, -n:]
-                    elif first[0]:
-                        first[0] = False
+                    elif clean_pending:
+                        clean_pending = False
                         seq = torch.cat([guidance.twice(out[:, (e - 1) * n : e * n]), xb], 1)
                         times = torch.cat([torch.ones_like(t), t], 1)
                         slots = torch.arange((e - 1) * n, (e + 1) * n, device=device)

@@ -13,7 +13,26 @@ from lit_ar.systems.generator import GeneratorSystem
 PresetName = Literal["ARPG-L", "ARPG-XL", "ARPG-XXL", "ARPG-nano", "ARPG-micro", "ARPG-mini"]
 
 
-class ARPGSystem(GeneratorSystem):
+class ParallelSteps:
+    """What the parallel decoders' systems (ARPG, LPD) share: `steps` refused outside 1 .. L, in the config and at
+    every sampling call, by name. `decoder` names the method in the message."""
+
+    decoder = "ARPG"
+
+    def check_steps(self, settings, setting: str) -> None:
+        L = self.model.num_tokens
+        if settings.steps is not None and not 1 <= settings.steps <= L:
+            G = self.model.grid_size
+            raise ValueError(f"{setting}.steps={settings.steps}: {self.decoder} decodes the {L} tokens of a {G}x{G} "
+                             f"grid in 1 to {L} steps ({L}: one token per step)")  # fmt: skip
+
+    def sampling_settings(self, values=None, setting: str = "sampling"):
+        settings = super().sampling_settings(values, setting)
+        self.check_steps(settings, setting)
+        return settings
+
+
+class ARPGSystem(ParallelSteps, GeneratorSystem):
     Sampling = ARPGSampling
 
     def __init__(
@@ -67,15 +86,3 @@ class ARPGSystem(GeneratorSystem):
 
     def sampling_kwargs(self) -> dict:
         return {"cache_dtype": self.cache_dtype()}
-
-    def check_steps(self, settings: ARPGSampling, setting: str) -> None:
-        L = self.model.num_tokens
-        if settings.steps is not None and not 1 <= settings.steps <= L:
-            G = self.model.grid_size
-            raise ValueError(f"{setting}.steps={settings.steps}: ARPG decodes the {L} tokens of a {G}x{G} grid "
-                             f"in 1 to {L} steps ({L}: one token per step)")  # fmt: skip
-
-    def sampling_settings(self, values=None, setting: str = "sampling"):
-        settings = super().sampling_settings(values, setting)
-        self.check_steps(settings, setting)
-        return settings

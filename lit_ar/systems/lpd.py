@@ -8,12 +8,14 @@ import torch
 from lit_ar.methods.lpd import LPD, LPDSampling
 from lit_ar.models.causal_ar import PRESETS, CausalTransformer
 from lit_ar.sampling import MASK_SCHEDULES
+from lit_ar.systems.arpg import ParallelSteps
 from lit_ar.systems.causal_ar import PresetName
 from lit_ar.systems.generator import GeneratorSystem
 
 
-class LPDSystem(GeneratorSystem):
+class LPDSystem(ParallelSteps, GeneratorSystem):
     Sampling = LPDSampling
+    decoder = "LPD"
 
     def __init__(
         self,
@@ -76,15 +78,3 @@ class LPDSystem(GeneratorSystem):
 
     def sampling_kwargs(self) -> dict:
         return {"cache_dtype": self.cache_dtype()}
-
-    def check_steps(self, settings: LPDSampling, setting: str) -> None:
-        L = self.model.num_tokens
-        if settings.steps is not None and not 1 <= settings.steps <= L:
-            G = self.model.grid_size
-            raise ValueError(f"{setting}.steps={settings.steps}: LPD decodes the {L} tokens of a {G}x{G} grid "
-                             f"in 1 to {L} steps ({L}: one token per step)")  # fmt: skip
-
-    def sampling_settings(self, values=None, setting: str = "sampling"):
-        settings = super().sampling_settings(values, setting)
-        self.check_steps(settings, setting)
-        return settings
