@@ -11,9 +11,9 @@ at a given size, raster decoding against ARPG's and LPD's parallel decoding at s
 Table 1, for each decoding and batch: model calls per image (mean over the images: SJD accepts per sequence),
 tokens per call, images/s of token generation (no tokenizer decode) and the process's peak memory. Table 2: seconds
 of one KV-cached call reading `window` tokens per sequence, against one token, on random weights of the size.
-Table 3: raster (LlamaGen's GPT at the size) against ARPG (the same width, depth and heads) and LPD (the same GPT
-with position queries) at 64, 32 and 16 steps, random weights, CFG 2: images/s, model calls per image and peak
-memory.
+Table 3: raster (LlamaGen's GPT at the size) against PAR's groups over 2x2 regions, ARPG (the same width, depth and
+heads) and LPD (the same GPT with position queries) at 64, 32 and 16 steps, random weights, CFG 2: images/s, model
+calls per image and peak memory.
 """
 
 import argparse
@@ -113,9 +113,10 @@ def parallel_rows(size: str, grid: int, vocab: int, batch: int, steps: list[int]
     gpt = CausalARSystem(preset=size, **common).eval()
     arpg = ARPGSystem(**GPT_SIZES[size], **common).eval()
     lpd = LPDSystem(preset=size, **common).eval()
+    par = CausalARSystem(preset=size, order="par", parallel=True, **common).eval()  # 2 x 2 regions
     labels = torch.arange(batch) % 10
     L = grid * grid
-    runs = [("raster (LlamaGen's loop)", gpt, {}, L)]
+    runs = [("raster (LlamaGen's loop)", gpt, {}, L), ("PAR, 2x2 regions", par, {}, 4 + L // 4 - 1)]
     runs += [(f"{name} {n} steps", system, {"steps": n}, n) for name, system in (("ARPG", arpg), ("LPD", lpd))
              for n in steps]  # fmt: skip
     rows = []

@@ -133,7 +133,7 @@ def test_fewer_calls_benchmark_compares_sequential_sjd_lantern_and_arpg(checkpoi
     cost = [r for r in rows if "ms_per_call" in r]
     assert [r["window"] for r in cost] == [1, 4] and cost[0]["x_one_token"] == 1.0
     parallel = [r for r in rows if r.get("size") == "GPT-nano" and "decoding" in r]
-    expected = [("raster (LlamaGen's loop)", 16), ("ARPG 4 steps", 4), ("LPD 4 steps", 4)]
+    expected = [("raster (LlamaGen's loop)", 16), ("PAR, 2x2 regions", 7), ("ARPG 4 steps", 4), ("LPD 4 steps", 4)]
     assert [(r["decoding"], r["calls_per_image"]) for r in parallel] == expected
     from lit_ar.cli import cli_main
 
