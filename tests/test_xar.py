@@ -20,8 +20,8 @@ D, G, NC = 4, 4, 3
 UNITS = [("token", 1), ("cell", 2), ("subsample", 2), ("image", 1)]
 
 
-def tiny(dtype=torch.float64) -> XARTransformer:
-    return randomised(XARTransformer(D, G, NC, dim=32, depth=2, n_heads=2)).to(dtype)
+def tiny(dtype=torch.float64, class_token: bool = False) -> XARTransformer:
+    return randomised(XARTransformer(D, G, NC, dim=32, depth=2, n_heads=2, class_token=class_token)).to(dtype)
 
 
 def sample(core, unit, size, labels, seed=0, **settings):
@@ -46,8 +46,9 @@ def test_the_entity_units_partition_the_grid():
         entities("row", G)
 
 
-def test_an_entity_sees_exactly_itself_and_the_entities_before_it():
-    core = tiny()
+@pytest.mark.parametrize("class_token", [False, True])
+def test_an_entity_sees_exactly_itself_and_the_entities_before_it(class_token):
+    core = tiny(class_token=class_token)
     order = entities("cell", G, 2).flatten()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 16, D, generator=g, dtype=torch.float64), torch.rand(2, 16, generator=g, dtype=torch.float64)
@@ -62,8 +63,9 @@ def test_an_entity_sees_exactly_itself_and_the_entities_before_it():
 
 
 @pytest.mark.parametrize("unit, size", UNITS)
-def test_cached_entity_by_entity_sampling_equals_the_full_forward(unit, size):
-    core, labels = tiny(), torch.tensor([0, 1, 2])
+@pytest.mark.parametrize("class_token", [False, True])
+def test_cached_entity_by_entity_sampling_equals_the_full_forward(unit, size, class_token):
+    core, labels = tiny(class_token=class_token), torch.tensor([0, 1, 2])
     for sampler in ("euler", "heun"):
         kw = dict(cfg=2.0, cfg_schedule="linear", flow_steps=3, sampler=sampler)
         cached = sample(core, unit, size, labels, **kw)

@@ -223,6 +223,17 @@ register(
 )
 register(
     Method(
+        name="xAR (class token)",
+        paper="https://arxiv.org/abs/2502.20388",
+        config="configs/flow/xar_{data}.yaml",
+        debug_config="configs/debug/xar.yaml",
+        tokenizer="kl",
+        overrides={"*": ["--model.init_args.class_token", "true"]},
+        notes="not xAR's: a class token every entity attends to, besides the class in the AdaLN condition",
+    )
+)
+register(
+    Method(
         name="causal+flow",
         paper="https://arxiv.org/abs/2406.11838",
         config="configs/flow/flowar_{data}.yaml",

@@ -138,6 +138,7 @@ class XAR(Method):
         out = torch.zeros(B, E * n, D, device=device)  # entity-major, filled entity by entity
         if settings.use_cache:
             core.setup_caches(rows.shape[0], cache_dtype or next(core.parameters()).dtype)
+            core.prefill(rows)
         try:
             for e in range(E):
                 here = order[e * n : (e + 1) * n]

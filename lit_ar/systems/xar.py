@@ -32,6 +32,7 @@ class XARSystem(GeneratorSystem):
         entity_size: int = 2,
         context: Literal["noisy", "clean"] = "noisy",
         time_sampling: Literal["logit_normal", "uniform"] = "logit_normal",
+        class_token: bool = False,
         posterior_sample: bool = True,
         predict_kwargs: XARSampling | None = None,
         **kwargs,
@@ -53,6 +54,8 @@ class XARSystem(GeneratorSystem):
             context: noisy (xAR's noisy context learning: every entity noised at its own time in training) or
                 clean (lit_ar's ablation: clean teacher forcing, the earlier entities clean).
             time_sampling: Law of the flow time of each entity in training: logit_normal (xAR's) or uniform.
+            class_token: Not xAR's: a class token in front of the sequence that every entity attends to, besides the
+                class in the AdaLN condition (where, added to the time's embedding, it is small at a short budget).
             posterior_sample: Train on a sample of the KL tokenizer's posterior rather than its mean.
             predict_kwargs: Sampling settings (`XARSampling`: flow_steps, sampler, cfg and its schedule over the
                 entities, guidance_interval, temperature).
@@ -67,7 +70,7 @@ class XARSystem(GeneratorSystem):
             raise ValueError(f"model.init_args.{err}") from None
         self.token_dim, self.grid_size = token_dim, grid_size
         self.core = XARTransformer(token_dim, grid_size, self.hparams.num_classes, dim, depth, n_heads, mlp_ratio,
-                                   attn_dropout, proj_dropout)  # fmt: skip
+                                   attn_dropout, proj_dropout, class_token)  # fmt: skip
         self.method = XAR(entity, entity_size, context, time_sampling)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
