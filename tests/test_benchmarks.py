@@ -351,7 +351,8 @@ def test_gpu_scripts_parse(script):
 def test_shapes32_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     """benchmarks/shapes32_gpu.sh at a toy budget on the CPU, from nothing: it trains the classifier and the three
     tokenizers that the families need, caches tokens, trains one family per tokenizer side by side and evaluates
-    each. What a lent GPU then runs is this, at the real budget."""
+    each. What a lent GPU then runs is this, at the real budget. About 90 s: the script starts a dozen lit_ar
+    processes (classifier, three tokenizers, three caches, three fits, three evaluations), each importing torch."""
     root = Path(__file__).resolve().parent.parent
     runs, out = tmp_path / "runs", tmp_path / "out"
     toy = {
