@@ -80,13 +80,12 @@ class XARTransformer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """The whole sequence (training, and sampling without a cache): tokens x (B, T, D) at grid `positions`
-        (T,) or (B, T), labels (B,), flow times t (B, T), `mask` (T, T) (True = may attend) -> velocities (B, T, D)."""
+        (T,), labels (B,), flow times t (B, T), `mask` (T, T) (True = may attend) -> velocities (B, T, D)."""
         P = self.prefix_len
         token, token_cond = self.prefix(labels)
         cond = torch.cat([token_cond, self.condition(labels, t)], 1)  # (B, P + T, C)
         h = torch.cat([token, self.input_proj(x.to(self.input_proj.weight.dtype))], 1)  # (B, P + T, C)
-        rope = torch.cat([self.rope[:P], self.rope[P + positions]]) if positions.ndim == 1 else \
-            torch.cat([self.rope[:P].expand(x.shape[0], -1, -1, -1), self.rope[P + positions]], 1)  # fmt: skip
+        rope = torch.cat([self.rope[:P], self.rope[P + positions]])  # (P + T, hd/2, 2)
         if P:  # every token sees the class token, which sees itself only
             mask = F.pad(mask, (P, 0, P, 0), value=True)
             mask[:P, P:] = False

@@ -157,8 +157,9 @@ class CausalARSystem(GeneratorSystem):
     def loss_terms(self, batch: dict, draws: Draws, class_dropout: bool = True) -> dict[str, torch.Tensor]:
         if self.drafter is None:
             return super().loss_terms(batch, draws, class_dropout)
-        terms = {} if self.hparams.drafter_only else super().loss_terms(batch, draws, class_dropout)
         tokens = self.batch_tokens(batch)
+        batch = {**batch, "tokens": tokens}  # encoded once: the model's loss reads them from the batch
+        terms = {} if self.hparams.drafter_only else super().loss_terms(batch, draws, class_dropout)
         # the drafter's own class dropout, drawn after everything the model's loss draws (its draws stay the same)
         labels = self.training_labels(batch["label"], draws) if class_dropout else batch["label"]
         with eval_mode(self.model):  # the states sampling will give the drafter: no dropout
@@ -170,14 +171,15 @@ class CausalARSystem(GeneratorSystem):
         return ("drafter.",)  # a drafter added to a run trained without one (LANTERN's recipe) starts fresh
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        if self.drafter is None:
+            return super().validation_step(batch, batch_idx)
+        batch = {**batch, "tokens": self.batch_tokens(batch)}  # encoded once for both losses
         terms = super().validation_step(batch, batch_idx)
-        if self.drafter is not None:
-            with eval_mode(self.model):
-                drafted = drafter_loss(self.model, self.drafter, self.batch_tokens(batch), batch["label"])
-            for name, value in drafted.items():
-                self.log(f"val/{name}", value, sync_dist=True)
-            terms = {**terms, **drafted}
-        return terms
+        with eval_mode(self.model):
+            drafted = drafter_loss(self.model, self.drafter, batch["tokens"], batch["label"])
+        for name, value in drafted.items():
+            self.log(f"val/{name}", value, sync_dist=True)
+        return {**terms, **drafted}
 
     def train(self, mode: bool = True):
         super().train(mode)
